@@ -1,0 +1,180 @@
+"""Integer ranges, scales and zero points, rounding and the tensor layouts of scales.
+
+Uniform quantization maps a real ``x`` to an integer
+``q = clip(round(x / s) + z, qmin, qmax)`` and back to ``x_hat = (q - z) * s``
+(Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference"; Nagel et al. 2021, "A White Paper on Neural Network
+Quantization"). This module holds the arithmetic shared by every quantizer:
+
+* :func:`int_range` -- ``(qmin, qmax)`` for a bit width and signedness;
+* :func:`scale_zero_point` -- ``(s, z)`` from a real range ``[lo, hi]``;
+* :func:`round_nearest` / :func:`round_stochastic` -- the two rounding modes;
+* :func:`pow2` -- power-of-two scales ``2^round(log2 s)``;
+* :func:`reduction_axes`, :func:`to_groups`, :func:`from_groups` -- the axes a
+  per-tensor / per-channel / per-group scale is shared over.
+
+Non-finite values: range estimation (:func:`minmax`) ignores NaN and +-Inf; quantizers
+propagate NaN and saturate +-Inf to the ends of the integer range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Smallest scale ever produced: an all-zero (or constant-zero) range would otherwise
+#: give ``s = 0`` and ``x / s = NaN``. Same floor as PyTorch's observers.
+SCALE_EPS = float(np.finfo(np.float32).eps)
+
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+  """Validates an integer bit width in ``[1, 8]``."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    raise TypeError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+  if not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+  return int(bits)
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+  """Returns ``(qmin, qmax)``: ``[-2^(b-1), 2^(b-1)-1]`` signed, ``[0, 2^b-1]`` unsigned."""
+  bits = check_bits(bits)
+  if signed:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  return 0, 2**bits - 1
+
+
+def check_symmetric_range(bits: int, signed: bool) -> None:
+  """Symmetric signed quantization needs a positive ``qmax``, i.e. ``bits >= 2``."""
+  if signed and bits < 2:
+    raise ValueError(
+        "bits=1 with signed=True and symmetric=True leaves qmax=0; use bits >= 2, "
+        "signed=False, or symmetric=False")
+
+
+def pow2(scale: jax.Array) -> jax.Array:
+  """Rounds a positive scale to the nearest power of two: ``2^round(log2 s)``."""
+  scale = jnp.asarray(scale)
+  return jnp.exp2(jnp.round(jnp.log2(scale))).astype(scale.dtype)
+
+
+def scale_zero_point(
+    lo: jax.Array,
+    hi: jax.Array,
+    bits: int,
+    *,
+    signed: bool,
+    symmetric: bool,
+    pow2_scale: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Scale and zero point that map the real range ``[lo, hi]`` onto the integer range.
+
+  Symmetric (``z = 0``): signed ``s = max(|lo|, |hi|) / qmax``; unsigned (e.g. after a
+  ReLU) ``s = hi / qmax`` with negatives clipped to 0.
+  Asymmetric (affine): the range is first widened to contain 0 so that 0 is exactly
+  representable, then ``s = (hi - lo) / (qmax - qmin)`` and
+  ``z = clip(qmin - round(lo / s), qmin, qmax)``, an integer-valued float.
+  ``s`` is floored at :data:`SCALE_EPS`, so zero-range tensors get finite scales. With
+  ``pow2_scale`` the scale is rounded to a power of two (before ``z`` is computed).
+
+  Returns float32 arrays of the broadcast shape of ``lo`` and ``hi``.
+  """
+  qmin, qmax = int_range(bits, signed)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  if symmetric:
+    check_symmetric_range(bits, signed)
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if signed else jnp.maximum(hi, 0.0)
+    scale = jnp.maximum(amax / qmax, SCALE_EPS)
+    if pow2_scale:
+      scale = pow2(scale)
+    return scale, jnp.zeros_like(scale)
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  scale = jnp.maximum((hi - lo) / (qmax - qmin), SCALE_EPS)
+  if pow2_scale:
+    scale = pow2(scale)
+  zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+  return scale, zero_point
+
+
+def round_nearest(x: jax.Array) -> jax.Array:
+  """Round half to even (IEEE default; ``jnp.round``)."""
+  return jnp.round(x)
+
+
+def round_stochastic(x: jax.Array, key: jax.Array) -> jax.Array:
+  """Unbiased stochastic rounding: ``floor(x + u)``, ``u ~ U[0, 1)``, so ``E[r(x)] = x``.
+
+  Gupta et al. 2015, "Deep Learning with Limited Numerical Precision".
+  """
+  noise = jax.random.uniform(key, jnp.shape(x), dtype=jnp.float32)
+  return jnp.floor(x.astype(jnp.float32) + noise).astype(x.dtype)
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+  """Returns ``axis`` in ``[0, ndim)`` or raises a ValueError naming ``name``."""
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
+  return axis % ndim
+
+
+def reduction_axes(
+    ndim: int, granularity: str, channel_axis: int | Sequence[int] | None
+) -> tuple[int, ...]:
+  """Axes a scale is shared over: all for "tensor", all but the channel axes for "channel".
+
+  For "group" call :func:`to_groups` first; the group axis (the size-``group_size``
+  axis it inserts) is then reduced together with all non-channel axes.
+  """
+  if granularity == "tensor" or ndim == 0:
+    return tuple(range(ndim))
+  if channel_axis is None:
+    keep = set()
+  elif isinstance(channel_axis, int):
+    keep = {normalize_axis(channel_axis, ndim, "axis")}
+  else:
+    keep = {normalize_axis(a, ndim, "axis") for a in channel_axis}
+  return tuple(a for a in range(ndim) if a not in keep)
+
+
+def to_groups(x: jax.Array, group_size: int, group_axis: int) -> jax.Array:
+  """Splits ``group_axis`` (length ``n``) into ``(n // group_size, group_size)``.
+
+  The new size-``group_size`` axis sits at ``group_axis + 1``; reduce over it (and over
+  the other non-channel axes) to get one scale per group.
+  """
+  group_axis = normalize_axis(group_axis, x.ndim, "group_axis")
+  n = x.shape[group_axis]
+  if group_size <= 0 or n % group_size:
+    raise ValueError(
+        f"group_size={group_size} must divide the length {n} of the grouped axis "
+        f"{group_axis} (shape {tuple(x.shape)})")
+  shape = x.shape[:group_axis] + (n // group_size, group_size) + x.shape[group_axis + 1:]
+  return x.reshape(shape)
+
+
+def from_groups(xg: jax.Array, group_axis: int) -> jax.Array:
+  """Inverse of :func:`to_groups`: merges axes ``group_axis`` and ``group_axis + 1``."""
+  group_axis = normalize_axis(group_axis, xg.ndim - 1, "group_axis")
+  shape = (xg.shape[:group_axis] + (xg.shape[group_axis] * xg.shape[group_axis + 1],)
+           + xg.shape[group_axis + 2:])
+  return xg.reshape(shape)
+
+
+def minmax(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Per-slice ``(min, max)`` over ``axes`` (kept as size-1 dims), in float32.
+
+  NaN and +-Inf are ignored; a slice with no finite value gives ``(0, 0)``.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  finite = jnp.isfinite(x)
+  lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True)
+  hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True)
+  empty = lo > hi
+  return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)

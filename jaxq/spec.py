@@ -1,0 +1,168 @@
+"""What to quantize and how: :class:`QuantSpec` (one tensor) and :class:`Rule` (one layer).
+
+Both are frozen, hashable dataclasses validated at construction, so a bad value fails
+where it is written, and a spec can be a static argument of ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from jaxq import numerics
+
+GRANULARITIES = ("tensor", "channel", "group")
+ROUNDINGS = ("nearest", "stochastic")
+ESTIMATORS = ("ste", "lsq", "pact")
+CALIBRATIONS = ("minmax", "ema", "percentile", "mse")
+SCHEMES = ("uniform", "log2", "ptf")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ValueError(
+        f"QuantSpec.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{owner}.{name} must be True or False; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one tensor is quantized.
+
+  Attributes:
+    bits: integer width, 1..8.
+    signed: signed integer range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+    symmetric: zero point fixed at 0 (else affine, with a zero point).
+    granularity: "tensor" (one scale), "channel" (one per index of ``axis``) or "group"
+      (one per ``group_size`` consecutive elements along the contraction axis, per
+      channel: the input axis of a Dense/Conv kernel, the last axis of an activation,
+      axis 0 of a bare array given to :func:`jaxq.quantize`).
+    axis: the kept channel axis for "channel" and "group".
+    group_size: elements per group; required for, and only allowed with, "group".
+    rounding: "nearest" (half to even) or "stochastic" (needs a PRNG key).
+    estimator: gradient of the fake-quant op: "ste", "lsq" (learned step size, LSQ+ when
+      asymmetric) or "pact" (learned clipping level; unsigned).
+    calibration: range setting: "minmax", "ema" (bias-corrected EMA of min/max),
+      "percentile" or "mse" (search over clipping ranges).
+    pow2_scale: round every scale to a power of two.
+    scheme: "uniform"; "log2" (FQ-ViT log2 quantizer for attention probabilities in
+      (0, 1]) or "ptf" (FQ-ViT power-of-two factors per channel, for LayerNorm inputs).
+    percentile: upper percentile of ``|x|`` (or of each tail) used by "percentile".
+    ema_decay: decay of the "ema" observer.
+    dynamic: activations only: compute the range from each input at run time, per
+      token (per row of the last axis), instead of from calibrated statistics.
+  """
+
+  bits: int = 8
+  signed: bool = True
+  symmetric: bool = True
+  granularity: str = "channel"
+  axis: int = -1
+  group_size: int | None = None
+  rounding: str = "nearest"
+  estimator: str = "ste"
+  calibration: str = "minmax"
+  pow2_scale: bool = False
+  scheme: str = "uniform"
+  percentile: float = 99.99
+  ema_decay: float = 0.9
+  dynamic: bool = False
+
+  def __post_init__(self):
+    numerics.check_bits(self.bits, "QuantSpec.bits")
+    for name in ("signed", "symmetric", "pow2_scale", "dynamic"):
+      _check_bool("QuantSpec", name, getattr(self, name))
+    _check_choice("granularity", self.granularity, GRANULARITIES)
+    _check_choice("rounding", self.rounding, ROUNDINGS)
+    _check_choice("estimator", self.estimator, ESTIMATORS)
+    _check_choice("calibration", self.calibration, CALIBRATIONS)
+    _check_choice("scheme", self.scheme, SCHEMES)
+    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+      raise ValueError(f"QuantSpec.axis must be an int; got {self.axis!r}")
+    if self.granularity == "group":
+      if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+          or self.group_size < 1):
+        raise ValueError(
+            "QuantSpec.group_size must be a positive int when granularity='group'; "
+            f"got {self.group_size!r}")
+    elif self.group_size is not None:
+      raise ValueError(
+          "QuantSpec.group_size is only allowed with granularity='group'; got "
+          f"group_size={self.group_size!r} with granularity={self.granularity!r}")
+    if self.symmetric and self.scheme == "uniform":
+      try:
+        numerics.check_symmetric_range(self.bits, self.signed)
+      except ValueError as e:
+        raise ValueError(f"QuantSpec.bits: {e}") from None
+    if self.estimator == "pact" and (self.signed or not self.symmetric):
+      raise ValueError(
+          "QuantSpec.estimator='pact' quantizes clip(x, 0, alpha) unsigned: it needs "
+          "signed=False and symmetric=True")
+    if not 0.0 < float(self.percentile) <= 100.0:
+      raise ValueError(
+          f"QuantSpec.percentile must be in (0, 100]; got {self.percentile!r}")
+    if not 0.0 < float(self.ema_decay) < 1.0:
+      raise ValueError(f"QuantSpec.ema_decay must be in (0, 1); got {self.ema_decay!r}")
+
+  @property
+  def qmin(self) -> int:
+    return numerics.int_range(self.bits, self.signed)[0]
+
+  @property
+  def qmax(self) -> int:
+    return numerics.int_range(self.bits, self.signed)[1]
+
+  def replace(self, **changes) -> QuantSpec:
+    """A copy with ``changes`` applied (and validated)."""
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Which layers to quantize, and how.
+
+  Attributes:
+    path: regular expression, ``re.fullmatch``-ed against the "/"-joined module path
+      (e.g. "encoder/layer_0/attention/query"). The first matching rule wins; a layer
+      no rule matches stays in float.
+    weight: spec for the layer's kernel, or None to keep it in float.
+    act: spec for the layer's input activation, or None to keep it in float.
+    act_compress: None, or bits (1, 2, 4, 8) for activation-compressed training of the
+      matched module's whole computation (:func:`jaxq.act.compressed_vjp`).
+  """
+
+  path: str = ".*"
+  weight: QuantSpec | None = dataclasses.field(default_factory=QuantSpec)
+  act: QuantSpec | None = None
+  act_compress: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.path, str):
+      raise ValueError(f"Rule.path must be a regular expression string; got {self.path!r}")
+    try:
+      re.compile(self.path)
+    except re.error as e:
+      raise ValueError(f"Rule.path={self.path!r} is not a valid regular expression: {e}"
+                       ) from None
+    for name in ("weight", "act"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, QuantSpec):
+        raise ValueError(f"Rule.{name} must be a QuantSpec or None; got {value!r}")
+    if self.act_compress is not None and self.act_compress not in (1, 2, 4, 8):
+      raise ValueError(
+          f"Rule.act_compress must be None or one of 1, 2, 4, 8; got {self.act_compress!r}")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.path, path) is not None
+
+
+def match_rule(rules, path: str) -> Rule | None:
+  """The first rule in ``rules`` whose ``path`` fully matches ``path``, else None."""
+  for rule in rules:
+    if rule.matches(path):
+      return rule
+  return None
