@@ -1,0 +1,271 @@
+"""QArray: a quantized array as a pytree of integer values, scales and zero points.
+
+``quantize(x, spec)`` stores ``q = clip(round(x / s) + z, qmin, qmax)`` and
+``dequantize(q)`` returns ``(q - z) * s`` in the original dtype (Jacob et al. 2018).
+
+Storage (what :attr:`QArray.nbytes` counts):
+
+* ``values``: widths that divide 8 (1, 2, 4 bits) are bit-packed into ``uint8`` along the
+  last axis, ``8 // bits`` elements a byte, the last axis zero-padded to a multiple of
+  ``8 // bits``; element ``j`` of a byte occupies bits ``[j*bits, (j+1)*bits)`` (little
+  end first, as the Pallas kernels of Contract 5). Signed values are stored as their
+  low ``bits`` bits in two's complement and sign-extended on unpacking. Other widths
+  (3, 5, 6, 7, 8 bits) take one byte per element: ``int8`` when signed, ``uint8`` when
+  unsigned, in the logical shape. A 0-d array is stored as shape ``(1,)``-packed bytes.
+* ``scale``: float32, keepdims layout of :mod:`jaxq.quantizer` (broadcasts against the
+  array, or against its grouped view for "group").
+* ``zero_point``: integer-valued, same shape as ``scale``, ``int8`` when signed and
+  ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
+  QArray has the same three leaves.
+
+Non-finite inputs: integers cannot hold NaN, so ``quantize`` maps NaN to the zero point
+(it dequantizes to 0.0) and saturates +-Inf to ``qmax`` / ``qmin``. (Fake quantization,
+:func:`jaxq.quantizer.fake_quantize`, propagates NaN instead.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import numerics
+from jaxq import quantizer
+from jaxq.spec import QuantSpec
+
+PACKED_BITS = (1, 2, 4)
+
+
+def _storage_dtype(signed: bool) -> jnp.dtype:
+  return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# Bit packing
+# ---------------------------------------------------------------------------------------
+
+
+def _check_pack_bits(bits: int) -> int:
+  if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
+    raise ValueError(f"bits must be one of 1, 2, 4, 8 for bit packing; got {bits!r}")
+  return int(bits)
+
+
+def pack_bits(q: jax.Array, bits: int, axis: int = -1) -> jax.Array:
+  """Packs integers of width ``bits`` (1, 2, 4, 8) into ``uint8`` along ``axis``.
+
+  Each value contributes its low ``bits`` bits (two's complement for negative
+  values); ``8 // bits`` consecutive elements share a byte, element ``j`` at bits
+  ``[j*bits, (j+1)*bits)``. ``axis`` (length ``n``) is zero-padded to a multiple of
+  ``8 // bits`` and becomes ``ceil(n * bits / 8)`` long.
+  """
+  bits = _check_pack_bits(bits)
+  q = jnp.asarray(q)
+  if not jnp.issubdtype(q.dtype, jnp.integer):
+    raise TypeError(f"pack_bits needs an integer array; got dtype {q.dtype}")
+  if q.ndim == 0:
+    raise ValueError("pack_bits needs an array of rank >= 1; got a scalar")
+  axis = numerics.normalize_axis(axis, q.ndim)
+  per = 8 // bits
+  u = jnp.moveaxis(q, axis, -1).astype(jnp.uint8) & jnp.uint8(2**bits - 1)
+  n = u.shape[-1]
+  pad = -n % per
+  if pad:
+    u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
+  u = u.reshape(u.shape[:-1] + ((n + pad) // per, per)).astype(jnp.uint32)
+  shifts = jnp.arange(per, dtype=jnp.uint32) * bits
+  packed = jnp.sum(u << shifts, axis=-1).astype(jnp.uint8)  # disjoint bits: sum == or
+  return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_bits(packed: jax.Array, bits: int, n: int, axis: int = -1, *,
+                signed: bool = False) -> jax.Array:
+  """Inverse of :func:`pack_bits`: the first ``n`` elements along ``axis``.
+
+  Returns ``int8`` (sign-extended from ``bits`` bits) when ``signed`` else ``uint8``.
+  """
+  bits = _check_pack_bits(bits)
+  packed = jnp.asarray(packed)
+  if packed.dtype != jnp.uint8:
+    raise TypeError(f"unpack_bits needs a uint8 array; got dtype {packed.dtype}")
+  if packed.ndim == 0:
+    raise ValueError("unpack_bits needs an array of rank >= 1; got a scalar")
+  axis = numerics.normalize_axis(axis, packed.ndim)
+  per = 8 // bits
+  m = packed.shape[axis]
+  if not (m - 1) * per < n <= m * per and not (m == 0 and n == 0):
+    raise ValueError(
+        f"n={n} elements do not fit {m} packed bytes of {per} {bits}-bit values along "
+        f"axis {axis} (need ceil(n / {per}) == {m})")
+  p = jnp.moveaxis(packed, axis, -1)
+  shifts = jnp.arange(per, dtype=jnp.uint8) * bits
+  u = (p[..., None] >> shifts) & jnp.uint8(2**bits - 1)
+  u = u.reshape(p.shape[:-1] + (m * per,))[..., :n]
+  if signed:
+    v = u.astype(jnp.int16)
+    u = jnp.where(v >= 2 ** (bits - 1), v - 2**bits, v).astype(jnp.int8)
+  return jnp.moveaxis(u, -1, axis)
+
+
+# ---------------------------------------------------------------------------------------
+# QArray
+# ---------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+  """A quantized array: leaves ``values``, ``scale``, ``zero_point``; static metadata.
+
+  Attributes:
+    values: integer storage (bit-packed ``uint8`` for 1/2/4 bits; see module docstring).
+    scale: float32 scales (keepdims layout of :mod:`jaxq.quantizer`).
+    zero_point: integer zero points (int8 signed / uint8 unsigned), ``scale``'s shape.
+    spec: the :class:`~jaxq.spec.QuantSpec` it was quantized with (static).
+    shape: the logical shape (static).
+    dtype: the original floating dtype, returned by :func:`dequantize` (static).
+    group_axis: the grouped axis for granularity "group" (static).
+
+  Build one with :func:`quantize` / :func:`quantize_with`. Under ``vmap`` the leaves
+  carry the batch axis while ``shape`` stays the per-example logical shape.
+  """
+
+  def __init__(self, values, scale, zero_point, *, spec: QuantSpec, shape, dtype,
+               group_axis: int = 0):
+    self.values = values
+    self.scale = scale
+    self.zero_point = zero_point
+    self.spec = spec
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+    self.group_axis = group_axis
+
+  def tree_flatten(self):
+    return ((self.values, self.scale, self.zero_point),
+            (self.spec, self.shape, self.dtype, self.group_axis))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    spec, shape, dtype, group_axis = aux
+    return cls(*children, spec=spec, shape=shape, dtype=dtype, group_axis=group_axis)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def bits(self) -> int:
+    return self.spec.bits
+
+  @property
+  def packed(self) -> bool:
+    """Whether ``values`` are bit-packed (1, 2 or 4 bits)."""
+    return self.spec.bits in PACKED_BITS
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of storage: ``values`` + ``scale`` + ``zero_point``."""
+    return sum(int(np.prod(jnp.shape(a), dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
+               for a in (self.values, self.scale, self.zero_point))
+
+  def int_values(self) -> jax.Array:
+    """The integers ``q`` in the logical shape (int8 signed / uint8 unsigned)."""
+    if not self.packed:
+      return self.values
+    flat_shape = self.shape if self.shape else (1,)
+    q = unpack_bits(self.values, self.bits, flat_shape[-1], axis=-1,
+                    signed=self.spec.signed)
+    return q.reshape(q.shape[:q.ndim - len(flat_shape)] + self.shape)
+
+  def dequantize(self) -> jax.Array:
+    return dequantize(self)
+
+  def __repr__(self) -> str:
+    s = self.spec
+    return (f"QArray(shape={self.shape}, dtype={self.dtype.name}, bits={s.bits}, "
+            f"signed={s.signed}, symmetric={s.symmetric}, granularity={s.granularity!r}"
+            f"{f', group_size={s.group_size}' if s.group_size else ''}, "
+            f"values={getattr(self.values, 'dtype', '?')}{tuple(jnp.shape(self.values))}, "
+            f"scale={tuple(jnp.shape(self.scale))}, nbytes={self.nbytes})")
+
+
+def _as_uniform_spec(spec) -> QuantSpec:
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
+  if spec.scheme != "uniform":
+    raise ValueError(
+        f"QArray stores uniform quantization only: QuantSpec.scheme must be 'uniform'; "
+        f"got {spec.scheme!r}")
+  return spec
+
+
+def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
+             group_axis: int = 0) -> QArray:
+  """Quantizes ``x`` with min-max qparams at ``spec.granularity`` into a :class:`QArray`.
+
+  "group" splits ``group_axis`` (axis 0 by default, as the contract says for a bare
+  array) into groups of ``spec.group_size``, keeping ``spec.axis`` as the channel axis
+  when it is another axis. ``spec.rounding == "stochastic"`` needs ``key``.
+  """
+  spec = _as_uniform_spec(spec)
+  x = quantizer._check_float(x)
+  scale, zero_point = quantizer.compute_qparams(x, spec, group_axis=group_axis)
+  return quantize_with(x, spec, scale, zero_point, key=key, group_axis=group_axis)
+
+
+def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
+                  zero_point: jax.Array | None = None, *, key: jax.Array | None = None,
+                  group_axis: int = 0) -> QArray:
+  """Quantizes ``x`` with given (e.g. calibrated) ``scale`` and ``zero_point``.
+
+  ``scale`` must be positive and broadcast against ``x`` (or its grouped view for
+  "group"); ``zero_point`` (None: 0) is rounded to an integer and clipped into
+  ``[qmin, qmax]``, since it is stored as such. Both are stored broadcast to their
+  common shape. ``q = clip(round(x / scale) + zero_point, qmin, qmax)``, round half to
+  even, or ``floor(x / scale + u)`` with ``u ~ U[0, 1)`` drawn from ``key`` when
+  ``spec.rounding == "stochastic"``.
+  """
+  spec = _as_uniform_spec(spec)
+  x = quantizer._check_float(x)
+  if spec.rounding == "stochastic" and key is None:
+    raise ValueError(
+        "QuantSpec.rounding='stochastic' needs a PRNG key: quantize(x, spec, "
+        "key=jax.random.key(...))")
+  if spec.symmetric:
+    numerics.check_symmetric_range(spec.bits, spec.signed)
+  qmin, qmax = spec.qmin, spec.qmax
+  xv = quantizer.quant_view(x.astype(quantizer._compute_dtype(x.dtype)), spec, group_axis)
+  scale = jnp.asarray(scale, jnp.float32)
+  zero_point = jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(
+      zero_point, jnp.float32)
+  quantizer._check_broadcast("scale", scale, xv.shape)
+  quantizer._check_broadcast("zero_point", zero_point, xv.shape)
+  stat = jnp.broadcast_shapes(scale.shape, zero_point.shape)
+  scale = jnp.broadcast_to(scale, stat)
+  zero_point = jnp.clip(jnp.round(jnp.broadcast_to(zero_point, stat)), qmin, qmax)
+
+  v = xv / scale
+  r = numerics.round_stochastic(v, key) if spec.rounding == "stochastic" else jnp.round(v)
+  q = jnp.clip(r + zero_point, qmin, qmax)
+  q = jnp.where(jnp.isnan(xv), zero_point, q)
+  q = quantizer.from_quant_view(q, spec, group_axis).astype(_storage_dtype(spec.signed))
+  if spec.bits in PACKED_BITS:
+    values = pack_bits(q.reshape(q.shape if q.ndim else (1,)), spec.bits, axis=-1)
+  else:
+    values = q
+  return QArray(values, scale, zero_point.astype(_storage_dtype(spec.signed)),
+                spec=spec, shape=x.shape, dtype=x.dtype, group_axis=group_axis)
+
+
+def dequantize(q: QArray) -> jax.Array:
+  """``(q - zero_point) * scale`` in the logical shape and the original dtype."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"dequantize needs a QArray; got {type(q).__name__}")
+  ints = q.int_values().astype(jnp.float32)
+  zp = jnp.asarray(q.zero_point).astype(jnp.float32)
+  scale = jnp.asarray(q.scale, jnp.float32)
+  iv = quantizer.quant_view(ints, q.spec, q.group_axis)
+  return quantizer.from_quant_view((iv - zp) * scale, q.spec, q.group_axis).astype(q.dtype)
