@@ -1,0 +1,198 @@
+"""Adaptive per-layer bit widths from gradient sensitivity (ActNN ``calc_precision``, GACT).
+
+Compressing layer ``l``'s saved activations with ``b`` bits and stochastic rounding adds
+zero-mean noise of variance ``Delta_g^2 / 6`` on average to each element of group ``g``
+(``Delta_g = range_g / (2^b - 1)``). For a linear map ``y = x W`` the weight gradient
+``x^T dy`` then gains variance ``sum_elements Var(noise) * |dy|^2 / rows``, so layer ``l``
+contributes (ActNN, Chen et al. 2021, sec. 4; GACT, Liu et al. 2022, sec. 4)
+
+    V_l(b) = C_l / (2^b - 1)^2,     C_l = (sum_g S range_g^2 / 6) * |dy_l|^2 / rows_l,
+
+and the allocation minimises ``sum_l V_l(b_l)`` subject to the memory budget
+``sum_l b_l n_l <= avg_bits * sum_l n_l`` (``n_l``: compressed elements of layer ``l``).
+:func:`calc_precision` solves it greedily as ActNN does; :class:`AdaptiveBits` keeps a
+running estimate of ``C_l`` from the ``probe`` gradients of
+:func:`~jaxq.act.compressed_vjp` and re-allocates every ``interval`` steps.
+
+The same allocation applies per sample (ActNN's per-sample bits): pass one entry per
+(layer, sample) block to :func:`calc_precision`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.act.pack import VALID_BITS, check_bits
+
+#: Length of the ``probe`` vector of :func:`~jaxq.act.compressed_vjp`.
+PROBE_SIZE = 3
+
+
+def _check_choices(choices) -> tuple[int, ...]:
+  try:
+    out = tuple(sorted({check_bits(int(c), "choices") for c in choices}))
+  except TypeError:
+    raise TypeError(f"choices must be a sequence of bit widths in {VALID_BITS}, "
+                    f"got {choices!r}") from None
+  if not out:
+    raise ValueError(f"choices must not be empty; allowed widths are {VALID_BITS}")
+  return out
+
+
+def calc_precision(sensitivity, sizes, avg_bits: float,
+                   choices: Sequence[int] = (1, 2, 4, 8)) -> np.ndarray:
+  """Bits per entry minimising ``sum_i sensitivity_i / (2^b_i - 1)^2`` under a budget.
+
+  Greedy, as ActNN's ``calc_precision`` (Chen et al. 2021): start every entry at the
+  widest choice; repeatedly lower (to the next narrower choice) the entry whose variance
+  increase per bit of memory saved is smallest until ``sum(b * sizes) <= avg_bits *
+  sum(sizes)``; then spend any leftover budget raising entries by the same ratio.
+
+  Args:
+    sensitivity: ``C_i >= 0`` per entry (layer, or layer-and-sample).
+    sizes: elements ``n_i > 0`` stored per entry.
+    avg_bits: average bits per element allowed, ``min(choices) <= avg_bits``.
+    choices: allowed widths (subset of 1, 2, 4, 8).
+
+  Returns:
+    ``int32[len(sizes)]`` bit widths.
+  """
+  choices = _check_choices(choices)
+  c = np.asarray(sensitivity, np.float64).reshape(-1)
+  n = np.asarray(sizes, np.float64).reshape(-1)
+  if c.shape != n.shape:
+    raise ValueError(f"sensitivity and sizes must have the same length, got {c.size} "
+                     f"and {n.size}")
+  if np.any(~np.isfinite(c)) or np.any(c < 0):
+    raise ValueError("sensitivity must be finite and >= 0")
+  if np.any(n <= 0):
+    raise ValueError("sizes must be > 0")
+  if not np.isfinite(avg_bits) or avg_bits < choices[0]:
+    raise ValueError(f"avg_bits must be >= min(choices) = {choices[0]}, got {avg_bits}")
+  var = lambda i, k: c[i] / (2.0**choices[k] - 1) ** 2  # noqa: E731
+  level = np.full(c.size, len(choices) - 1)
+  budget = avg_bits * n.sum() * (1 + 1e-12)
+  used = n.sum() * choices[-1]
+
+  def down_cost(i):
+    k = level[i]
+    return (var(i, k - 1) - var(i, k)) / ((choices[k] - choices[k - 1]) * n[i])
+
+  heap = [(down_cost(i), i) for i in range(c.size) if level[i] > 0]
+  heapq.heapify(heap)
+  while used > budget and heap:
+    _, i = heapq.heappop(heap)
+    k = level[i]
+    used -= (choices[k] - choices[k - 1]) * n[i]
+    level[i] = k - 1
+    if level[i] > 0:
+      heapq.heappush(heap, (down_cost(i), i))
+  # Leftover budget (a step may overshoot): raise the best gains that still fit.
+  improved = True
+  while improved:
+    improved = False
+    best = None
+    for i in range(c.size):
+      k = level[i]
+      if k + 1 < len(choices):
+        extra = (choices[k + 1] - choices[k]) * n[i]
+        if used + extra <= budget:
+          gain = (var(i, k) - var(i, k + 1)) / extra
+          if gain > 0 and (best is None or gain > best[0]):
+            best = (gain, i, extra)
+    if best is not None:
+      _, i, extra = best
+      level[i] += 1
+      used += extra
+      improved = True
+  return np.asarray([choices[k] for k in level], np.int32)
+
+
+def sensitivity_from_probe(probe_grad) -> tuple[float, float]:
+  """``(C, n)`` from the gradient of one ``probe`` of :func:`~jaxq.act.compressed_vjp`.
+
+  ``probe_grad = [sum_g S range_g^2, n, |dy|^2 / rows]`` gives
+  ``C = probe_grad[0] * probe_grad[2] / 6`` (see the module docstring) and ``n``.
+  """
+  p = np.asarray(probe_grad, np.float64).reshape(-1)
+  if p.shape != (PROBE_SIZE,):
+    raise ValueError(f"probe_grad must have {PROBE_SIZE} entries, got shape {p.shape}")
+  return float(p[0] * p[2] / 6.0), float(p[1])
+
+
+class AdaptiveBits:
+  """Running per-layer sensitivity and the bit widths it implies (ActNN/GACT style).
+
+  Usage in a training loop (``bits`` static, so a new allocation recompiles the step)::
+
+      ab = jaxq.act.AdaptiveBits(["block_0", "block_1"], avg_bits=2, interval=50)
+      for step in range(steps):
+        bits = ab.bits                                 # {"block_0": 4, "block_1": 1}
+        if ab.due(step):                               # estimation step
+          grads, probe_grads = grad_with_probes(params, ab.probes(), batch, bits)
+          ab.update(probe_grads)                       # new ab.bits
+        else:
+          grads = grad_step(params, batch, bits)
+
+  where the loss passes ``probe=probes[name]`` to the :func:`~jaxq.act.compressed_vjp`
+  (or :func:`~jaxq.act.linen.compressed_call`) of layer ``name`` and differentiates
+  with respect to ``probes`` too.
+
+  Args:
+    names: layer names (any hashable).
+    avg_bits: average bits per compressed element.
+    choices: allowed widths.
+    interval: re-estimate every ``interval`` steps (``due``).
+    momentum: EMA factor for the sensitivity (0 keeps only the latest estimate).
+    init_bits: widths before the first estimate (default: ``avg_bits`` rounded down to a
+      choice).
+  """
+
+  def __init__(self, names: Sequence, avg_bits: float, choices: Sequence[int] = (1, 2, 4, 8),
+               interval: int = 100, momentum: float = 0.0, init_bits: int | None = None):
+    self.names = tuple(names)
+    if not self.names:
+      raise ValueError("names must not be empty")
+    self.choices = _check_choices(choices)
+    if avg_bits < self.choices[0]:
+      raise ValueError(f"avg_bits must be >= min(choices) = {self.choices[0]}, got {avg_bits}")
+    if not isinstance(interval, (int, np.integer)) or interval < 1:
+      raise ValueError(f"interval must be a positive int, got {interval!r}")
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    self.avg_bits, self.interval, self.momentum = float(avg_bits), int(interval), momentum
+    if init_bits is None:
+      init_bits = max(c for c in self.choices if c <= avg_bits)
+    init_bits = check_bits(init_bits, "init_bits")
+    self.bits: dict = {n: init_bits for n in self.names}
+    self.sensitivity: dict = {}
+    self.sizes: dict = {}
+
+  def due(self, step: int) -> bool:
+    """Whether ``step`` is an estimation step (every ``interval`` steps, from step 0)."""
+    return int(step) % self.interval == 0
+
+  def probes(self) -> dict:
+    """Zero probes, one ``f32[3]`` per layer, to differentiate the loss against."""
+    return {n: jnp.zeros((PROBE_SIZE,), jnp.float32) for n in self.names}
+
+  def update(self, probe_grads: Mapping) -> dict:
+    """Folds in the probes' gradients and re-allocates; returns (and stores) ``bits``."""
+    missing = [n for n in self.names if n not in probe_grads]
+    if missing:
+      raise ValueError(f"probe_grads lacks layers {missing}")
+    pg = jax.device_get(dict(probe_grads))
+    for name in self.names:
+      c, n = sensitivity_from_probe(pg[name])
+      old = self.sensitivity.get(name)
+      self.sensitivity[name] = c if old is None else self.momentum * old + (1 - self.momentum) * c
+      self.sizes[name] = max(n, 1.0)
+    bits = calc_precision([self.sensitivity[n] for n in self.names],
+                          [self.sizes[n] for n in self.names], self.avg_bits, self.choices)
+    self.bits = {n: int(b) for n, b in zip(self.names, bits)}
+    return self.bits
