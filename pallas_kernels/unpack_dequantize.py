@@ -5,6 +5,10 @@ element ``j`` of a byte sits in bits ``[j*bits, (j+1)*bits)``; result ``f32[G, S
 + lo``. The kernel is tiled over rows and bytes; each byte is broadcast against the shifts
 ``j * bits`` and masked, producing the ``[rows, bytes, 8/bits]`` block that the wrapper views as
 ``[G, S]`` for free (Triton lowers no value slicing or concatenation).
+
+The division is computed as ``q * (1 / scale)`` (one reciprocal per group), within 1 ulp of
+``q / scale``; XLA rewrites a division by a broadcast that way anyway, and writing it out keeps
+kernel and reference bit-identical however XLA fuses the surrounding program.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def unpack_dequantize_ref(packed, lo, scale, bits: int):
   """Pure-jnp (XLA) reference of :func:`unpack_dequantize`."""
   bits, _ = _check_inputs(packed, lo, scale, bits)
   q = unpack_ref(packed, bits).astype(jnp.float32)
-  return q / scale.astype(jnp.float32)[:, None] + lo.astype(jnp.float32)[:, None]
+  inv = 1.0 / scale.astype(jnp.float32)
+  return q * inv[:, None] + lo.astype(jnp.float32)[:, None]
 
 
 def _kernel(p_ref, lo_ref, s_ref, o_ref, *, bits):
@@ -55,7 +60,8 @@ def _kernel(p_ref, lo_ref, s_ref, o_ref, *, bits):
   p = p_ref[...].astype(jnp.int32)[:, :, None]
   shifts = lax.broadcasted_iota(jnp.int32, (1, 1, ppb), 2) * bits
   q = ((p >> shifts) & (2**bits - 1)).astype(jnp.float32)
-  o_ref[...] = q / s_ref[...][:, None, None] + lo_ref[...][:, None, None]
+  inv = 1.0 / s_ref[...]
+  o_ref[...] = q * inv[:, None, None] + lo_ref[...][:, None, None]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "interpret", "block_rows", "block_bytes"))
