@@ -1,0 +1,16 @@
+"""Flax integration: Linen QAT wrapper (:mod:`jaxq.flax.linen`).
+
+The NNX wrapper lives in :mod:`jaxq.flax.nnx` and PTQ (``calibrate`` / ``convert``) in
+:mod:`jaxq.flax.ptq`; import them from there.
+"""
+
+from jaxq.flax.linen import (
+    QuantizedModel,
+    init_quant_params,
+    layer_paths,
+    quantize_model,
+    register_mode,
+)
+
+__all__ = ["QuantizedModel", "init_quant_params", "layer_paths", "quantize_model",
+           "register_mode"]

@@ -1,0 +1,728 @@
+"""Quantization-aware training for Flax Linen models, without rewriting them.
+
+:func:`quantize_model` wraps an existing Linen model in a :class:`QuantizedModel` whose
+parameter tree is the model's own (:func:`flax.linen.share_scope`: the wrapper adds no
+scope level), and runs the model under a method interceptor
+(:func:`flax.linen.intercept_methods`). For every ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Conv`` and ``nn.Einsum`` whose path inside the ORIGINAL model (``"/"``-joined, e.g.
+``"Encoder_0/Dense_1"``) a rule matches (``re.fullmatch``, first match wins), the
+interceptor replaces the layer's contraction (its ``dot_general`` / ``conv_general_dilated``
+field; Einsum's ``jnp.einsum``) by one whose operands are quantized: the kernel with
+``rule.weight`` and the input activation with ``rule.act``. Everything else (the layer's
+parameters, bias, dtype promotion, padding) is the layer's own code. Unmatched layers
+and a rule set that matches nothing leave the model bitwise unchanged.
+
+Operand views. Quantization works on 2-D views of the two operands of the contraction:
+the activation as ``(M, K)`` (its contracted axes last and flattened; for Conv the input
+channels) and the kernel as ``(K, N)`` (contracted axes first; ``N`` = every output
+feature). Hence, for weights, ``granularity="channel"`` is one scale per output feature
+(all non-contracted kernel axes, whatever ``spec.axis``), ``"group"`` groups
+``group_size`` consecutive elements of the innermost contracted axis (the input axis of
+a Dense kernel, the input-channel axis of a Conv kernel), which it must divide. For
+activations: "tensor" is one scale, "channel" one per contracted feature, "group" one
+per group of features (shared by all rows); ``dynamic=True`` computes the range per row
+(token) at run time ("tensor" -> per row, "group" -> per row and group).
+
+State, in QAT (mode "qat"):
+
+* activation ``calibration="minmax"`` (and ``dynamic``): range of the current tensor,
+  no state, so ``qmodel.apply({"params": p}, x)`` works as for the float model;
+* activation "ema" / "percentile" / "mse": an observer (:mod:`jaxq.calibration`) in the
+  collection ``"quant_stats"``, variable ``"jaxq_act"`` in the layer's scope; updated
+  when the collection is mutable (``apply(..., mutable=["quant_stats"])``), read
+  otherwise; ``init`` creates and fills it;
+* weights: range of the current weight (minmax; "percentile"/"mse" give a one-shot
+  observer range of the current weight); no state;
+* learned steps, in ``"params"`` under reserved names in the layer's own scope:
+  ``jaxq_weight_scale`` (+ ``jaxq_weight_zero_point`` for LSQ+) / ``jaxq_weight_alpha``
+  (PACT), ``jaxq_act_scale`` (+ ``jaxq_act_zero_point``) / ``jaxq_act_alpha``, initialised
+  from the first tensor seen (LSQ: ``2 mean|x| / sqrt(qmax)``; LSQ+: min-max; PACT:
+  the max). The model's own parameter paths and shapes are unchanged: a float
+  checkpoint loads as it is, and :func:`init_quant_params` adds the missing quantizer
+  parameters to it from one batch.
+
+Stochastic rounding (``rounding="stochastic"``) draws its keys from the rng stream
+``"jaxq"`` when one is given (``apply(..., rngs={"jaxq": key})``) and rounds to nearest
+otherwise. ``Rule(act_compress=bits)`` runs the whole computation of each matched module
+(any module) through :func:`jaxq.act.linen.compressed_call` with keys from the same
+stream; inside a compressed module, nested ``act_compress`` rules are ignored (the
+outermost matched module is compressed) while weight/activation quantization applies.
+
+Integer arithmetic (``int8=``): with 8-bit symmetric signed STE specs for both operands
+(weight per-tensor or per-channel; activation per-tensor or dynamic per-row), the
+forward matmul of ``nn.Dense`` / ``nn.DenseGeneral`` runs on int8 operands through
+:func:`jaxq.kernels.int8_matmul` (int32 accumulation, dequantizing epilogue), equal to the
+fake-quant result up to float rounding, inside a ``custom_vjp`` whose backward is the
+fake-quant straight-through backward (as AQT and Qwix do). ``int8="all"`` also runs the
+two backward matmuls in int8 (the gradient quantized per row / per column to int8, with
+stochastic rounding when a "jaxq" rng is given; AQT's dlhs/drhs); ``int8="off"``
+simulates everything in float.
+
+Modes and hooks (for PTQ, :mod:`jaxq.flax.ptq`). ``QuantizedModel.mode`` selects the
+handler that each matched layer call is given to, from :data:`MODES`:
+
+* ``"qat"``: as above;
+* ``"calibrate"``: float forward; the activation observer ``quant_stats/jaxq_act`` of
+  every matched layer with a (non-dynamic) activation spec is updated, whatever its
+  calibration (a "minmax" spec gets a min-max observer), when "quant_stats" is mutable.
+
+:func:`register_mode` adds a mode. A handler is ``handler(call: LayerCall, op:
+Contraction) -> Array``; it is invoked inside the layer's ``__call__`` (so it may create
+and read variables in the layer's scope through ``call.module``) and returns the result
+of the contraction, typically ``op.compute(new_lhs, new_rhs)`` or a result assembled from
+``op.lhs_matrix()`` / ``op.rhs_matrix()`` via ``op.out_from_matrix``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import module as nn_module
+from jax import lax
+
+from jaxq import calibration
+from jaxq import kernels
+from jaxq import numerics
+from jaxq import quantizer
+from jaxq.params import init_weight_state
+from jaxq.spec import QuantSpec, Rule, match_rule
+
+__all__ = [
+    "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
+    "INT8_MODES", "LayerCall", "Contraction", "QUANT_STATS", "RNG_STREAM",
+    "RESERVED_NAMES", "layer_paths",
+]
+
+QUANT_STATS = "quant_stats"
+RNG_STREAM = "jaxq"
+ACT_STATS = "jaxq_act"
+WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA = (
+    "jaxq_weight_scale", "jaxq_weight_zero_point", "jaxq_weight_alpha")
+ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA = ("jaxq_act_scale", "jaxq_act_zero_point",
+                                        "jaxq_act_alpha")
+#: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
+RESERVED_NAMES = (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA, ACT_SCALE, ACT_ZERO_POINT,
+                  ACT_ALPHA, ACT_STATS)
+INT8_MODES = ("off", "forward", "all")
+LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+
+
+# --------------------------------------------------------------------------------------
+# The contraction of one layer call, and its 2-D operand views
+# --------------------------------------------------------------------------------------
+
+
+def _perm_view(x: jax.Array, front: Sequence[int], back: Sequence[int]):
+  """``x`` transposed to ``front + back`` and reshaped to ``(prod(front), prod(back))``."""
+  perm = tuple(front) + tuple(back)
+  xt = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+  m = int(np.prod([x.shape[a] for a in front], dtype=np.int64))
+  return xt.reshape(m, -1), perm, xt.shape
+
+
+def _perm_unview(x2: jax.Array, perm, tshape) -> jax.Array:
+  xt = x2.reshape(tshape)
+  if perm == tuple(range(len(perm))):
+    return xt
+  return jnp.transpose(xt, np.argsort(perm))
+
+
+@dataclasses.dataclass
+class Contraction:
+  """One contraction ``compute(lhs, rhs)`` a quantized layer performs.
+
+  Attributes:
+    kind: "dot_general" (Dense, DenseGeneral), "conv" (Conv) or "einsum" (Einsum).
+    lhs: the activation operand (after the layer's dtype promotion and padding).
+    rhs: the kernel operand.
+    lhs_contract: axes of ``lhs`` that form its ``K`` (for conv: the channel axis).
+    rhs_contract: axes of ``rhs`` contracted with the activation.
+    compute: the layer's own op applied to new operands (same arguments otherwise).
+    matmul_ok: ``compute(lhs, rhs) == out_from_matrix(lhs_matrix() @ rhs_matrix())``
+      (true for dot_general without batch dimensions).
+    out_shape: the shape of the result when ``matmul_ok``.
+  """
+
+  kind: str
+  lhs: jax.Array
+  rhs: jax.Array
+  lhs_contract: tuple[int, ...]
+  rhs_contract: tuple[int, ...]
+  compute: Callable[[jax.Array, jax.Array], jax.Array]
+  matmul_ok: bool = False
+  out_shape: tuple[int, ...] | None = None
+
+  def lhs_matrix(self):
+    """``(x2 f[M, K], unview)``: the activation as rows, and the inverse map."""
+    free = [a for a in range(self.lhs.ndim) if a not in self.lhs_contract]
+    x2, perm, tshape = _perm_view(self.lhs, free, self.lhs_contract)
+    return x2, functools.partial(_perm_unview, perm=perm, tshape=tshape)
+
+  def rhs_matrix(self):
+    """``(w2 f[K, N], unview)``: the kernel as contracted rows x output columns."""
+    free = [a for a in range(self.rhs.ndim) if a not in self.rhs_contract]
+    w2t, perm, tshape = _perm_view(self.rhs, free, self.rhs_contract)
+    # _perm_view puts `front` first; we want (K, N): transpose the 2-D view.
+    return w2t.T, lambda w2: _perm_unview(w2.T, perm, tshape)
+
+  def out_from_matrix(self, y2: jax.Array) -> jax.Array:
+    return y2.reshape(self.out_shape)
+
+  def inner_contract_size(self) -> int:
+    """Length of the innermost contracted kernel axis (groups must divide it)."""
+    return int(self.rhs.shape[self.rhs_contract[-1]])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """A matched layer call as handed to a mode handler."""
+
+  module: nn.Module
+  path: str
+  rule: Rule
+  mode: str
+  int8: str
+
+  def rng(self) -> jax.Array | None:
+    """A fresh key from the "jaxq" stream, or None when the stream is not given."""
+    if self.module.has_rng(RNG_STREAM):
+      return self.module.make_rng(RNG_STREAM)
+    return None
+
+
+def _kind(module) -> str:
+  if isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    return "dot_general"
+  if isinstance(module, nn.Conv):
+    return "conv"
+  return "einsum"
+
+
+def _set_fields(module, **fields):
+  old = {k: getattr(module, k) for k in fields}
+  for k, v in fields.items():
+    object.__setattr__(module, k, v)
+  return old
+
+
+def _run_dot_general(call: LayerCall, handler, next_fun, args, kwargs):
+  m = call.module
+  base = (m.dot_general_cls() if m.dot_general_cls is not None
+          else m.dot_general or lax.dot_general)
+
+  def qdot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+           **kw):
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb:
+      raise ValueError(
+          f"jaxq cannot quantize layer '{call.path}': DenseGeneral with batch_dims is not "
+          "supported (exclude it with a Rule(path=..., weight=None, act=None))")
+    lc = tuple(a % lhs.ndim for a in lc)
+    rc = tuple(a % rhs.ndim for a in rc)
+
+    def compute(l, r):
+      return base(l, r, dimension_numbers, precision=precision,
+                  preferred_element_type=preferred_element_type, **kw)
+
+    out_shape = (tuple(d for a, d in enumerate(lhs.shape) if a not in lc)
+                 + tuple(d for a, d in enumerate(rhs.shape) if a not in rc))
+    return handler(call, Contraction("dot_general", lhs, rhs, lc, rc, compute,
+                                     matmul_ok=True, out_shape=out_shape))
+
+  old = _set_fields(m, dot_general=qdot, dot_general_cls=None)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    _set_fields(m, **old)
+
+
+def _run_conv(call: LayerCall, handler, next_fun, args, kwargs):
+  m = call.module
+  base = (m.conv_general_dilated_cls() if m.conv_general_dilated_cls is not None
+          else m.conv_general_dilated or lax.conv_general_dilated)
+
+  def qconv(lhs, rhs, *a, **kw):
+    def compute(l, r):
+      return base(l, r, *a, **kw)
+
+    # Flax's Conv is channels-last for inputs and kernels (..., in, out).
+    op = Contraction("conv", lhs, rhs, (lhs.ndim - 1,), tuple(range(rhs.ndim - 1)), compute)
+    return handler(call, op)
+
+  old = _set_fields(m, conv_general_dilated=qconv, conv_general_dilated_cls=None)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    _set_fields(m, **old)
+
+
+def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
+  """Flax's ``nn.Einsum.__call__`` with the einsum handed to ``handler``."""
+  m = call.module
+  einsum_str = nn_module.merge_param("einsum_str", m.einsum_str, einsum_str)
+  einsum_str = einsum_str.replace(" ", "")
+  if "->" not in einsum_str or einsum_str.count(",") != 1:
+    raise ValueError(
+        f"layer '{call.path}': einsum_str must be explicit with exactly two operands; got "
+        f"{einsum_str!r}")
+  kernel = m.param("kernel", m.kernel_init, m.shape, m.param_dtype)
+  if m.use_bias:
+    bias_shape, broadcasted_bias_shape = m._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
+    bias = m.param("bias", m.bias_init, bias_shape, m.param_dtype)
+  else:
+    bias = None
+  inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
+
+  ins, out_s = einsum_str.split("->")
+  lhs_s, rhs_s = ins.split(",")
+  if "." in rhs_s:
+    raise ValueError(f"layer '{call.path}': the kernel subscripts of {einsum_str!r} may not "
+                     "use an ellipsis")
+  if "." in lhs_s:
+    if not lhs_s.startswith("..."):
+      raise ValueError(f"layer '{call.path}': jaxq supports an ellipsis only at the start "
+                       f"of the input subscripts; got {einsum_str!r}")
+    letters = lhs_s[3:]
+    offset = inputs.ndim - len(letters)
+  else:
+    letters, offset = lhs_s, 0
+  lc = tuple(offset + i for i, c in enumerate(letters) if c in rhs_s and c not in out_s)
+  rc = tuple(i for i, c in enumerate(rhs_s) if c not in out_s)
+  if not lc:
+    raise ValueError(f"layer '{call.path}': {einsum_str!r} contracts no axis")
+
+  def compute(l, r):
+    return jnp.einsum(einsum_str, l, r, precision=m.precision,
+                      preferred_element_type=m.preferred_element_type)
+
+  y = handler(call, Contraction("einsum", inputs, kernel, lc, rc, compute))
+  if bias is not None:
+    y += jnp.reshape(bias, broadcasted_bias_shape)
+  return y
+
+
+def _run_layer(call: LayerCall, handler, next_fun, args, kwargs):
+  kind = _kind(call.module)
+  if kind == "dot_general":
+    return _run_dot_general(call, handler, next_fun, args, kwargs)
+  if kind == "conv":
+    return _run_conv(call, handler, next_fun, args, kwargs)
+  return _run_einsum(call, handler, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Quantizers of the two operands
+# --------------------------------------------------------------------------------------
+
+
+def _weight_view_spec(spec: QuantSpec, call: LayerCall, op: Contraction) -> QuantSpec:
+  if spec.scheme != "uniform":
+    raise ValueError(f"layer '{call.path}': weight QuantSpec.scheme must be 'uniform'; got "
+                     f"{spec.scheme!r} (log2/ptf are activation schemes)")
+  if spec.granularity == "group":
+    inner = op.inner_contract_size()
+    if inner % spec.group_size:
+      raise ValueError(
+          f"layer '{call.path}': weight group_size={spec.group_size} does not divide the "
+          f"kernel's input axis (length {inner}, kernel shape {tuple(op.rhs.shape)})")
+  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
+
+
+def _act_view_spec(spec: QuantSpec, call: LayerCall, k: int) -> QuantSpec:
+  if spec.granularity == "group" and k % spec.group_size:
+    raise ValueError(
+        f"layer '{call.path}': activation group_size={spec.group_size} does not divide the "
+        f"number of input features {k}")
+  if spec.dynamic:
+    if spec.estimator != "ste" or spec.scheme != "uniform":
+      raise ValueError(f"layer '{call.path}': a dynamic activation spec computes its range "
+                       "per row at run time; it needs estimator='ste', scheme='uniform'")
+    if spec.granularity == "channel":
+      raise ValueError(f"layer '{call.path}': dynamic=True quantizes per row (token); use "
+                       "granularity 'tensor' (per row) or 'group' (per row and group)")
+    if spec.granularity == "tensor":
+      return spec.replace(granularity="channel", axis=0)
+    return spec.replace(axis=0)
+  if spec.granularity == "channel" and spec.axis != -1:
+    raise ValueError(f"layer '{call.path}': an activation 'channel' spec is per input "
+                     f"feature (axis=-1); got axis={spec.axis}")
+  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
+
+
+def _param(module, name, init_fn):
+  """A jaxq parameter in the layer's "params": read, or created when "params" is mutable."""
+  if not module.has_variable("params", name) and not module.is_mutable_collection("params"):
+    raise ValueError(
+        f"layer '{'/'.join(module.path)}' needs the quantizer parameter '{name}', which "
+        "the given params lack (a float checkpoint?): add it with "
+        "jaxq.flax.init_quant_params(qmodel, variables, *example_args)")
+  return module.variable("params", name, init_fn).value
+
+
+def _learned_kwargs(module, spec, v, group_axis, names) -> dict[str, jax.Array]:
+  """fake_quantize kwargs of a learned step (LSQ / LSQ+ / PACT), created from ``v``."""
+  scale_name, zp_name, alpha_name = names
+  init = functools.lru_cache(maxsize=None)(lambda: init_weight_state(v, spec, group_axis))
+  if spec.estimator == "pact":
+    return {"alpha": _param(module, alpha_name, lambda: init()["alpha"])}
+  kw = {"scale": _param(module, scale_name, lambda: init()["scale"])}
+  if not spec.symmetric:
+    kw["zero_point"] = _param(module, zp_name, lambda: init()["zero_point"])
+  return kw
+
+
+def _weight_qparams(call: LayerCall, spec: QuantSpec, w2: jax.Array):
+  """fake_quantize kwargs for the kernel view ``w2 (K, N)`` ({} -> min-max of w2)."""
+  if spec.estimator in ("lsq", "pact"):
+    return _learned_kwargs(call.module, spec, w2, 0,
+                           (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA))
+  if spec.calibration in ("percentile", "mse"):
+    w = jax.lax.stop_gradient(w2.astype(jnp.float32))
+    view = quantizer.quant_view(w, spec, 0)
+    axes = quantizer.quant_axes(2, spec, 0)
+    st = calibration.observer_init(spec, quantizer.stat_shape(w.shape, spec, 0))
+    st = calibration.observer_update(st, view, spec, axes)
+    scale, zp = calibration.observer_qparams(st, spec)
+    return {"scale": scale, "zero_point": zp}
+  return {}
+
+
+def _act_observer(call: LayerCall, spec: QuantSpec, x2: jax.Array, always_update: bool):
+  """Reads (and, when "quant_stats" is mutable, updates) the layer's activation observer."""
+  m = call.module
+  shape = quantizer.stat_shape((1,) + x2.shape[1:], spec, 1)
+  mutable = m.is_mutable_collection(QUANT_STATS)
+  if not mutable and not m.has_variable(QUANT_STATS, ACT_STATS):
+    raise ValueError(
+        f"layer '{call.path}': activation calibration={spec.calibration!r} keeps its "
+        f"range in the '{QUANT_STATS}' collection, which the given variables lack: use "
+        f"variables from qmodel.init(...) or apply(..., mutable=['{QUANT_STATS}'])")
+  var = m.variable(QUANT_STATS, ACT_STATS, calibration.observer_init, spec, shape)
+  if mutable or always_update:
+    view = quantizer.quant_view(jax.lax.stop_gradient(x2), spec, 1)
+    var.value = calibration.observer_update(var.value, view, spec,
+                                            quantizer.quant_axes(2, spec, 1))
+  return var.value
+
+
+def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
+  """fake_quantize kwargs for the activation view ``x2 (M, K)`` ({} -> range of x2)."""
+  if spec.dynamic or spec.scheme != "uniform":
+    return {}
+  if spec.estimator in ("lsq", "pact"):
+    return _learned_kwargs(call.module, spec, x2, 1, (ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA))
+  if spec.calibration == "minmax":
+    return {}
+  st = _act_observer(call, spec, x2, always_update=False)
+  scale, zp = calibration.observer_qparams(st, spec)
+  return {"scale": scale, "zero_point": zp}
+
+
+def _int8_spec_ok(spec: QuantSpec | None, *, act: bool) -> bool:
+  if spec is None:
+    return False
+  ok = (spec.bits == 8 and spec.signed and spec.symmetric and spec.scheme == "uniform"
+        and spec.estimator == "ste" and spec.rounding == "nearest")
+  if act:
+    return ok and (spec.granularity == "tensor" or (spec.dynamic and spec.granularity ==
+                                                      "tensor"))
+  return ok and spec.granularity in ("tensor", "channel")
+
+
+# --------------------------------------------------------------------------------------
+# W8A8 matmul on int8 operands with the fake-quant (STE) backward
+# --------------------------------------------------------------------------------------
+
+
+def _to_int8(v: jax.Array, scale: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+  r = v.astype(jnp.float32) / scale
+  r = jnp.round(r) if noise is None else jnp.floor(r + noise)
+  return jnp.clip(r, -128, 127).astype(jnp.int8)
+
+
+def _in_range(v, scale):
+  r = jnp.round(v.astype(jnp.float32) / scale)
+  return (r >= -128) & (r <= 127)
+
+
+def _grad_noise(seed, index, shape):
+  if seed is None:
+    return None
+  from jaxq.act.pack import derive_seed, hash_uniform  # pylint: disable=import-outside-toplevel
+  return hash_uniform(derive_seed(seed, index), shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _w8a8(x2, w2, sx, sw, seed, cfg):
+  return _w8a8_fwd(x2, w2, sx, sw, seed, cfg)[0]
+
+
+def _w8a8_fwd(x2, w2, sx, sw, seed, cfg):
+  mask_x, mask_w, _ = cfg
+  m, n = x2.shape[0], w2.shape[1]
+  xq, wq = _to_int8(x2, sx), _to_int8(w2, sw)
+  a_scale = jnp.broadcast_to(sx, (m, 1)).reshape(m)
+  b_scale = jnp.broadcast_to(sw, (1, n)).reshape(n)
+  y = kernels.int8_matmul(xq, wq, a_scale, b_scale, out_dtype=jnp.float32).astype(x2.dtype)
+  mx = _in_range(x2, sx) if mask_x else None
+  mw = _in_range(w2, sw) if mask_w else None
+  return y, (xq, wq, sx, sw, mx, mw, seed, jnp.zeros((0,), w2.dtype))
+
+
+def _w8a8_bwd(cfg, res, g):
+  _, _, bwd_int8 = cfg
+  xq, wq, sx, sw, mx, mw, seed, w_dtype = res
+  k = xq.shape[1]
+  g2 = g.astype(jnp.float32)
+  if bwd_int8:
+    # dx = g @ (wq * sw)^T = (g * sw) @ wq^T: fold the weight scale into g (N is the
+    # contraction axis here), quantize per row; dw = (xq * sx)^T @ g = xq^T @ (sx * g):
+    # fold the activation scale, quantize per column.
+    gs = g2 * sw
+    sg = jnp.maximum(jnp.max(jnp.abs(gs), axis=1, keepdims=True) / 127.0, numerics.SCALE_EPS)
+    gq = _to_int8(gs, sg, _grad_noise(seed, 0, gs.shape))
+    dx = kernels.int8_matmul(gq, wq.T, sg[:, 0], jnp.ones((k,), jnp.float32))
+    gt = g2 * sx
+    st = jnp.maximum(jnp.max(jnp.abs(gt), axis=0, keepdims=True) / 127.0, numerics.SCALE_EPS)
+    gq2 = _to_int8(gt, st, _grad_noise(seed, 1, gt.shape))
+    dw = kernels.int8_matmul(xq.T, gq2, jnp.ones((k,), jnp.float32), st[0])
+  else:
+    w_hat = wq.astype(jnp.float32) * sw
+    x_hat = xq.astype(jnp.float32) * sx
+    dx = lax.dot_general(g2, w_hat, (((1,), (1,)), ((), ())))
+    dw = lax.dot_general(x_hat, g2, (((0,), (0,)), ((), ())))
+  if mx is not None:
+    dx = jnp.where(mx, dx, 0.0)
+  if mw is not None:
+    dw = jnp.where(mw, dw, 0.0)
+  seed_ct = None if seed is None else np.zeros(seed.shape, jax.dtypes.float0)
+  return (dx.astype(g.dtype), dw.astype(w_dtype.dtype), jnp.zeros_like(sx),
+          jnp.zeros_like(sw), seed_ct)
+
+
+_w8a8.defvjp(_w8a8_fwd, _w8a8_bwd)
+
+
+def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wkw, akw):
+  w = jax.lax.stop_gradient(w2)
+  x = jax.lax.stop_gradient(x2)
+  sw = wkw["scale"] if wkw else quantizer.compute_qparams(w, wspec, group_axis=0)[0]
+  sx = akw["scale"] if akw else quantizer.compute_qparams(x, aspec, group_axis=1)[0]
+  sw, sx = jax.lax.stop_gradient(sw), jax.lax.stop_gradient(sx)
+  mask_w = bool(wkw) or wspec.pow2_scale
+  mask_x = bool(akw) or aspec.pow2_scale
+  seed = None
+  if call.int8 == "all":
+    key = call.rng()
+    if key is not None:
+      from jaxq.act.pack import seed_from_key  # pylint: disable=import-outside-toplevel
+      seed = seed_from_key(key)
+  cfg = (mask_x, mask_w, call.int8 == "all")
+  y2 = _w8a8(x2, w2, sx, sw, seed, cfg)
+  return op.out_from_matrix(y2)
+
+
+# --------------------------------------------------------------------------------------
+# Mode handlers
+# --------------------------------------------------------------------------------------
+
+
+def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
+  """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands)."""
+  wspec, aspec = call.rule.weight, call.rule.act
+  w2, w_unview = op.rhs_matrix()
+  x2, x_unview = op.lhs_matrix()
+  wspec_v = None if wspec is None else _weight_view_spec(wspec, call, op)
+  aspec_v = None if aspec is None else _act_view_spec(aspec, call, x2.shape[1])
+  wkw = {} if wspec_v is None else _weight_qparams(call, wspec_v, w2)
+  akw = {} if aspec_v is None else _act_qparams(call, aspec_v, x2)
+
+  if (call.int8 != "off" and op.matmul_ok and _int8_spec_ok(wspec, act=False)
+      and _int8_spec_ok(aspec, act=True)
+      and jnp.issubdtype(x2.dtype, jnp.floating) and jnp.issubdtype(w2.dtype, jnp.floating)):
+    return _int8_contraction(call, op, wspec_v, aspec_v, w2, x2, wkw, akw)
+
+  lhs, rhs = op.lhs, op.rhs
+  needs_key = any(s is not None and s.rounding == "stochastic" for s in (wspec, aspec))
+  key = call.rng() if needs_key else None
+  kw_key, ka_key = (None, None) if key is None else tuple(jax.random.split(key))
+  if wspec_v is not None:
+    rhs = w_unview(quantizer.fake_quantize(w2, wspec_v, group_axis=0, key=kw_key,
+                                           require_key=False, **wkw))
+  if aspec_v is not None:
+    lhs = x_unview(quantizer.fake_quantize(x2, aspec_v, group_axis=1, key=ka_key,
+                                           require_key=False, **akw))
+  return op.compute(lhs, rhs)
+
+
+def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
+  """Calibration: float forward; activation observers updated (when mutable)."""
+  aspec = call.rule.act
+  if aspec is not None and not aspec.dynamic and call.module.is_mutable_collection(
+      QUANT_STATS):
+    x2, _ = op.lhs_matrix()
+    _act_observer(call, _act_view_spec(aspec, call, x2.shape[1]), x2, always_update=True)
+  return op.compute(op.lhs, op.rhs)
+
+
+MODES: dict[str, Callable[[LayerCall, Contraction], jax.Array]] = {
+    "qat": qat_handler,
+    "calibrate": calibrate_handler,
+}
+
+
+def register_mode(name: str, handler: Callable[[LayerCall, Contraction], jax.Array]) -> None:
+  """Adds (or replaces) a mode: ``handler(call, op)`` computes a matched layer's contraction."""
+  if not isinstance(name, str) or not callable(handler):
+    raise TypeError("register_mode(name: str, handler: callable)")
+  MODES[name] = handler
+
+
+# --------------------------------------------------------------------------------------
+# The wrapper
+# --------------------------------------------------------------------------------------
+
+
+def _check_rules(rules) -> tuple[Rule, ...]:
+  if isinstance(rules, Rule):
+    return (rules,)
+  rules = tuple(rules)
+  for i, r in enumerate(rules):
+    if not isinstance(r, Rule):
+      raise TypeError(f"rules[{i}] must be a jaxq.Rule; got {type(r).__name__}")
+  return rules
+
+
+class _Interceptor:
+  """The method interceptor of one :class:`QuantizedModel` call."""
+
+  def __init__(self, root: tuple[str, ...], rules, mode: str, int8: str):
+    self.root, self.rules, self.mode, self.int8 = root, rules, mode, int8
+    self.compressing: list[str] = []
+    self._match = functools.lru_cache(maxsize=None)(lambda p: match_rule(self.rules, p))
+
+  def __call__(self, next_fun, args, kwargs, context):
+    m = context.module
+    if (context.method_name != "__call__" or m.scope is None
+        or isinstance(m, QuantizedModel)):
+      return next_fun(*args, **kwargs)
+    path_t = tuple(m.path)
+    if path_t[:len(self.root)] != self.root:
+      return next_fun(*args, **kwargs)
+    path = "/".join(path_t[len(self.root):])
+    rule = self._match(path)
+    if rule is None:
+      return next_fun(*args, **kwargs)
+    if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
+      from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
+      key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
+      self.compressing.append(path)
+      try:
+        return compressed_call(m, "__call__", args, kwargs, bits=rule.act_compress, key=key)
+      finally:
+        self.compressing.pop()
+    if isinstance(m, LAYER_TYPES) and (rule.weight is not None or rule.act is not None):
+      call = LayerCall(m, path, rule, self.mode, self.int8)
+      return _run_layer(call, MODES[self.mode], next_fun, args, kwargs)
+    return next_fun(*args, **kwargs)
+
+
+class QuantizedModel(nn.Module):
+  """``model`` with the layers that ``rules`` match quantized; see the module docstring.
+
+  Attributes:
+    model: the wrapped Linen model (its parameter tree is this module's).
+    rules: the rules, first match wins.
+    mode: a key of :data:`MODES` ("qat", "calibrate", or one added by
+      :func:`register_mode`).
+    int8: "forward" (default): W8A8 Dense/DenseGeneral forward matmuls on int8 operands;
+      "all": backward matmuls in int8 too; "off": fake quantization only.
+  """
+
+  model: nn.Module
+  rules: tuple[Rule, ...] = ()
+  mode: str = "qat"
+  int8: str = "forward"
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def _interceptor(self) -> _Interceptor:
+    if self.mode not in MODES:
+      raise ValueError(f"QuantizedModel.mode must be one of {sorted(MODES)}; got "
+                       f"{self.mode!r}")
+    if self.int8 not in INT8_MODES:
+      raise ValueError(f"QuantizedModel.int8 must be one of {INT8_MODES}; got {self.int8!r}")
+    return _Interceptor(tuple(self.path), _check_rules(self.rules), self.mode, self.int8)
+
+  def __call__(self, *args, **kwargs):
+    with nn.intercept_methods(self._interceptor()):
+      return self.model(*args, **kwargs)
+
+  def call_method(self, method: str, *args, **kwargs):
+    """Calls another method of the wrapped model under quantization:
+    ``qmodel.apply(variables, "encode", x, method="call_method")``."""
+    with nn.intercept_methods(self._interceptor()):
+      return getattr(self.model, method)(*args, **kwargs)
+
+
+def quantize_model(model: nn.Module, rules: Rule | Sequence[Rule], *, int8: str = "forward",
+                   mode: str = "qat") -> QuantizedModel:
+  """Wraps a Linen ``model`` for quantization-aware training with ``rules``.
+
+  Returns a :class:`QuantizedModel`: ``qmodel.init(key, *args)`` /
+  ``qmodel.apply(variables, *args, **kwargs)`` take the model's own arguments; its
+  "params" are the model's (plus reserved ``jaxq_*`` entries for learned steps).
+  """
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"model must be a flax.linen.Module; got {type(model).__name__}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {sorted(MODES)}; got {mode!r}")
+  if int8 not in INT8_MODES:
+    raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
+  return QuantizedModel(model, _check_rules(rules), mode=mode, int8=int8)
+
+
+def init_quant_params(qmodel: QuantizedModel, variables: dict, *args, **kwargs) -> dict:
+  """``variables`` (e.g. a float checkpoint) plus the quantizer state they lack.
+
+  Runs ``qmodel`` once on ``args`` with "params" and "quant_stats" mutable: existing
+  entries are kept as they are, missing ``jaxq_*`` parameters are initialised from this
+  batch, activation observers are created (and fed this batch). Keyword arguments go to
+  the model (e.g. ``train=False``); ``rngs=`` is passed to ``apply``.
+  """
+  rngs = kwargs.pop("rngs", None)
+  variables = dict(variables)
+  _, new = qmodel.apply(variables, *args, rngs=rngs, mutable=["params", QUANT_STATS],
+                        **kwargs)
+  variables.update(jax.tree_util.tree_map(lambda x: x, dict(new)))
+  return variables
+
+
+def layer_paths(model: nn.Module, *args, **kwargs) -> list[str]:
+  """The "/"-joined paths of the Dense/DenseGeneral/Conv/Einsum layers ``model`` calls,
+  in call order (what rules are matched against), found by an abstract ``init``."""
+  found: list[str] = []
+
+  def record(next_fun, a, kw, context):
+    m = context.module
+    if context.method_name == "__call__" and isinstance(m, LAYER_TYPES):
+      p = "/".join(m.path)
+      if p not in found:
+        found.append(p)
+    return next_fun(*a, **kw)
+
+  def run():
+    with nn.intercept_methods(record):
+      return model.init(jax.random.key(0), *args, **kwargs)
+
+  jax.eval_shape(run)
+  return found
+
