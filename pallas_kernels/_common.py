@@ -6,7 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import triton as plt
+try:  # Triton compiler params select Pallas' Triton backend on GPU (the default is Mosaic GPU).
+  from jax.experimental.pallas import triton as plt
+except ImportError:  # pragma: no cover - jax builds without the Triton module
+  plt = None
 
 #: Lower bound of a group's range in ``quantize_pack``. The contract writes
 #: ``max(max - lo, tiny)``; ``tiny`` must keep ``(2^bits - 1) / tiny`` finite in f32 for every
@@ -92,6 +95,8 @@ def pad_axis(x, axis: int, size: int, mode: str = "constant"):
 @functools.lru_cache(maxsize=None)
 def triton_params(num_warps: int = 4, num_stages: int = 2):
   """Compiler params that select the Pallas Triton backend on GPU (not Mosaic GPU)."""
+  if plt is None:  # pragma: no cover
+    return None
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

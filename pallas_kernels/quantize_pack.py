@@ -113,7 +113,9 @@ def quantize_pack(x, bits: int, noise=None, *, interpret: bool = False,
   """Pallas kernel: quantize each row of ``x: f32[G, S]`` to ``bits`` and bit-pack it.
 
   Args:
-    x: ``f32[G, S]`` (other float dtypes are upcast), S a multiple of ``8 / bits``.
+    x: ``f32[G, S]`` (other float dtypes are upcast), S a multiple of ``8 / bits``; finite
+      values (a NaN/Inf in a row makes that row's codes undefined, as in any min/max
+      quantizer).
     bits: 1, 2, 4 or 8.
     noise: optional ``f32[G, S]`` uniform in [0, 1) for stochastic rounding; None rounds to
       nearest (noise 0.5).
