@@ -166,6 +166,8 @@ def _ste_bwd(inside, g):
 
 
 _ste.defvjp(_ste_fwd, _ste_bwd)
+# Jitted so that eager calls run as one program (inlined under an outer jit).
+_ste_jit = jax.jit(_ste)
 
 
 def fake_quant(
@@ -192,7 +194,7 @@ def fake_quant(
     key: optional PRNG key for stochastic rounding.
   """
   x, scale, zero_point = _prepare_affine(x, scale, zero_point, qmin, qmax)
-  return _ste(x, scale, zero_point, qmin, qmax, key)
+  return _ste_jit(x, scale, zero_point, qmin, qmax, key)
 
 
 # ------------------------------------------------------------------- LSQ / LSQ+
@@ -228,6 +230,7 @@ def _lsq_bwd(res, g):
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+_lsq_jit = jax.jit(_lsq)
 
 
 def lsq_fake_quant(
@@ -265,7 +268,7 @@ def lsq_fake_quant(
     n = x.size / max(scale.size, 1)
     grad_scale = 1.0 / jnp.sqrt(n * jnp.asarray(qmax, jnp.float32))
   grad_scale = jnp.asarray(grad_scale, jnp.float32)
-  return _lsq(x, scale, zero_point, qmin, qmax, grad_scale, key)
+  return _lsq_jit(x, scale, zero_point, qmin, qmax, grad_scale, key)
 
 
 def lsq_init_scale(
@@ -310,7 +313,7 @@ def _pact_forward(x, alpha, bits, key):
 
 
 def _pact_fwd(x, alpha, bits, key):
-  return _pact(x, alpha, bits, key), (x, alpha)
+  return _pact_forward(x, alpha, bits, key).astype(x.dtype), (x, alpha)
 
 
 def _pact_bwd(bits, res, g):
@@ -324,6 +327,7 @@ def _pact_bwd(bits, res, g):
 
 
 _pact.defvjp(_pact_fwd, _pact_bwd)
+_pact_jit = jax.jit(_pact, static_argnums=2)
 
 
 def pact_fake_quant(
@@ -344,7 +348,7 @@ def pact_fake_quant(
   alpha = jnp.asarray(alpha)
   _check_float(alpha, "alpha")
   _check_broadcast(x, alpha, "alpha")
-  return _pact(x, alpha, bits, key)
+  return _pact_jit(x, alpha, bits, key)
 
 
 # ------------------------------------------------------------- FQ-ViT log2 quantizer
@@ -366,6 +370,11 @@ def log2_quantize(x: ArrayLike, bits: int) -> jax.Array:
   bits = numerics.check_bits(bits)
   x = jnp.asarray(x)
   _check_float(x)
+  return _log2_quantize(x, bits)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _log2_quantize(x, bits):
   qmax = 2**bits - 1
   c = _log2_code(x)
   c = jnp.where(jnp.isnan(c), qmax, c)
@@ -373,21 +382,24 @@ def log2_quantize(x: ArrayLike, bits: int) -> jax.Array:
 
 
 def log2_dequantize(q: ArrayLike, dtype=jnp.float32) -> jax.Array:
-  """``2^-q`` (exact in floating point) for log2 codes ``q``."""
+  """``2^-q`` (exact, :func:`jaxq.numerics.exp2_int`) for log2 codes ``q``."""
   q = jnp.asarray(q)
-  return jnp.exp2(-q.astype(_compute_dtype(dtype))).astype(dtype)
+  if not jnp.issubdtype(q.dtype, jnp.integer):
+    q = jnp.round(q)  # float codes (e.g. from a fake-quant path) are integer-valued
+  return numerics.exp2_int(-q.astype(jnp.int32), dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _log2_fq(x, bits):
-  c = _log2_code(x)
-  return jnp.exp2(-jnp.clip(c, 0, 2**bits - 1)).astype(x.dtype)
+  return _log2_fq_fwd(x, bits)[0]
 
 
 def _log2_fq_fwd(x, bits):
   c = _log2_code(x)
   inside = (c >= 0) & (c <= 2**bits - 1)
-  return jnp.exp2(-jnp.clip(c, 0, 2**bits - 1)).astype(x.dtype), inside
+  x_hat = numerics.exp2_int(-jnp.clip(c, 0, 2**bits - 1), x.dtype)
+  # NaN and negative x have no code: keep NaN (exp2_int would map NaN to some code).
+  return jnp.where(jnp.isnan(c), jnp.nan, x_hat).astype(x.dtype), inside
 
 
 def _log2_fq_bwd(bits, inside, g):
@@ -396,6 +408,7 @@ def _log2_fq_bwd(bits, inside, g):
 
 
 _log2_fq.defvjp(_log2_fq_fwd, _log2_fq_bwd)
+_log2_fq_jit = jax.jit(_log2_fq, static_argnums=1)
 
 
 def log2_fake_quant(x: ArrayLike, bits: int) -> jax.Array:
@@ -410,7 +423,7 @@ def log2_fake_quant(x: ArrayLike, bits: int) -> jax.Array:
   bits = numerics.check_bits(bits)
   x = jnp.asarray(x)
   _check_float(x)
-  return _log2_fq(x, bits)
+  return _log2_fq_jit(x, bits)
 
 
 def log2_matmul(q_codes: ArrayLike, v: ArrayLike) -> jax.Array:
@@ -458,7 +471,7 @@ def ptf_fake_quant(
   if factor_exp.ndim > 1 or factor_exp.size not in (1, x.shape[-1] if x.ndim else 1):
     raise ValueError(f"factor_exp must have shape () or (C,) with C = x.shape[-1] = "
                      f"{x.shape[-1] if x.ndim else None}; got {factor_exp.shape}")
-  scale = jnp.asarray(scale, jnp.float32) * jnp.exp2(factor_exp.astype(jnp.float32))
+  scale = jnp.asarray(scale, jnp.float32) * numerics.exp2_int(factor_exp)
   return fake_quant(x, scale, zero_point, qmin, qmax, key=key)
 
 
@@ -484,6 +497,11 @@ def ptf_calibrate(
   _check_float(x)
   if x.ndim < 1:
     raise ValueError("ptf_calibrate needs x with a channel (last) axis; got a scalar")
+  return _ptf_calibrate(x, bits, num_factors, signed)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _ptf_calibrate(x, bits, num_factors, signed):
   qmin, qmax = numerics.int_range(bits, signed)
   lo, hi = numerics.minmax(x, tuple(range(x.ndim)))
   top, zero_point = numerics.scale_zero_point(

@@ -57,10 +57,33 @@ def check_symmetric_range(bits: int, signed: bool) -> None:
         "signed=False, or symmetric=False")
 
 
+def exp2_int(e: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Exact ``2^e`` for integer(-valued) ``e``, built from the float32 exponent bits.
+
+  ``jnp.exp2`` is not exact on integer arguments on every backend (XLA:CPU gives
+  ``exp2(-15) = 3.0517593e-05``, not ``2^-15``), which breaks power-of-two scales and
+  log2 codes. Here ``2^e`` is exact for ``-149 <= e <= 127`` (subnormals below -126),
+  ``0`` below and ``inf`` above, NaN for NaN, then cast to ``dtype``.
+  """
+  e = jnp.asarray(e)
+  nan = None
+  if not jnp.issubdtype(e.dtype, jnp.integer):
+    nan = jnp.isnan(e)
+    e = jnp.where(nan, 0, jnp.round(e))
+  e = jnp.clip(e, -150, 128).astype(jnp.int32)
+  normal = jnp.left_shift(jnp.clip(e, -126, 127) + 127, 23)
+  subnormal = jnp.where(e >= -149, jnp.left_shift(1, jnp.clip(e + 149, 0, 22)), 0)
+  out = jax.lax.bitcast_convert_type(jnp.where(e >= -126, normal, subnormal), jnp.float32)
+  out = jnp.where(e > 127, jnp.inf, out)
+  if nan is not None:
+    out = jnp.where(nan, jnp.nan, out)
+  return out.astype(dtype)
+
+
 def pow2(scale: jax.Array) -> jax.Array:
-  """Rounds a positive scale to the nearest power of two: ``2^round(log2 s)``."""
+  """Rounds a positive scale to the nearest power of two: ``2^round(log2 s)`` (exact)."""
   scale = jnp.asarray(scale)
-  return jnp.exp2(jnp.round(jnp.log2(scale))).astype(scale.dtype)
+  return exp2_int(jnp.round(jnp.log2(scale.astype(jnp.float32))), scale.dtype)
 
 
 def scale_zero_point(

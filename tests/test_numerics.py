@@ -139,6 +139,25 @@ def test_scale_zero_point_pow2(symmetric):
   np.testing.assert_array_equal(z, z_ref)
 
 
+def test_exp2_int_exact():
+  e = np.arange(-160, 140)
+  with np.errstate(over="ignore"):
+    ref = (2.0**e).astype(np.float32)
+  np.testing.assert_array_equal(numerics.exp2_int(jnp.asarray(e)), ref)
+  np.testing.assert_array_equal(numerics.exp2_int(jnp.asarray(e, jnp.float32)), ref)
+  assert numerics.exp2_int(jnp.array(-3), jnp.bfloat16).dtype == jnp.bfloat16
+  assert np.isnan(numerics.exp2_int(jnp.array(np.nan)))
+
+
+def test_pow2_exact_over_wide_range():
+  # Regression: jnp.exp2 is inexact on XLA:CPU (exp2(-15) != 2^-15), so pow2 used to
+  # return scales that are not powers of two.
+  p = (2.0 ** np.arange(-40, 40)).astype(np.float32)
+  for s in (p, p * np.float32(1.3), p * np.float32(0.8)):
+    out = np.asarray(numerics.pow2(jnp.asarray(s)))
+    np.testing.assert_array_equal(out, p)
+
+
 def test_pow2():
   s = jnp.array([0.3, 1.0, 1.4, 1.5, 3.0, 1e-3, 100.0], jnp.float32)
   out = numerics.pow2(s)
