@@ -1,5 +1,38 @@
-"""jaxq: quantized training, PTQ/int8 serving and activation-compressed training for JAX."""
+"""jaxq: quantized training, PTQ/int8 serving and activation-compressed training for JAX.
 
+The public API of ``DESIGN.md``'s contract:
+
+* numerics: :func:`fake_quant`, :func:`lsq_fake_quant`, :func:`pact_fake_quant`, the
+  FQ-ViT log2 and power-of-two-factor quantizers;
+* specs and arrays: :class:`QuantSpec`, :class:`Rule`, :func:`quantize`,
+  :func:`dequantize`, :class:`QArray`;
+* training: :func:`quantize_params`, :func:`init_qstate`, :func:`quantize_model`
+  (Linen), :func:`jaxq.nnx.quantize_model`;
+* submodules :mod:`jaxq.act` (activation compression) and :mod:`jaxq.kernels`.
+"""
+
+from jaxq import act
+from jaxq import kernels
+from jaxq import nnx
+from jaxq.estimators import (
+    fake_quant,
+    log2_fake_quant,
+    log2_quantize,
+    lsq_fake_quant,
+    pact_fake_quant,
+    ptf_calibrate,
+    ptf_fake_quant,
+)
+from jaxq.flax.linen import quantize_model
+from jaxq.params import init_qstate, quantize_params
+from jaxq.qarray import QArray, dequantize, quantize
 from jaxq.spec import QuantSpec, Rule
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "QArray", "QuantSpec", "Rule", "act", "dequantize", "fake_quant", "init_qstate",
+    "kernels", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nnx",
+    "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
+    "quantize_params",
+]
