@@ -72,14 +72,29 @@ def _leaf_origins(leaves_fn, flat_args) -> list[int | None] | None:
         *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flat_args])
   except Exception:  # noqa: BLE001 -- analysis is an optimisation, never a failure
     return None
-  jaxpr = closed.jaxpr
-  origin: dict[Any, int] = {v: i for i, v in enumerate(jaxpr.invars)}
+  return _origins(closed.jaxpr, list(range(len(flat_args))))
+
+
+def _origins(jaxpr, in_origins: list[int | None]) -> list[int | None]:
+  """Propagates "view of argument i" through a jaxpr (and the jaxprs of call-like
+  equations such as ``pjit`` and ``checkpoint``); returns it for each output."""
+  origin: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, in_origins) if o is not None}
+  get = lambda v: None if isinstance(v, Literal) else origin.get(v)  # noqa: E731
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _VIEW_PRIMITIVES and len(eqn.invars) == 1:
-      src = eqn.invars[0]
-      if not isinstance(src, Literal) and src in origin:
-        origin[eqn.outvars[0]] = origin[src]
-  return [None if isinstance(v, Literal) else origin.get(v) for v in jaxpr.outvars]
+      o = get(eqn.invars[0])
+      if o is not None:
+        origin[eqn.outvars[0]] = o
+      continue
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    sub = getattr(sub, "jaxpr", sub)
+    if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
+        and len(sub.outvars) == len(eqn.outvars):
+      if any(get(v) is not None for v in eqn.invars):
+        for ov, o in zip(eqn.outvars, _origins(sub, [get(v) for v in eqn.invars])):
+          if o is not None:
+            origin[ov] = o
+  return [get(v) for v in jaxpr.outvars]
 
 
 def _closure_origins(fn, args, n_leaves) -> list[int | None] | None:
