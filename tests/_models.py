@@ -149,7 +149,7 @@ def _train_fn(model, tx, steps, batch_size, rng_streams):
     def step(carry, k):
       p, st, opt = carry
       k_idx, k_rng = jax.random.split(k)
-      idx = jax.random.choice(k_idx, n, (batch_size,), replace=False)
+      idx = jax.random.randint(k_idx, (batch_size,), 0, n)
       (loss, st), g = jax.value_and_grad(loss_fn, has_aux=True)(p, st, x[idx], y[idx],
                                                                 k_rng)
       upd, opt = tx.update(g, opt, p)

@@ -1,0 +1,69 @@
+"""Checkpoints of quantized training state: params (with ``jaxq_*`` steps), quant_stats,
+optax state, step counters -- any pytree of arrays and scalars.
+
+The state is serialized with :mod:`flax.serialization` (msgpack), which stores every
+array's dtype, shape and bytes, so :func:`restore` gives back bitwise-identical arrays.
+``restore`` needs a ``target`` of the same structure (e.g. the freshly initialised
+state) and checks it. Writes are atomic (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+PyTree = Any
+
+__all__ = ["save", "restore"]
+
+
+def _check_keys(state: PyTree) -> None:
+  for leaf in jax.tree_util.tree_leaves(state):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                             jax.dtypes.prng_key):
+      raise TypeError("typed PRNG keys cannot be serialized; store "
+                      "jax.random.key_data(key) instead")
+
+
+def save(path: str | os.PathLike, state: PyTree) -> None:
+  """Writes ``state`` to ``path`` (a file; parent directories are created)."""
+  _check_keys(state)
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  data = serialization.to_bytes(jax.device_get(state))
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".jaxq-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def restore(path: str | os.PathLike, target: PyTree) -> PyTree:
+  """Reads the state saved at ``path`` into the structure of ``target``.
+
+  Raises ValueError when the stored tree does not match ``target``'s structure, or an
+  array's shape or dtype differs.
+  """
+  with open(os.fspath(path), "rb") as f:
+    data = f.read()
+  restored = serialization.from_bytes(target, data)
+  t_leaves, t_def = jax.tree_util.tree_flatten(target)
+  r_leaves, r_def = jax.tree_util.tree_flatten(restored)
+  if t_def != r_def:
+    raise ValueError(f"checkpoint structure {r_def} does not match target {t_def}")
+  for i, (t, r) in enumerate(zip(t_leaves, r_leaves)):
+    if np.shape(t) != np.shape(r) or np.result_type(t) != np.result_type(r):
+      raise ValueError(
+          f"checkpoint leaf {i}: shape/dtype {np.shape(r)}/{np.result_type(r)} does not match "
+          f"target {np.shape(t)}/{np.result_type(t)}")
+  return jax.tree_util.tree_map(
+      lambda t, r: jax.numpy.asarray(r) if isinstance(t, jax.Array) else r, target, restored)
