@@ -77,6 +77,12 @@ def _check_float(x: jax.Array, name: str = "x") -> None:
                     f"got dtype {x.dtype}")
 
 
+def _as_float(a: ArrayLike) -> jax.Array:
+  """A step size or clipping level as a float array (integers become float32)."""
+  a = jnp.asarray(a)
+  return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.float32)
+
+
 def _compute_dtype(dtype) -> jnp.dtype:
   """float32, or float64 for float64 inputs: never compute in bf16/f16."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -135,9 +141,8 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
 def _prepare_affine(x, scale, zero_point, qmin, qmax):
   x = jnp.asarray(x)
   _check_float(x)
-  scale = jnp.asarray(scale)
+  scale = _as_float(scale)
   zero_point = jnp.asarray(zero_point)
-  _check_float(scale, "scale")
   for name, arg in (("scale", scale), ("zero_point", zero_point), ("qmin", qmin),
                     ("qmax", qmax)):
     _check_broadcast(x, arg, name)
@@ -345,8 +350,7 @@ def pact_fake_quant(
   bits = numerics.check_bits(bits)
   x = jnp.asarray(x)
   _check_float(x)
-  alpha = jnp.asarray(alpha)
-  _check_float(alpha, "alpha")
+  alpha = _as_float(alpha)
   _check_broadcast(x, alpha, "alpha")
   return _pact_jit(x, alpha, bits, key)
 
