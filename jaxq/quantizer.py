@@ -203,7 +203,7 @@ def fake_quantize(
   broadcast against ``x`` (or its grouped view for "group", see module docstring).
 
   Rounding: ``spec.rounding == "stochastic"`` rounds ``floor(v + u)`` with ``key``
-  (uniform scheme only). A missing key raises ValueError, unless ``require_key=False``,
+  (not available for "log2"). A missing key raises ValueError, unless ``require_key=False``,
   which rounds to nearest instead (the Flax contract: "rounds to nearest otherwise").
   With ``rounding="nearest"`` the key is ignored.
 
@@ -224,11 +224,10 @@ def fake_quantize(
   dtype = x.dtype
   xc = x.astype(_compute_dtype(dtype))
 
-  if spec.scheme != "uniform" and key is not None:
-    raise ValueError(
-        f"QuantSpec.rounding='stochastic' is only supported with scheme='uniform'; "
-        f"got scheme={spec.scheme!r}")
   if spec.scheme == "log2":
+    if key is not None:
+      raise ValueError(
+          "QuantSpec.rounding='stochastic' is not supported with scheme='log2'")
     if scale is not None or zero_point is not None:
       raise ValueError("scheme='log2' has no scale or zero_point; do not pass them")
     return estimators.log2_fake_quant(xc, spec.bits).astype(dtype)
@@ -242,7 +241,7 @@ def fake_quantize(
       scale, zero_point, factor_exp = jax.lax.stop_gradient(
           estimators.ptf_calibrate(xc, spec.bits, signed=spec.signed))
     return estimators.ptf_fake_quant(
-        xc, scale, zero_point, factor_exp, spec.qmin, spec.qmax).astype(dtype)
+        xc, scale, zero_point, factor_exp, spec.qmin, spec.qmax, key=key).astype(dtype)
 
   xv = quant_view(xc, spec, group_axis)
   if spec.estimator == "pact":
