@@ -1,0 +1,144 @@
+"""examples/vit_qat.py at tiny sizes: the whole program (a few steps), its outputs, the
+checkpoint round trip, and its data loaders and argument errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "vit_qat.py")
+_spec = importlib.util.spec_from_file_location("vit_qat", _PATH)
+vit_qat = importlib.util.module_from_spec(_spec)
+sys.modules["vit_qat"] = vit_qat  # dataclasses look their module up while it executes
+_spec.loader.exec_module(vit_qat)
+
+TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--steps", "3",
+        "--batch-size", "32", "--eval-batch-size", "128", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("vit_qat")
+  results = vit_qat.main(["--modes", "fp32,w4a4", "--out", str(out)] + TINY)
+  return out, results
+
+
+def test_outputs(run):
+  out, results = run
+  with open(out / "results.json") as f:
+    written = json.load(f)
+  assert list(written) == ["fp32", "w4a4"]
+  for mode, row in written.items():
+    assert row == pytest.approx(results[mode])
+    for key in ("test_accuracy", "test_loss", "train_seconds", "steps", "peak_memory_bytes",
+                "serving_bytes", "checkpoint"):
+      assert key in row, (mode, key)
+    assert 0.0 <= row["test_accuracy"] <= 100.0
+    assert row["steps"] == 3
+    assert row["train_seconds"] > 0
+    assert row["serving_bytes"] > 0
+  with open(out / "curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_only_reload_matches_reported_accuracy(run):
+  out, results = run
+  for mode in ("fp32", "w4a4"):
+    got = vit_qat.main(["--eval-only", "--checkpoint", str(out / "checkpoints" / mode),
+                        "--quiet"])
+    assert got["mode"] == mode
+    assert got["test_accuracy"] == results[mode]["test_accuracy"]
+    np.testing.assert_allclose(got["test_loss"], results[mode]["test_loss"], rtol=1e-6)
+
+
+def test_quantized_checkpoint_holds_quantizer_state(run):
+  out, _ = run
+  model, variables, meta = vit_qat.load_checkpoint(str(out / "checkpoints" / "w4a4"))
+  assert meta["mode"] == "w4a4"
+  assert "quant_stats" in variables  # EMA observers of the 8-bit edge layers
+  names = {k for path in _paths(variables["params"]) for k in path}
+  assert "jaxq_weight_scale" in names and "jaxq_act_scale" in names  # LSQ steps
+  del model
+
+
+def _paths(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _paths(v, prefix + (k,))
+  else:
+    yield prefix
+
+
+def test_cifar10_missing_files_error(tmp_path):
+  (tmp_path / "data_batch_1").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match=r"data_batch_2.*test_batch"):
+    vit_qat.main(["--dataset", "cifar10", "--data-dir", str(tmp_path)] + TINY)
+  with pytest.raises(ValueError, match="--data-dir"):
+    vit_qat.main(["--dataset", "cifar10"] + TINY)
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+  root = tmp_path / "cifar-10-batches-py"
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  raw = {}
+  for name in vit_qat.CIFAR10_FILES:
+    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+    labels = list(rng.integers(0, 10, 4))
+    raw[name] = (data, labels)
+    with open(root / name, "wb") as f:
+      pickle.dump({b"data": data, b"labels": labels}, f)
+  ds = vit_qat.load_cifar10(str(tmp_path))  # the parent directory works too
+  assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
+  np.testing.assert_array_equal(ds.y_test, raw["test_batch"][1])
+  # channel-last layout: pixel (0, 0) of image 0 is bytes 0, 1024, 2048 (R, G, B)
+  train = np.concatenate([raw[f"data_batch_{i}"][0] for i in range(1, 6)]).astype(np.float32)
+  img = train.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) / 255.0
+  mean, std = img.mean(axis=(0, 1, 2)), img.std(axis=(0, 1, 2))
+  np.testing.assert_allclose(ds.x_train, (img - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_digits_split_is_stratified_and_standardized():
+  ds = vit_qat.load_digits(seed=0)
+  assert ds.x_train.shape[1:] == (8, 8, 1) and len(ds.x_train) + len(ds.x_test) == 1797
+  np.testing.assert_allclose(ds.x_train.mean(), 0.0, atol=1e-5)
+  np.testing.assert_allclose(ds.x_train.std(), 1.0, atol=1e-5)
+  test_share = np.bincount(ds.y_test) / (np.bincount(ds.y_test) + np.bincount(ds.y_train))
+  np.testing.assert_allclose(test_share, 0.25, atol=0.01)
+
+
+def test_augment_shifts_within_bounds():
+  x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1) + 1
+  y = vit_qat.augment(x, np.random.default_rng(0), max_shift=1)
+  assert y.shape == x.shape
+  for a, b in zip(x, y):  # some shift by (dy, dx) in [-1, 1]^2 with zero fill
+    ok = False
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        shifted = np.zeros_like(a)
+        src = a[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)]
+        shifted[max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)] = src
+        ok |= np.array_equal(shifted, b)
+    assert ok
+  np.testing.assert_array_equal(vit_qat.augment(x, np.random.default_rng(0), 0), x)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--modes", "fp32,int3"], "--modes"),
+    (["--patch", "3"], "--patch 3 must divide"),
+    (["--heads", "5"], "divisible by --heads"),
+])
+def test_bad_arguments(tmp_path, argv, match):
+  with pytest.raises(ValueError, match=match):
+    vit_qat.main(["--out", str(tmp_path)] + TINY + argv)  # later flags override TINY
+
+
+def test_eval_only_needs_checkpoint():
+  with pytest.raises(SystemExit):
+    vit_qat.main(["--eval-only"])
