@@ -512,6 +512,13 @@ def _has_own_kernel(module) -> bool:
   return False
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[int, ...]):
+  """Learned-step initialisation from the ``(K, N)`` view of a kernel (one compilation)."""
+  w2, _ = Contraction("init", None, kernel, (), rhs_contract, None).rhs_matrix()
+  return init_weight_state(w2, spec, 0)
+
+
 def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
@@ -529,8 +536,7 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
   cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec)
 
   if _learned(wspec):
-    w2, _ = Contraction(cfg.kind, None, kernel, (), rhs_contract, None).rhs_matrix()
-    state = init_weight_state(w2, wspec, 0)
+    state = _init_kernel_state(kernel, wspec, rhs_contract)
     for key, name in _state_names(wspec, _WEIGHT_NAMES).items():
       setattr(layer, name, nnx.Param(state[key]))
   if _learned(aspec):
