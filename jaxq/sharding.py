@@ -177,12 +177,15 @@ def scale_spec(spec: P, shape: Sequence[int], stat_shape: Sequence[int], *,
   on the reduced axes), or, for ``granularity="group"``, the rank of the grouped view
   ``to_groups(w, g, group_axis)`` (``(..., n // g, 1, ...)``). A kept axis keeps the
   weight's partition of that axis (so per-channel and per-group scales live on the
-  devices of their channels); a reduced (size-1) axis is replicated. In the grouped view
+  devices of their channels); a reduced (size-1) axis is replicated, and so is a scalar
+  (or one-element) scale. In the grouped view
   the number-of-groups axis keeps the weight's partition of ``group_axis`` when ``mesh``
   says the split falls on group boundaries (each shard then holds whole groups), and is
   replicated otherwise.
   """
   shape, stat_shape = tuple(shape), tuple(stat_shape)
+  if not stat_shape or math.prod(stat_shape) == 1:
+    return P()  # one scale for the whole tensor
   w = _spec_entries(spec, len(shape))
   if len(stat_shape) == len(shape):
     return _trimmed(e if s == d and s > 1 else None for e, s, d in zip(w, stat_shape, shape))
@@ -263,10 +266,12 @@ def qarray_shardings(q: QArray, sharding: NamedSharding) -> QArray:
       raise ValueError(f"packed last axis of length {vshape[-1]} does not split evenly "
                        f"over mesh axis {last!r}")
   ga = q.group_axis if q.spec.granularity == "group" else None
-  sspec = scale_spec(spec, q.shape, np.shape(q.scale), group_axis=ga, mesh=mesh)
-  ns = NamedSharding(mesh, sspec)
-  return QArray(NamedSharding(mesh, P(*entries)), ns, ns, spec=q.spec, shape=q.shape,
-                dtype=q.dtype, group_axis=q.group_axis)
+  def follow(stat):
+    return NamedSharding(mesh, scale_spec(spec, q.shape, np.shape(stat), group_axis=ga,
+                                          mesh=mesh))
+  return QArray(NamedSharding(mesh, _trimmed(entries)), follow(q.scale),
+                follow(q.zero_point), spec=q.spec, shape=q.shape, dtype=q.dtype,
+                group_axis=q.group_axis)
 
 
 def shard_qarray(q: QArray, sharding: NamedSharding) -> QArray:
