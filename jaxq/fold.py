@@ -300,12 +300,13 @@ def frozen_batchnorm(bn_paths: Iterable[str]):
 
 
 class FoldedBatchNorm(nn.Module):
-  """Runs ``model`` with the BatchNorms at ``bn_paths`` frozen (:func:`frozen_batchnorm`).
+  """Runs ``module`` with the BatchNorms at ``bn_paths`` frozen (:func:`frozen_batchnorm`).
 
-  The wrapper shares the model's scope, so variables keep their names and shapes:
+  The wrapper shares the wrapped model's scope, so variables keep their names and shapes:
   ``FoldedBatchNorm(model, bn_paths).apply({"params": p, "batch_stats": s}, *args,
   **kwargs)`` takes what ``model.apply`` takes, with ``(p, s)`` from
-  :func:`fold_batchnorm`. Other methods: ``method=`` names a method of ``model``.
+  :func:`fold_batchnorm`. Other methods: the keyword ``method=`` (a string passed to
+  ``__call__``) names a method of the wrapped model.
   Typical use::
 
     pairs = fold.find_conv_bn_pairs(model, x, train=False)
@@ -314,15 +315,17 @@ class FoldedBatchNorm(nn.Module):
     qmodel = jaxq.quantize_model(folded, rules)  # QAT/PTQ of the folded weights
   """
 
-  model: nn.Module
+  # Not named "model": wrappers that share one scope need distinct child names (e.g.
+  # jaxq.quantize_model(FoldedBatchNorm(...)), whose wrapper holds a "model").
+  module: nn.Module
   bn_paths: tuple[str, ...]
 
   def setup(self):
-    nn.share_scope(self, self.model)
+    nn.share_scope(self, self.module)
 
   def __call__(self, *args, method: str = "__call__", **kwargs):
     with frozen_batchnorm(self.bn_paths):
-      return getattr(self.model, method)(*args, **kwargs)
+      return getattr(self.module, method)(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,9 @@ import numpy as np
 import pytest
 
 from jaxq import fold
+from jaxq import quantizer
+from jaxq.flax.linen import quantize_model
+from jaxq.spec import QuantSpec, Rule
 from tests._models import TinyCNN
 
 
@@ -45,7 +50,7 @@ def test_fold_conv_bn_shape_error():
 
 def _cnn_variables(model, x, seed=0):
   """Initialised variables with non-trivial BN scale/bias and running statistics."""
-  v = model.init(jax.random.key(seed), x, train=False)
+  v = jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
   r = _rng(seed + 10)
   params = jax.tree_util.tree_map_with_path(
       lambda p, a: (a * r.uniform(0.5, 2.0, a.shape) + r.normal(size=a.shape) * 0.3
@@ -79,7 +84,8 @@ def test_folded_tiny_cnn_matches_unfolded_eval():
   model = TinyCNN()
   x = jnp.asarray(_rng(3).normal(size=(16, 8, 8, 1)), jnp.float32)
   params, stats = _cnn_variables(model, x)
-  ref = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+  ref = jax.jit(functools.partial(model.apply, train=False))(
+      {"params": params, "batch_stats": stats}, x)
 
   pairs = fold.find_conv_bn_pairs(model, x, train=False)
   fparams, fstats = fold.fold_batchnorm(params, stats, pairs)
@@ -88,22 +94,46 @@ def test_folded_tiny_cnn_matches_unfolded_eval():
   # Same variable names and shapes as the float model.
   assert (jax.tree.map(jnp.shape, fvars)
           == jax.tree.map(jnp.shape, {"params": params, "batch_stats": stats}))
-  out = folded.apply(fvars, x, train=False)
+  out = jax.jit(functools.partial(folded.apply, train=False))(fvars, x)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   # Static folding for QAT: in training mode the folded BNs stay frozen (no batch stats),
   # so the training-mode forward pass equals the float model's evaluation-mode one.
-  out_train, upd = folded.apply(fvars, x, train=True, mutable=["batch_stats"])
+  out_train, upd = jax.jit(functools.partial(folded.apply, train=True,
+                                             mutable=["batch_stats"]))(fvars, x)
   np.testing.assert_allclose(out_train, ref, rtol=1e-5, atol=1e-5)
   chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), upd["batch_stats"], fstats)
   assert all(jax.tree.leaves(chex_equal))
   # The plain model in eval mode runs the folded variables too (BN ~ identity + bias).
-  out_plain = model.apply(fvars, x, train=False)
+  out_plain = jax.jit(functools.partial(model.apply, train=False))(fvars, x)
   np.testing.assert_allclose(out_plain, ref, rtol=1e-5, atol=1e-5)
   # The folded conv kernel absorbed gamma / sigma.
   assert not np.allclose(fparams["Conv_0"]["kernel"], params["Conv_0"]["kernel"])
   np.testing.assert_array_equal(fparams["BatchNorm_0"]["scale"], 1.0)
   # Inputs are not modified.
   assert float(jnp.abs(stats["BatchNorm_0"]["mean"]).sum()) > 0
+
+
+def test_qat_quantizes_the_folded_weights():
+  """White paper static folding: the quantizer sees W' = W * gamma / sigma, not W."""
+  model = TinyCNN()
+  x = jnp.asarray(_rng(8).normal(size=(8, 8, 8, 1)), jnp.float32)
+  params, stats = _cnn_variables(model, x, seed=8)
+  pairs = fold.find_conv_bn_pairs(model, x, train=False)
+  fparams, fstats = fold.fold_batchnorm(params, stats, pairs)
+  folded = fold.FoldedBatchNorm(model, tuple(bn for _, bn in pairs))
+  wspec = QuantSpec(bits=4)
+  qmodel = quantize_model(folded, [Rule("Conv_.*", weight=wspec, act=None)], int8="off")
+  fvars = {"params": fparams, "batch_stats": fstats}
+  out = jax.jit(functools.partial(qmodel.apply, train=True, mutable=["batch_stats"]))(
+      fvars, x)[0]
+  qparams = dict(fparams)
+  for conv, _ in pairs:
+    qparams[conv] = {"kernel": quantizer.fake_quantize(fparams[conv]["kernel"], wspec)}
+  ref = jax.jit(functools.partial(folded.apply, train=False))(
+      {"params": qparams, "batch_stats": fstats}, x)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  unfolded = jax.jit(functools.partial(folded.apply, train=False))(fvars, x)
+  assert not np.allclose(out, unfolded, atol=1e-3)
 
 
 def test_folded_conv_with_bias_puts_bias_in_conv():
@@ -120,14 +150,14 @@ def test_folded_conv_with_bias_puts_bias_in_conv():
   x = jnp.asarray(_rng(4).normal(size=(3, 5, 5, 2)), jnp.float32)
   params, stats = _cnn_variables(model, x, seed=4)
   params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero conv bias
-  ref = model.apply({"params": params, "batch_stats": stats}, x)
+  ref = jax.jit(model.apply)({"params": params, "batch_stats": stats}, x)
   pairs = fold.find_conv_bn_pairs(model, x)
   assert pairs == [("Conv_0", "BatchNorm_0"), ("Dense_0", "BatchNorm_1")]
   fparams, fstats = fold.fold_batchnorm(params, stats, pairs, eps=1e-3)
   np.testing.assert_array_equal(fparams["BatchNorm_0"]["bias"], 0.0)
   folded = fold.FoldedBatchNorm(model, ("BatchNorm_0", "BatchNorm_1"))
-  out = folded.apply({"params": fparams, "batch_stats": fstats}, x, train=True,
-                     mutable=["batch_stats"])[0]
+  out = jax.jit(functools.partial(folded.apply, train=True, mutable=["batch_stats"]))(
+      {"params": fparams, "batch_stats": fstats}, x)[0]
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
