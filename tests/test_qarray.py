@@ -356,7 +356,7 @@ def test_stochastic_rounding_unbiased():
 # ------------------------------------------------------------------ property
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(
     x=hnp.arrays(np.float32, (3, 5), elements=st.floats(-1e4, 1e4, width=32)),
     bits=st.sampled_from([2, 3, 8]),
