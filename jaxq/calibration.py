@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxq import estimators
 from jaxq import numerics
 from jaxq import quantizer
 from jaxq.spec import QuantSpec
@@ -78,11 +79,12 @@ def observer_init(spec: QuantSpec, stat_shape: Sequence[int]) -> State:
 
 def _finite_minmax(x: jax.Array, axes: tuple[int, ...]):
   """Finite min / max over ``axes`` (keepdims) and whether each slice had any."""
-  finite = jnp.isfinite(x)
-  lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True)
-  hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True)
-  valid = jnp.any(finite, axis=axes, keepdims=True)
-  return jnp.where(valid, lo, 0.0), jnp.where(valid, hi, 0.0), valid
+  lo, hi = numerics.minmax(x, axes)
+  valid = jax.lax.cond(
+      jnp.all(jnp.isfinite(x)),
+      lambda: jnp.ones(lo.shape, bool),
+      lambda: jnp.any(jnp.isfinite(x), axis=axes, keepdims=True))
+  return lo, hi, valid
 
 
 def _percentile_range(x, spec: QuantSpec, axes):
@@ -95,12 +97,6 @@ def _percentile_range(x, spec: QuantSpec, axes):
     lo = jnp.nanpercentile(xn, 100.0 - p, axis=axes, keepdims=True)
     hi = jnp.nanpercentile(xn, p, axis=axes, keepdims=True)
   return jnp.nan_to_num(lo), jnp.nan_to_num(hi)
-
-
-def _fq_forward(x, scale, zero_point, qmin, qmax):
-  """Forward of uniform fake quantization (round half to even); no gradient needed."""
-  q = jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax)
-  return (q - zero_point) * scale
 
 
 def mse_range(x: jax.Array, spec: QuantSpec, axes: int | Sequence[int] | None = None,
@@ -130,7 +126,7 @@ def mse_range(x: jax.Array, spec: QuantSpec, axes: int | Sequence[int] | None = 
   def step(carry, frac):
     best_err, best_frac = carry
     scale, zp = quantizer.qparams_from_range(lo * frac, hi * frac, spec)
-    err = jnp.sum(jnp.where(finite, (_fq_forward(xf, scale, zp, qmin, qmax) - xf) ** 2,
+    err = jnp.sum(jnp.where(finite, (estimators.fake_quant(xf, scale, zp, qmin, qmax) - xf) ** 2,
                             0.0), axis=axes, keepdims=True)
     better = err < best_err
     return (jnp.where(better, err, best_err), jnp.where(better, frac, best_frac)), None
