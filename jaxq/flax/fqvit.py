@@ -118,10 +118,11 @@ def ptf_observer_qparams(state: dict, spec: QuantSpec):
 def _ptf_serve(x, scale, zp, factor_exp, spec: QuantSpec):
   """PTF quantize and reconstruct with integer shifts: ``((q - z) << alpha) * s``."""
   xf = x.astype(jnp.float32)
+  factor_exp = jnp.asarray(factor_exp).astype(jnp.int32)
   step = scale * numerics.exp2_int(factor_exp)
   q = jnp.clip(jnp.round(xf / step) + zp, spec.qmin, spec.qmax)
   q = jnp.where(jnp.isnan(xf), zp, q).astype(jnp.int32)
-  v = jnp.left_shift(q - zp.astype(jnp.int32), factor_exp.astype(jnp.int32))
+  v = jnp.left_shift(q - zp.astype(jnp.int32), factor_exp)
   return (v.astype(jnp.float32) * scale).astype(x.dtype)
 
 
@@ -172,7 +173,8 @@ def log2_attention_fn(bits: int, serving: bool = False):
         module, force_fp32_for_softmax, einsum_dot_general=einsum_dot_general,
         einsum=qk_attn_weights_einsum)
     wdt = weights.dtype
-    if serving:
+    use_codes = serving
+    if use_codes:
       codes = estimators.log2_quantize(weights, bits)
     else:
       weights = estimators.log2_fake_quant(weights, bits)
@@ -182,11 +184,11 @@ def log2_attention_fn(bits: int, serving: bool = False):
                else weights.shape)
       keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
       mult = keep.astype(wdt) / jnp.asarray(keep_prob, wdt)
-      if serving:  # dropout in serving is unusual; fall back to the values
-        weights, serving = estimators.log2_dequantize(codes, wdt) * mult, False
+      if use_codes:  # dropout while serving is unusual; multiply the values
+        weights, use_codes = estimators.log2_dequantize(codes, wdt) * mult, False
       else:
         weights = weights * mult
-    if serving:
+    if use_codes:
       # (..., h, q, k) codes x (..., k, h, d) values -> (..., q, h, d), by shifts.
       v = jnp.swapaxes(value, -2, -3)
       out = estimators.log2_matmul(codes, v)
