@@ -1,6 +1,6 @@
 """Train a Vision Transformer in float and quantized, and compare them.
 
-    python examples/vit_qat.py                                   # digits: fp32,w8a8,w4a4
+    python examples/vit_qat.py              # digits: fp32,w8a8,w4a4,ptq-w8a8,ptq-w4
     python examples/vit_qat.py --modes fp32,w8a8,w4a4,w4a8,fqvit
     python examples/vit_qat.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --patch 4 --dim 192 --depth 12 --heads 3 --epochs 100
@@ -37,6 +37,9 @@ from flax import struct
 
 import jaxq
 from jaxq import optim as jaxq_optim
+from jaxq.flax import fqvit
+from jaxq.flax import ptq
+from jaxq.flax.linen import QuantizedModel
 
 # ----------------------------------------------------------------------------------------
 # Data
@@ -242,8 +245,14 @@ EDGES = r"embed|head"
 PTF8 = jaxq.QuantSpec(bits=8, scheme="ptf", signed=False, symmetric=False)
 LOG2_4 = jaxq.QuantSpec(bits=4, scheme="log2", signed=False)
 
-#: mode -> quantization rules (first match wins; None: the float model).
-MODES: dict[str, tuple[jaxq.Rule, ...] | None] = {
+#: Post-training quantization of the fp32 run: activation ranges from training batches.
+A8_PTQ = jaxq.QuantSpec(bits=8, granularity="tensor", calibration="percentile",
+                        percentile=99.99)
+#: Weight-only 4 bits per output channel, clipping range by MSE search.
+W4_PTQ = jaxq.QuantSpec(bits=4, calibration="mse")
+
+#: Training modes: name -> quantization rules (first match wins; None: the float model).
+QAT_MODES: dict[str, tuple[jaxq.Rule, ...] | None] = {
     "fp32": None,
     "w8a8": (jaxq.Rule(".*", weight=W8, act=A8),),
     "w4a8": (jaxq.Rule(EDGES, weight=W8, act=A8), jaxq.Rule(".*", weight=W4_LSQ, act=A8)),
@@ -253,24 +262,77 @@ MODES: dict[str, tuple[jaxq.Rule, ...] | None] = {
               jaxq.Rule(r"block_\d+/attention", weight=None, act=LOG2_4),
               jaxq.Rule(".*", weight=W8, act=A8)),
 }
+#: Post-training modes: the trained fp32 variables, calibrated and converted for serving.
+PTQ_MODES: dict[str, tuple[jaxq.Rule, ...]] = {
+    "ptq-w8a8": (jaxq.Rule(".*", weight=W8, act=A8_PTQ),),
+    "ptq-w4": (jaxq.Rule(".*", weight=W4_PTQ),),
+}
+#: A training mode may carry "+act<bits>": its encoder blocks are run through
+#: ``jaxq.act.compressed_vjp`` (``Rule(act_compress=bits)``), which saves the activations
+#: the backward pass needs in ``bits`` bits (ActNN).
+ACT_BITS = (1, 2, 4, 8)
+BLOCKS = r"block_\d+"
 
 
-def parse_modes(text: str) -> list[str]:
+def split_mode(mode: str) -> tuple[str, int | None]:
+  """``"w8a8+act2"`` -> ``("w8a8", 2)``; ``"w8a8"`` -> ``("w8a8", None)``."""
+  base, sep, act = mode.partition("+act")
+  if base in PTQ_MODES and not sep:
+    return base, None
+  if base in QAT_MODES and (not sep or act in map(str, ACT_BITS)):
+    return base, int(act) if sep else None
+  raise ValueError(
+      f"--modes: unknown mode {mode!r}; use one of {', '.join(QAT_MODES)} (optionally "
+      f"with +act{{{','.join(map(str, ACT_BITS))}}}, e.g. w8a8+act2) or "
+      f"{', '.join(PTQ_MODES)}")
+
+
+def parse_modes(text: str, act_bits: int | None = None) -> list[str]:
+  """The modes of ``--modes``, checked; ``act_bits`` adds "+act<bits>" to training modes.
+  PTQ modes start from the fp32 run, which is added first when not listed."""
   modes = [m.strip() for m in text.split(",") if m.strip()]
-  unknown = [m for m in modes if m not in MODES]
-  if not modes or unknown:
-    raise ValueError(f"--modes must list some of {', '.join(MODES)}; got {text!r}")
+  if not modes:
+    raise ValueError(f"--modes must not be empty; got {text!r}")
+  if act_bits is not None:
+    modes = [m if m in PTQ_MODES or "+act" in m else f"{m}+act{act_bits}" for m in modes]
+  for m in modes:
+    split_mode(m)
+  if any(m in PTQ_MODES for m in modes) and "fp32" not in modes:
+    modes.insert(0, "fp32")
   return list(dict.fromkeys(modes))
 
 
+def mode_rules(mode: str) -> tuple[jaxq.Rule, ...] | None:
+  """The rules of ``mode``; None for the float model."""
+  base, act_bits = split_mode(mode)
+  rules = PTQ_MODES[base] if base in PTQ_MODES else QAT_MODES[base]
+  if act_bits is None:
+    return rules
+  compress = jaxq.Rule(BLOCKS, weight=None, act=None, act_compress=act_bits)
+  return (compress,) + (rules or ())
+
+
+class FQViTModel(QuantizedModel):
+  """``jaxq.quantize_model``'s wrapper plus FQ-ViT's LayerNorm (PTF) and attention (log2)
+  quantizers of :mod:`jaxq.flax.fqvit`, in training."""
+
+  def __call__(self, *args, **kwargs):
+    icpt = fqvit.interceptor(self.rules, self.mode, root=tuple(self.path))
+    with nn.intercept_methods(icpt):
+      return super().__call__(*args, **kwargs)
+
+
 def build_model(mode: str, config: ViTConfig) -> nn.Module:
-  """The Linen module trained (and served) in ``mode``: the float ViT, or the float ViT
-  wrapped by ``jaxq.quantize_model`` with the mode's rules."""
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+  """The Linen module trained in ``mode`` (PTQ modes: calibrated, then converted): the
+  float ViT, or the float ViT wrapped by ``jaxq.quantize_model`` with the mode's rules."""
   model = ViT(config)
-  rules = MODES[mode]
-  return model if rules is None else jaxq.quantize_model(model, rules)
+  rules = mode_rules(mode)
+  if rules is None:
+    return model
+  qmodel = jaxq.quantize_model(model, rules)
+  if any(r.act is not None and r.act.scheme != "uniform" for r in rules):
+    return FQViTModel(qmodel.model, qmodel.rules, mode=qmodel.mode, int8=qmodel.int8)
+  return qmodel
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,8 +439,47 @@ def memory_estimate(compiled) -> int | None:
              - m.alias_size_in_bytes)
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+def calibration_batches(data: Dataset, args: argparse.Namespace) -> list[tuple]:
+  """The first ``--calibration-batches`` training batches (no augmentation), 1-tuples."""
+  bs = min(args.batch_size, len(data.x_train))
+  n = min(args.calibration_batches, len(data.x_train) // bs)
+  return [(data.x_train[i * bs:(i + 1) * bs],) for i in range(n)]
+
+
+def to_serving(qmodel: QuantizedModel, variables, batches: list[tuple], *, reset: bool):
+  """``jaxq.calibrate`` then ``jaxq.convert``: ``(serving_model, serving_variables)``.
+
+  PTQ starts the observers empty (``reset=True``); a QAT model keeps its trained EMA
+  ranges (``reset=False``) and calibration adds what only serving needs (FQ-ViT's PTF
+  LayerNorm factors, the kernels' layouts)."""
+  variables = ptq.calibrate(qmodel, variables, batches, reset=reset, train=False)
+  return ptq.convert(qmodel, variables)
+
+
+def serve_and_evaluate(qmodel: QuantizedModel, variables, data: Dataset,
+                       args: argparse.Namespace, *, reset: bool) -> dict:
+  """Converts for serving (int8 matmuls, packed int4 weights) and evaluates."""
+  serving_model, serving_vars = to_serving(qmodel, variables, calibration_batches(data, args),
+                                           reset=reset)
+  loss, acc = evaluate(make_eval_step(serving_model), serving_vars, data.x_test,
+                       data.y_test, args.eval_batch_size)
+  return {"served_accuracy": acc, "served_loss": loss,
+          "serving_bytes": ptq.serving_nbytes(serving_vars["params"])}
+
+
+def ptq_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConfig,
+             fp32_variables) -> tuple[dict, Any]:
+  """Post-training quantization of the trained fp32 variables; returns (result row,
+  calibrated variables)."""
+  qmodel = build_model(mode, config)
+  t0 = time.perf_counter()
+  variables = ptq.calibrate(qmodel, fp32_variables, calibration_batches(data, args),
+                            train=False)
+  seconds = time.perf_counter() - t0
+  served = serve_and_evaluate(qmodel, variables, data, args, reset=False)
+  row = {"test_accuracy": served["served_accuracy"], "test_loss": served["served_loss"],
+         "train_seconds": seconds, "steps": 0, "peak_memory_bytes": None, **served}
+  return row, variables
 
 
 # ----------------------------------------------------------------------------------------
@@ -437,8 +538,12 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset,
       "train_seconds": train_seconds,
       "steps": total_steps,
       "peak_memory_bytes": memory_estimate(compiled),
-      "serving_bytes": tree_bytes(variables["params"]),
   }
+  if isinstance(model, QuantizedModel):
+    row.update(serve_and_evaluate(model, variables, data, args, reset=False))
+  else:
+    row.update(served_accuracy=row["test_accuracy"], served_loss=row["test_loss"],
+               serving_bytes=ptq.serving_nbytes(variables["params"]))
   return row, variables, history
 
 
@@ -448,8 +553,9 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset,
 
 
 def save_checkpoint(path: str, variables, meta: dict) -> None:
-  """``variables.msgpack`` (flax.serialization) and ``meta.json`` (everything needed to
-  rebuild the model: mode, ViT config, dataset, seed)."""
+  """``variables.msgpack`` (flax.serialization: the trained variables, for PTQ modes the
+  calibrated ones) and ``meta.json`` (what rebuilds the model: mode, ViT config, dataset,
+  seed)."""
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "variables.msgpack"), "wb") as f:
     f.write(serialization.to_bytes(jax.device_get(variables)))
@@ -458,21 +564,17 @@ def save_checkpoint(path: str, variables, meta: dict) -> None:
 
 
 def load_checkpoint(path: str) -> tuple[nn.Module, Any, dict]:
-  """Rebuilds the model of a checkpoint written by :func:`save_checkpoint`."""
+  """The model and variables of a checkpoint written by :func:`save_checkpoint`."""
   meta_path = os.path.join(path, "meta.json")
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(
         f"--checkpoint {path!r} is not a checkpoint of this program (no meta.json); "
-        "pass a directory under <out>/checkpoints/")
+        "pass a directory <out>/checkpoints/<mode>")
   with open(meta_path) as f:
     meta = json.load(f)
-  config = ViTConfig(**meta["config"])
-  model = build_model(meta["mode"], config)
-  shape = (1,) + tuple(meta["image_shape"])
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+  model = build_model(meta["mode"], ViTConfig(**meta["config"]))
   with open(os.path.join(path, "variables.msgpack"), "rb") as f:
-    variables = serialization.from_bytes(
-        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
+    variables = serialization.msgpack_restore(f.read())
   return model, variables, meta
 
 
@@ -500,15 +602,14 @@ def plot_curves(histories: dict[str, dict], path: str) -> None:
 def format_table(results: dict[str, dict]) -> str:
   """The comparison table as Markdown."""
   ref = results.get("fp32", {}).get("test_accuracy")
-  head = ("| mode | test acc (%) | vs fp32 | train (s) | step peak mem (MiB) | "
-          "serving (KiB) |")
-  lines = [head, "|---|---:|---:|---:|---:|---:|"]
+  lines = ["| mode | test acc (%) | vs fp32 | served acc (%) | train (s) | "
+           "train step mem (MiB) | serving (KiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
   for mode, r in results.items():
     delta = "" if ref is None or mode == "fp32" else f"{r['test_accuracy'] - ref:+.2f}"
-    mem = r.get("peak_memory_bytes")
+    mem = r["peak_memory_bytes"]
     lines.append(
-        f"| {mode} | {r['test_accuracy']:.2f} | {delta} | "
-        f"{r['train_seconds']:.1f} | {'' if mem is None else f'{mem / 2**20:.1f}'} | "
+        f"| {mode} | {r['test_accuracy']:.2f} | {delta} | {r['served_accuracy']:.2f} | "
+        f"{r['train_seconds']:.1f} | {'-' if mem is None else f'{mem / 2**20:.1f}'} | "
         f"{r['serving_bytes'] / 1024:.1f} |")
   return "\n".join(lines)
 
@@ -522,8 +623,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--modes", default="fp32,w8a8,w4a4",
-                 help=f"comma-separated, from: {', '.join(MODES)}")
+  p.add_argument("--modes", default="fp32,w8a8,w4a4,ptq-w8a8,ptq-w4",
+                 help=f"comma-separated; training modes {', '.join(QAT_MODES)} (each "
+                 "optionally +act<bits>, e.g. w8a8+act2), post-training modes "
+                 f"{', '.join(PTQ_MODES)} (from the fp32 run)")
+  p.add_argument("--act-bits", type=int, default=None, choices=ACT_BITS,
+                 help="compress the saved activations of every training mode's encoder "
+                 "blocks to this many bits (ActNN; adds +act<bits> to each mode)")
+  p.add_argument("--calibration-batches", type=int, default=8,
+                 help="training batches for PTQ calibration and serving conversion")
   p.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
   p.add_argument("--data-dir", default=None,
                  help="CIFAR-10: the cifar-10-batches-py directory (or its parent)")
@@ -537,7 +645,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   m.add_argument("--mlp-ratio", type=float, default=4.0)
   m.add_argument("--dropout", type=float, default=0.0)
   t = p.add_argument_group("training")
-  t.add_argument("--epochs", type=int, default=30)
+  t.add_argument("--epochs", type=int, default=100)
   t.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
   t.add_argument("--batch-size", type=int, default=64)
   t.add_argument("--eval-batch-size", type=int, default=256)
@@ -567,8 +675,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def eval_only(args: argparse.Namespace) -> dict:
+  """Evaluates a checkpoint as the run reported it: training modes as trained (float or
+  fake-quantized), PTQ modes converted for serving."""
   model, variables, meta = load_checkpoint(args.checkpoint)
   data = load_dataset(meta["dataset"], args.data_dir or meta.get("data_dir"), meta["seed"])
+  if meta["mode"] in PTQ_MODES:
+    model, variables = ptq.convert(model, variables)
   loss, acc = evaluate(make_eval_step(model), variables, data.x_test, data.y_test,
                        args.eval_batch_size)
   print(f"{meta['mode']}: test accuracy {acc:.2f}% (loss {loss:.4f}) on {meta['dataset']} "
@@ -581,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.eval_only:
     return eval_only(args)
-  modes = parse_modes(args.modes)
+  modes = parse_modes(args.modes, args.act_bits)
   data = load_dataset(args.dataset, args.data_dir, args.seed)
   config = ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio,
                      args.dropout, data.num_classes)
@@ -590,9 +702,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test images "
         f"{data.x_train.shape[1:]}; ViT {dataclasses.asdict(config)}; "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
-  results, histories = {}, {}
+  results, histories, trained = {}, {}, {}
   for mode in modes:
-    row, variables, history = train_mode(mode, args, data, config)
+    if mode in PTQ_MODES:
+      row, variables = ptq_mode(mode, args, data, config, trained["fp32"])
+    else:
+      row, variables, histories[mode] = train_mode(mode, args, data, config)
+      trained[mode] = variables
     ckpt = os.path.join(args.out, "checkpoints", mode)
     save_checkpoint(ckpt, variables, {
         "mode": mode, "config": dataclasses.asdict(config), "dataset": data.name,
@@ -600,7 +716,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "image_shape": list(data.x_train.shape[1:]),
         "test_accuracy": row["test_accuracy"]})
     results[mode] = {**row, "checkpoint": ckpt}
-    histories[mode] = history
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   plot_curves(histories, os.path.join(args.out, "curves.png"))
