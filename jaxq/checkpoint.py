@@ -61,9 +61,9 @@ def restore(path: str | os.PathLike, target: PyTree) -> PyTree:
   if t_def != r_def:
     raise ValueError(f"checkpoint structure {r_def} does not match target {t_def}")
   for i, (t, r) in enumerate(zip(t_leaves, r_leaves)):
-    if np.shape(t) != np.shape(r) or np.result_type(t) != np.result_type(r):
-      raise ValueError(
-          f"checkpoint leaf {i}: shape/dtype {np.shape(r)}/{np.result_type(r)} does not match "
-          f"target {np.shape(t)}/{np.result_type(t)}")
+    td, rd = np.asarray(t).dtype, np.asarray(r).dtype
+    if np.shape(t) != np.shape(r) or td != rd:
+      raise ValueError(f"checkpoint leaf {i}: shape/dtype {np.shape(r)}/{rd} does not match "
+                       f"target {np.shape(t)}/{td}")
   return jax.tree_util.tree_map(
       lambda t, r: jax.numpy.asarray(r) if isinstance(t, jax.Array) else r, target, restored)

@@ -32,7 +32,8 @@ def test_roundtrip_bitwise(tmp_path):
   assert jax.tree.structure(r) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(state)):
     assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
   bad = {"variables": {"params": {}}}
   with pytest.raises(ValueError):
     checkpoint.restore(tmp_path / "ckpt" / "state.msgpack", bad)

@@ -120,7 +120,7 @@ def test_vmap_and_stochastic_key():
     np.testing.assert_allclose(out["d"]["kernel"][i], _ref_channel(p["d"]["kernel"][i]),
                                rtol=1e-5, atol=1e-6)
   sr = [Rule(".*", weight=QuantSpec(bits=2, rounding="stochastic"))]
-  w = {"d": {"kernel": jnp.full((64, 4), 0.3)}}
+  w = {"d": {"kernel": jax.random.normal(jax.random.key(3), (64, 4))}}
   a = quantize_params(w, sr, key=jax.random.key(1))["d"]["kernel"]
   b = quantize_params(w, sr, key=jax.random.key(2))["d"]["kernel"]
   assert not np.array_equal(a, b)
