@@ -261,11 +261,14 @@ def qarray_shardings(q: QArray, sharding: NamedSharding) -> QArray:
     if len(vshape) != len(q.shape) or vshape[:-1] != q.shape[:-1]:
       raise ValueError(f"cannot lay out packed values of shape {vshape} (logical "
                        f"{q.shape})")
-    last = entries[-1]
-    if last is not None and vshape[-1] % _axis_size(mesh, last):
-      raise ValueError(f"packed last axis of length {vshape[-1]} does not split evenly "
-                       f"over mesh axis {last!r}")
+    last, per_byte = entries[-1], 8 // q.spec.bits
+    if last is not None and q.shape[-1] % (_axis_size(mesh, last) * per_byte):
+      raise ValueError(
+          f"QArray of shape {q.shape} packs {per_byte} values a byte along its last axis: "
+          f"splitting that axis over mesh axis {last!r} needs its length to be a multiple "
+          f"of {_axis_size(mesh, last) * per_byte}")
   ga = q.group_axis if q.spec.granularity == "group" else None
+
   def follow(stat):
     return NamedSharding(mesh, scale_spec(spec, q.shape, np.shape(stat), group_axis=ga,
                                           mesh=mesh))

@@ -26,7 +26,6 @@ from jaxq.spec import QuantSpec, Rule
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 LOSS_RTOL = 2e-3
-PARAM_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,7 @@ def results():
   return json.loads(lines[-1][len("JSON:"):])
 
 
-TRAINING = ["params_w8a8", "model_w8a8", "model_w8a8_int8_all", "params_act4",
-            "model_act4"]
+TRAINING = ["params_w8a8", "model_w8a8", "params_act4", "model_act4"]
 
 
 @pytest.mark.parametrize("name", TRAINING)
@@ -55,7 +53,8 @@ def test_training_matches_one_device(results, name):
   assert np.all(np.isfinite(r["losses_1"]))
   assert r["losses_1"][0] == pytest.approx(r["losses_8"][0], rel=1e-5)
   assert r["loss_rel"] < LOSS_RTOL, r
-  assert r["param_diff"] < PARAM_RTOL, r
+  # |a - b| <= 1e-5 + 1e-4 * max|a| per leaf (the worker's PARAM_ATOL / PARAM_RTOL).
+  assert r["param_diff"] <= 1.0, r
   for spec in r["kernel_specs"].values():  # still tensor-parallel after training
     assert spec == "P(None, 'model')", r["kernel_specs"]
 
@@ -64,7 +63,7 @@ def test_lsq_qstate_follows_weights_and_matches(results):
   r = results["params_w8a8"]
   # LSQ per-group scale f32[2, 1, 64] of a kernel f32[32, 64] split P(None, "model").
   assert r["qstate_spec"] == "P(None, None, 'model')"
-  assert r["qstate_diff"] < PARAM_RTOL
+  assert r["qstate_diff"] < 1e-4
 
 
 def test_observer_statistics_are_global(results):
@@ -93,10 +92,14 @@ def test_int8_serving_gathers_int8(results):
   assert (256, 128) in _gathers(r["serve"], "s8"), r["serve"]
   assert (256, 128) not in _gathers(r["serve"], "f32"), r["serve"]
   assert (256, 128) in _gathers(r["naive"], "f32"), r["naive"]
-  model = r["serving_model"]
-  assert _gathers(model, "s8"), model
-  kernel_shapes = {tuple(s) for s in r["kernel_shapes"]}
-  assert not kernel_shapes & set(_gathers(model, "f32")), (kernel_shapes, model)
+  # The ptq serving model with FSDP-style QArray kernels: int8 gathers of the kernels,
+  # no float gather of any kernel-shaped array, same outputs.
+  p = results["ptq"]
+  gathered = p["fsdp_gathers"]
+  kernel_shapes = {tuple(s) for s in p["kernel_shapes"]}
+  assert kernel_shapes & set(_gathers(gathered, "s8")), gathered
+  assert not kernel_shapes & set(_gathers(gathered, "f32")), (kernel_shapes, gathered)
+  assert p["fsdp_out_diff"] < 1e-5
 
 
 def test_shard_map_kernels(results):
@@ -169,7 +172,8 @@ def test_qarray_shardings_follow_weight():
   ]:
     q = quantize(w, spec)
     sh = sharding.qarray_shardings(q, ws)
-    assert sh.values.spec == vspec and sh.scale.spec == sspec and sh.zero_point.spec == sspec
+    assert sh.values.spec == vspec and sh.scale.spec == sspec
+    assert sh.zero_point.spec == (sspec if np.ndim(q.zero_point) else P())
     placed = sharding.shard_qarray(q, ws)
     np.testing.assert_array_equal(np.asarray(placed.values), np.asarray(q.values))
 
@@ -190,3 +194,10 @@ def test_qstate_shardings_structure():
   assert qsh["Dense_1"]["kernel"]["scale"].spec == P(None, "model")
   placed = jax.device_put(qstate, qsh)
   assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(qstate)
+
+
+def test_qarray_shardings_packed_split_must_hold_whole_bytes():
+  w = jnp.ones((8, 6), jnp.float32)  # int4: 2 values a byte; 6 / (4 * 2) is not whole
+  q = quantize(w, QuantSpec(bits=4, granularity="tensor"))
+  with pytest.raises(ValueError, match="multiple of 8"):
+    sharding.qarray_shardings(q, NamedSharding(MESH42, P(None, "data")))
