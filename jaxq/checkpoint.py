@@ -55,11 +55,15 @@ def restore(path: str | os.PathLike, target: PyTree) -> PyTree:
   """
   with open(os.fspath(path), "rb") as f:
     data = f.read()
-  restored = serialization.from_bytes(target, data)
-  t_leaves, t_def = jax.tree_util.tree_flatten(target)
-  r_leaves, r_def = jax.tree_util.tree_flatten(restored)
-  if t_def != r_def:
+  raw = serialization.msgpack_restore(data)
+  want = serialization.to_state_dict(target)
+  r_def = jax.tree_util.tree_structure(raw)
+  t_def = jax.tree_util.tree_structure(want)
+  if r_def != t_def:
     raise ValueError(f"checkpoint structure {r_def} does not match target {t_def}")
+  restored = serialization.from_state_dict(target, raw)
+  t_leaves = jax.tree_util.tree_leaves(target)
+  r_leaves = jax.tree_util.tree_leaves(restored)
   for i, (t, r) in enumerate(zip(t_leaves, r_leaves)):
     td, rd = np.asarray(t).dtype, np.asarray(r).dtype
     if np.shape(t) != np.shape(r) or td != rd:
