@@ -282,8 +282,8 @@ def test_vmap_and_remat_and_policy():
   for pol in (None, act.policy):
     rem = jax.checkpoint(lambda a, b, c: g(a, b, c, key=key), policy=pol)
     got = jax.jit(jax.grad(rem, argnums=(0, 1)))(*args)
-    for a, b in zip(got, base):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, base):  # same codes; fusion may reassociate float sums
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
   # vmap over examples of a compressed per-example function
   per_ex = jax.jit(jax.vmap(jax.grad(lambda x, w1, w2: g(w1, w2, x[None]), argnums=0),
                             in_axes=(0, None, None)))(args[2], args[0], args[1])

@@ -211,6 +211,12 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
       seen[id(leaf)] = slot
       slots.append(slot)
     plan_cell["plan"] = _Plan(treedef, tuple(slots))
+    # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
+    # starts only once these are packed, and the float residuals die here.
+    if compressed:
+      dep = jnp.minimum(jnp.isnan(compressed[-1].lo[0]).astype(jnp.float32), 0.0)
+      out = jax.tree_util.tree_map(
+          lambda o: o - dep.astype(o.dtype) if _is_float_array(o) else o, out)
     compressed = checkpoint_name(compressed, PACKED_NAME)
     kept = checkpoint_name(kept, KEPT_NAME)
     return out, (compressed, kept)
@@ -218,27 +224,80 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
   def bwd(res, ct):
     compressed, kept = res
     plan = plan_cell["plan"]
-    # Keep decompression after the incoming cotangent: without the barrier XLA may hoist
-    # every block's decompression to the start of the backward pass.
-    ct_leaves, ct_tree = jax.tree_util.tree_flatten(ct)
-    fl = [i for i, c in enumerate(ct_leaves) if _is_float_array(c)]
-    if fl:
-      barrier_ct, compressed = jax.lax.optimization_barrier(
-          ([ct_leaves[i] for i in fl], compressed))
-      for i, c in zip(fl, barrier_ct):
-        ct_leaves[i] = c
-      ct = jax.tree_util.tree_unflatten(ct_tree, ct_leaves)
-    dec = [pack.decompress(c) for c in compressed]
-    leaves = []
-    for kind, v in plan.slots:
-      leaves.append(v if kind == "const" else dec[v] if kind == "c" else kept[v])
-    vjp_fn = jax.tree_util.tree_unflatten(plan.treedef, leaves)
-    arg_cts = vjp_fn(ct)
+    ct_leaves = jax.tree_util.tree_leaves(ct)
+    arg_cts = _lazy_backward(plan, compressed, kept, ct)
     probe_ct = None if probe is None else _stats(compressed, ct_leaves)
     return tuple(arg_cts), None, probe_ct
 
   run.defvjp(fwd, bwd)
   return run(tuple(args), seed, probe)
+
+
+def _after(c: pack.CompressedArray, x: jax.Array) -> pack.CompressedArray:
+  """``c`` unchanged in value but computed after ``x``: ``lo - min(isnan(x[0]), 0)``.
+
+  ``jax.lax.optimization_barrier`` would say the same, but XLA:CPU expands barriers away
+  before scheduling, and its scheduler then hoists the decompression of every layer into
+  the forward pass (float activations alive from forward to backward: no memory saved).
+  A data dependency survives every pass; ``min(isnan(.), 0)`` is exactly 0 yet not
+  foldable, and costs one scalar op per group.
+  """
+  dep = jnp.minimum(jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32), 0.0)
+  return dataclasses.replace(c, lo=c.lo - dep)  # x - (+0) == x bitwise, -0 included
+
+
+def _lazy_backward(plan, compressed, kept, ct):
+  """Applies the rebuilt VJP closure to ``ct``, decompressing each residual only where the
+  backward computation first uses it.
+
+  The closure is traced to a jaxpr over (residual leaves, cotangent) and evaluated equation
+  by equation; before the first equation that reads compressed residual ``j``, its codes
+  get a data dependency on one of that equation's other operands (:func:`_after`), so XLA
+  cannot decompress it earlier: only the float residuals the current step of the backward
+  pass needs are alive at a time, not the whole set (nor every layer's at once).
+  """
+  n_c = len(compressed)
+  avals = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in compressed]
+
+  def closure(dec, kept, ct):
+    leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
+              for kind, v in plan.slots]
+    return jax.tree_util.tree_unflatten(plan.treedef, leaves)(ct)
+
+  closed = jax.make_jaxpr(closure)(avals, kept, ct)
+  jaxpr = closed.jaxpr
+  ct_leaves = jax.tree_util.tree_leaves(ct)
+  env: dict[Any, Any] = {}
+  for v, c in zip(jaxpr.constvars, closed.consts):
+    env[v] = c
+  dec_vars = jaxpr.invars[:n_c]
+  for v, x in zip(jaxpr.invars[n_c:], list(kept) + ct_leaves):
+    env[v] = x
+  pending = {v: j for j, v in enumerate(dec_vars)}
+
+  def read(v):
+    return v.val if isinstance(v, Literal) else env[v]
+
+  for eqn in jaxpr.eqns:
+    need = [v for v in eqn.invars if not isinstance(v, Literal) and v in pending]
+    if need:
+      others = [read(v) for v in eqn.invars
+                if not isinstance(v, Literal) and v not in pending and
+                isinstance(read(v), jax.Array) and _is_float_array(read(v))]
+      codes = [compressed[pending[v]] for v in need]
+      if others:
+        codes = [_after(c, others[0]) for c in codes]
+      for v, c in zip(need, codes):
+        env[v] = pack.decompress(c)
+        del pending[v]
+    outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
+    if not eqn.primitive.multiple_results:
+      outs = [outs]
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+  outs = [read(v) for v in jaxpr.outvars]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(
+      jax.eval_shape(closure, avals, kept, ct)), outs)
 
 
 def _stats(compressed, ct_leaves) -> jax.Array:
