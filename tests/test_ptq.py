@@ -346,3 +346,21 @@ def test_export_and_checkpoint_roundtrip(bert, tmp_path):
   again = jexport.from_bytes(jexport.to_bytes(sv), target=sv)
   assert jax.tree_util.tree_structure(again) == ta
   assert (tmp_path / "int8.msgpack").stat().st_size < 0.45 * len(jexport.to_bytes(v))
+
+
+def test_vit_sensitivity_and_allocation(vit, tmp_path):
+  from jaxq import analysis  # pylint: disable=import-outside-toplevel
+  from jaxq.flax.linen import layer_paths  # pylint: disable=import-outside-toplevel
+  model, v, cal, xte, yte, _ = vit
+  rules = (Rule("embed", weight=W8, act=A8),
+           Rule(".*", weight=QuantSpec(8, granularity="group", group_size=32), act=A8))
+  report = analysis.sensitivity(model, v, [xte[:256]], rules, bits=(4, 8))
+  assert report.paths == layer_paths(model, xte[:2])  # every quantized layer, in order
+  table = report.table()
+  assert all(p in table for p in report.paths) and len(table.splitlines()) == 2 + 14
+  sizes = {p: report.row(p, 4).params for p in report.paths}
+  alloc = analysis.allocate_bits(report, 5.0)
+  avg = sum(alloc.bits[p] * sizes[p] for p in sizes) / sum(sizes.values())
+  assert avg <= 5.0 and 4 in alloc.bits.values() and 8 in alloc.bits.values()
+  analysis.plot_sensitivity(report, str(tmp_path / "vit.png"))
+  assert (tmp_path / "vit.png").stat().st_size > 5000
