@@ -662,16 +662,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-only", action="store_true",
                  help="evaluate --checkpoint on its dataset's test set and exit")
   p.add_argument("--checkpoint", default=None, help="a directory <out>/checkpoints/<mode>")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh data=N,model=M (not yet supported beyond one device)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
     p.error("--eval-only needs --checkpoint PATH")
-  for name in ("epochs", "batch_size", "eval_batch_size"):
+  for name in ("epochs", "batch_size", "eval_batch_size", "calibration_batches"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.steps is not None and args.steps < 1:
     p.error("--steps must be >= 1")
   return args
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """``"data=N,model=M"`` -> ``{"data": N, "model": M}`` (missing axes are 1).
+
+  Training on a mesh of more than one device is not implemented in this example yet."""
+  mesh = {"data": 1, "model": 1}
+  for part in text.split(","):
+    name, sep, size = part.partition("=")
+    if name.strip() not in mesh or not sep or not size.strip().isdigit() or int(size) < 1:
+      raise ValueError(f"--mesh must look like data=N,model=M (positive sizes); got {text!r}")
+    mesh[name.strip()] = int(size)
+  if mesh["data"] * mesh["model"] > 1:
+    raise NotImplementedError(
+        f"--mesh {text}: training on a device mesh is not yet supported by this example; "
+        "run without --mesh (one device)")
+  return mesh
 
 
 def eval_only(args: argparse.Namespace) -> dict:
@@ -694,6 +713,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.eval_only:
     return eval_only(args)
   modes = parse_modes(args.modes, args.act_bits)
+  if args.mesh is not None:
+    parse_mesh(args.mesh)
   data = load_dataset(args.dataset, args.data_dir, args.seed)
   config = ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio,
                      args.dropout, data.num_classes)

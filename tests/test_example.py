@@ -19,13 +19,15 @@ sys.modules["vit_qat"] = vit_qat  # dataclasses look their module up while it ex
 _spec.loader.exec_module(vit_qat)
 
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--steps", "3",
-        "--batch-size", "32", "--eval-batch-size", "128", "--quiet"]
+        "--batch-size", "32", "--eval-batch-size", "128", "--calibration-batches", "2",
+        "--quiet"]
+MODES = ["fp32", "w4a4", "ptq-w8a8"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("vit_qat")
-  results = vit_qat.main(["--modes", "fp32,w4a4", "--out", str(out)] + TINY)
+  results = vit_qat.main(["--modes", ",".join(MODES), "--out", str(out)] + TINY)
   return out, results
 
 
@@ -33,23 +35,27 @@ def test_outputs(run):
   out, results = run
   with open(out / "results.json") as f:
     written = json.load(f)
-  assert list(written) == ["fp32", "w4a4"]
+  assert list(written) == MODES
   for mode, row in written.items():
     assert row == pytest.approx(results[mode])
-    for key in ("test_accuracy", "test_loss", "train_seconds", "steps", "peak_memory_bytes",
-                "serving_bytes", "checkpoint"):
-      assert key in row, (mode, key)
-    assert 0.0 <= row["test_accuracy"] <= 100.0
-    assert row["steps"] == 3
+    assert set(row) == {"test_accuracy", "test_loss", "served_accuracy", "served_loss",
+                        "train_seconds", "steps", "peak_memory_bytes", "serving_bytes",
+                        "checkpoint"}, mode
+    assert 0.0 <= row["test_accuracy"] <= 100.0 and 0.0 <= row["served_accuracy"] <= 100.0
     assert row["train_seconds"] > 0
-    assert row["serving_bytes"] > 0
+  assert written["fp32"]["steps"] == written["w4a4"]["steps"] == 3
+  assert written["ptq-w8a8"]["steps"] == 0 and written["ptq-w8a8"]["peak_memory_bytes"] is None
+  assert written["fp32"]["peak_memory_bytes"] > 0
+  # fp32 serves its float params; w4a4 (4-bit inner layers) and int8 PTQ are smaller.
+  fp32_bytes = written["fp32"]["serving_bytes"]
+  assert written["w4a4"]["serving_bytes"] < written["ptq-w8a8"]["serving_bytes"] < fp32_bytes
   with open(out / "curves.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_only_reload_matches_reported_accuracy(run):
   out, results = run
-  for mode in ("fp32", "w4a4"):
+  for mode in MODES:
     got = vit_qat.main(["--eval-only", "--checkpoint", str(out / "checkpoints" / mode),
                         "--quiet"])
     assert got["mode"] == mode
@@ -127,6 +133,28 @@ def test_augment_shifts_within_bounds():
         ok |= np.array_equal(shifted, b)
     assert ok
   np.testing.assert_array_equal(vit_qat.augment(x, np.random.default_rng(0), 0), x)
+
+
+def test_parse_modes():
+  assert vit_qat.parse_modes("w8a8,ptq-w4") == ["fp32", "w8a8", "ptq-w4"]
+  # --act-bits applies to training modes; PTQ still starts from a plain fp32 run.
+  assert vit_qat.parse_modes("fp32,w4a4+act4,ptq-w8a8", act_bits=2) == [
+      "fp32", "fp32+act2", "w4a4+act4", "ptq-w8a8"]
+  rules = vit_qat.mode_rules("w8a8+act2")
+  assert rules[0].act_compress == 2 and rules[0].weight is None
+  assert rules[1:] == vit_qat.QAT_MODES["w8a8"]
+  assert vit_qat.mode_rules("fp32") is None
+  for bad in ("ptq-w4+act2", "w8a8+act3", "int3", ""):
+    with pytest.raises(ValueError, match="--modes"):
+      vit_qat.parse_modes(bad)
+
+
+def test_mesh_not_yet_supported(tmp_path):
+  assert vit_qat.parse_mesh("data=1,model=1") == {"data": 1, "model": 1}
+  with pytest.raises(NotImplementedError, match="not yet supported"):
+    vit_qat.main(["--mesh", "data=2", "--out", str(tmp_path)] + TINY)
+  with pytest.raises(ValueError, match="--mesh"):
+    vit_qat.parse_mesh("data=two")
 
 
 @pytest.mark.parametrize("argv, match", [
