@@ -35,7 +35,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxq  # noqa: E402
 from jaxq import sharding  # noqa: E402
@@ -80,11 +79,8 @@ def bench(model, quantized: bool, mesh, batch: int, steps: int):
   else:
     psh = sharding.param_shardings(params, mesh)
     p_s = jax.device_put(params, psh)
-    rep = NamedSharding(mesh, P())
-    opt = jax.jit(tx.init)(p_s)
-    osh = jax.tree_util.tree_map(
-        lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else rep, opt)
-    state = (p_s, jax.device_put(opt, osh))
+    osh = sharding.opt_state_shardings(tx, params, psh)
+    state = (p_s, jax.jit(tx.init, out_shardings=osh)(p_s))
     xb = jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
     yb = jax.device_put(y, sharding.batch_sharding(mesh, 1))
     fn = jax.jit(step, out_shardings=((psh, osh), None), donate_argnums=0)

@@ -16,7 +16,7 @@ What this module adds:
 
 * meshes: :func:`make_mesh`, :func:`parse_mesh` (``"data=4,model=2"``);
 * layouts: :func:`param_shardings` (a simple tensor-parallel rule for a params tree),
-  :func:`batch_sharding`, and sharding rules for quantizer state that follow their
+  :func:`opt_state_shardings` (optax state following the params), :func:`batch_sharding`, and sharding rules for quantizer state that follow their
   weights: :func:`scale_spec` (per-channel / per-group scales), :func:`qstate_shardings`
   (the LSQ/PACT state of :func:`jaxq.init_qstate`), :func:`qarray_shardings` /
   :func:`shard_qarray` (int8 / packed serving weights: values like the float weight,
@@ -57,7 +57,7 @@ DATA, MODEL = "data", "model"
 
 __all__ = [
     "DATA", "MODEL", "make_mesh", "parse_mesh", "batch_sharding", "param_spec",
-    "param_shardings", "scale_spec", "qstate_shardings", "qarray_shardings", "shard_qarray",
+    "param_shardings", "opt_state_shardings", "scale_spec", "qstate_shardings", "qarray_shardings", "shard_qarray",
     "shard_key", "shard_seed", "int8_matmul_sharded", "quantize_pack_sharded",
     "unpack_dequantize_sharded",
 ]
@@ -160,6 +160,22 @@ def param_shardings(params: PyTree, mesh: Mesh, axis: AxisNames = MODEL,
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+def opt_state_shardings(tx, params: PyTree, params_shardings: PyTree) -> PyTree:
+  """Shardings of ``tx.init(params)`` (any optax transformation): the parameter-shaped
+  leaves (Adam's ``mu`` / ``nu``, momentum, ...) follow their parameter, everything else
+  (step counts) is replicated. (``jit(tx.init)`` on sharded params does NOT give this:
+  ``zeros_like`` has no sharded operand to propagate from, so its output is replicated.)
+  """
+  import optax  # pylint: disable=import-outside-toplevel
+  meshes = {s.mesh for s in jax.tree_util.tree_leaves(params_shardings)}
+  if len(meshes) != 1:
+    raise ValueError(f"params_shardings must use one mesh; found {len(meshes)}")
+  rep = NamedSharding(meshes.pop(), P())
+  state = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, sh: sh, state, params_shardings,
+                               transform_non_params=lambda _: rep)
 
 
 def _spec_entries(spec: P, ndim: int) -> list:

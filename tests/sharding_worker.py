@@ -149,12 +149,7 @@ def _compare(name, step, state, shardings, xs, ys, extra=None):
 
 
 def _opt_state_shardings(tx, params, params_sh):
-  """Shardings of ``tx.init(params)``: leaves shaped like a param follow it (by GSPMD
-  propagation through ``zeros_like``), the rest (step counts) are replicated."""
-  rep = NamedSharding(MESH, P())
-  init = jax.jit(tx.init)(jax.device_put(params, params_sh))
-  return jax.tree_util.tree_map(
-      lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else rep, init)
+  return sharding.opt_state_shardings(tx, params, params_sh)
 
 
 # --------------------------------------------------------------------------------------

@@ -201,3 +201,16 @@ def test_qarray_shardings_packed_split_must_hold_whole_bytes():
   q = quantize(w, QuantSpec(bits=4, granularity="tensor"))
   with pytest.raises(ValueError, match="multiple of 8"):
     sharding.qarray_shardings(q, NamedSharding(MESH42, P(None, "data")))
+
+
+def test_opt_state_shardings_follow_params():
+  import optax  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh({"data": 1, "model": 1})
+  params = {"Dense_0": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
+  psh = sharding.param_shardings(params, mesh)
+  osh = sharding.opt_state_shardings(optax.adam(1e-3), params, psh)
+  assert osh[0].mu["Dense_0"]["kernel"].spec == P(None, "model")
+  assert osh[0].nu["Dense_0"]["bias"].spec == P()
+  assert osh[0].count.spec == P()
+  state = jax.jit(optax.adam(1e-3).init, out_shardings=osh)(params)
+  assert state[0].mu["Dense_0"]["kernel"].sharding.spec == P(None, "model")
