@@ -40,6 +40,7 @@ used by :mod:`jaxq.analysis`.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -164,6 +165,19 @@ def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = 
     raise ValueError(f"weight QuantSpec.scheme must be 'uniform'; got {spec.scheme!r}")
   w = jnp.asarray(w)
   contract = _check_axes(w.shape, contract)
+  fmt = _scale_format(spec, compact)
+  q, ok = _quantize_kernel(w, spec, contract, fmt)
+  if fmt is None:
+    return q
+  stored = q.scale
+  if not isinstance(stored, jax.core.Tracer) and bool(jnp.all(ok)):
+    stored = stored.astype(SCALE_FORMATS[fmt][0])
+  return QArray(q.values, stored, q.zero_point, spec=q.spec, shape=q.shape, dtype=q.dtype,
+                group_axis=q.group_axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_kernel(w, spec: QuantSpec, contract, fmt):
   axes, ga = _kernel_reduction(w.shape, spec, contract)
   st_spec = spec.replace(estimator="ste") if spec.estimator == "pact" else spec
   view = quantizer.quant_view(w.astype(jnp.float32), spec, ga)
@@ -171,16 +185,13 @@ def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = 
   st = calibration.observer_init(st_spec, stat)
   st = calibration.observer_update(st, view, st_spec, axes)
   scale, zp = calibration.observer_qparams(st, st_spec)
-  fmt = _scale_format(spec, compact)
+  spec_n = spec.replace(rounding="nearest")
   if fmt is None:
-    return quantize_with(w, spec.replace(rounding="nearest"), scale, zp, group_axis=ga)
+    return quantize_with(w, spec_n, scale, zp, group_axis=ga), jnp.ones((), bool)
   scale, ok = round_up_scale(scale, fmt)
-  q = quantize_with(w, spec.replace(rounding="nearest"), scale, None, group_axis=ga)
-  stored = scale
-  if not isinstance(scale, jax.core.Tracer) and bool(jnp.all(ok)):
-    stored = scale.astype(SCALE_FORMATS[fmt][0])
-  return QArray(q.values, stored, jnp.zeros((), q.zero_point.dtype), spec=q.spec,
-                shape=q.shape, dtype=q.dtype, group_axis=q.group_axis)
+  q = quantize_with(w, spec_n, scale, None, group_axis=ga)
+  return QArray(q.values, scale, jnp.zeros((), q.zero_point.dtype), spec=q.spec,
+                shape=q.shape, dtype=q.dtype, group_axis=q.group_axis), ok
 
 
 def _learned_kernel(w, spec: QuantSpec, contract, learned: dict) -> QArray:
