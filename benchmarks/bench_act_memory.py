@@ -189,7 +189,7 @@ def main():
           f"{f['residual_bytes'] / max(r['residual_bytes'], 1):9.1f} "
           f"{r['temp_bytes'] / 2**20:9.1f} {r['step_s'] * 1e3:8.1f} "
           f"{r['step_s'] / f['step_s']:8.2f} {r['peak_rss_mb']:12.0f}  "
-          f"{r['bits'] if r['bits'] else ''}")
+          f"{r['bits'] if r['variant'] == 'adaptive' else ''}")
 
 
 if __name__ == "__main__":
