@@ -58,7 +58,7 @@ PyTree = Any
 DEFAULT_RULES: tuple[Rule, ...] = (Rule(path=".*", weight=QuantSpec()),)
 
 __all__ = ["DEFAULT_RULES", "quantize_params", "init_qstate", "leaf_group_axis",
-           "init_weight_state", "fake_quantize_weight", "key_name"]
+           "init_weight_state", "fake_quantize_weight", "key_name", "check_rules"]
 
 
 def key_name(k) -> str:
@@ -69,16 +69,26 @@ def key_name(k) -> str:
   return str(k)
 
 
-def _check_rules(rules) -> tuple[Rule, ...]:
-  if rules is None:
-    return DEFAULT_RULES
+def check_rules(rules: Rule | Sequence[Rule]) -> tuple[Rule, ...]:
+  """``rules`` (a :class:`~jaxq.Rule` or a sequence of them, in match order) as a tuple.
+
+  Raises TypeError for anything else: a string, an unordered collection (first match
+  wins needs an order), a non-Rule entry.
+  """
   if isinstance(rules, Rule):
     return (rules,)
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise TypeError(f"rules must be a jaxq.Rule or a sequence of them; got {rules!r}")
   rules = tuple(rules)
   for i, r in enumerate(rules):
     if not isinstance(r, Rule):
       raise TypeError(f"rules[{i}] must be a jaxq.Rule; got {type(r).__name__}")
   return rules
+
+
+def _check_rules(rules) -> tuple[Rule, ...]:
+  """:func:`check_rules`, with None meaning :data:`DEFAULT_RULES`."""
+  return DEFAULT_RULES if rules is None else check_rules(rules)
 
 
 def leaf_group_axis(name: str, ndim: int) -> int:
