@@ -78,7 +78,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -91,7 +90,16 @@ from jaxq import calibration
 from jaxq import kernels
 from jaxq import numerics
 from jaxq import quantizer
-from jaxq.params import init_weight_state
+# The reserved names and RNG_STREAM are re-exported (jaxq.flax.ptq reads them from here).
+from jaxq.flax.contraction import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
+                                   ACT_ZERO_POINT, RNG_STREAM, WEIGHT_ALPHA, WEIGHT_NAMES,
+                                   WEIGHT_SCALE, WEIGHT_ZERO_POINT, Contraction,
+                                   act_stat_shape, act_view_spec, conv_hook,
+                                   dot_general_hook, einsum_axes, fake_quantized_compute,
+                                   is_learned, is_observed, observer_view, patched,
+                                   resolve_op, state_names, weight_qparams,
+                                   weight_view_spec)
+from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule, match_rule
 
 __all__ = [
@@ -101,83 +109,15 @@ __all__ = [
 ]
 
 QUANT_STATS = "quant_stats"
-RNG_STREAM = "jaxq"
-ACT_STATS = "jaxq_act"
-WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA = (
-    "jaxq_weight_scale", "jaxq_weight_zero_point", "jaxq_weight_alpha")
-ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA = ("jaxq_act_scale", "jaxq_act_zero_point",
-                                        "jaxq_act_alpha")
 #: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
-RESERVED_NAMES = (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA, ACT_SCALE, ACT_ZERO_POINT,
-                  ACT_ALPHA, ACT_STATS)
+RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS,)
 INT8_MODES = ("off", "forward", "all")
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
 
 # --------------------------------------------------------------------------------------
-# The contraction of one layer call, and its 2-D operand views
+# The contraction of one layer call (jaxq.flax.contraction.Contraction)
 # --------------------------------------------------------------------------------------
-
-
-def _perm_view(x: jax.Array, front: Sequence[int], back: Sequence[int]):
-  """``x`` transposed to ``front + back`` and reshaped to ``(prod(front), prod(back))``."""
-  perm = tuple(front) + tuple(back)
-  xt = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  m = int(np.prod([x.shape[a] for a in front], dtype=np.int64))
-  return xt.reshape(m, -1), perm, xt.shape
-
-
-def _perm_unview(x2: jax.Array, perm, tshape) -> jax.Array:
-  xt = x2.reshape(tshape)
-  if perm == tuple(range(len(perm))):
-    return xt
-  return jnp.transpose(xt, np.argsort(perm))
-
-
-@dataclasses.dataclass
-class Contraction:
-  """One contraction ``compute(lhs, rhs)`` a quantized layer performs.
-
-  Attributes:
-    kind: "dot_general" (Dense, DenseGeneral), "conv" (Conv) or "einsum" (Einsum).
-    lhs: the activation operand (after the layer's dtype promotion and padding).
-    rhs: the kernel operand.
-    lhs_contract: axes of ``lhs`` that form its ``K`` (for conv: the channel axis).
-    rhs_contract: axes of ``rhs`` contracted with the activation.
-    compute: the layer's own op applied to new operands (same arguments otherwise).
-    matmul_ok: ``compute(lhs, rhs) == out_from_matrix(lhs_matrix() @ rhs_matrix())``
-      (true for dot_general without batch dimensions).
-    out_shape: the shape of the result when ``matmul_ok``.
-  """
-
-  kind: str
-  lhs: jax.Array
-  rhs: jax.Array
-  lhs_contract: tuple[int, ...]
-  rhs_contract: tuple[int, ...]
-  compute: Callable[[jax.Array, jax.Array], jax.Array]
-  matmul_ok: bool = False
-  out_shape: tuple[int, ...] | None = None
-
-  def lhs_matrix(self):
-    """``(x2 f[M, K], unview)``: the activation as rows, and the inverse map."""
-    free = [a for a in range(self.lhs.ndim) if a not in self.lhs_contract]
-    x2, perm, tshape = _perm_view(self.lhs, free, self.lhs_contract)
-    return x2, functools.partial(_perm_unview, perm=perm, tshape=tshape)
-
-  def rhs_matrix(self):
-    """``(w2 f[K, N], unview)``: the kernel as contracted rows x output columns."""
-    free = [a for a in range(self.rhs.ndim) if a not in self.rhs_contract]
-    w2t, perm, tshape = _perm_view(self.rhs, free, self.rhs_contract)
-    # _perm_view puts `front` first; we want (K, N): transpose the 2-D view.
-    return w2t.T, lambda w2: _perm_unview(w2.T, perm, tshape)
-
-  def out_from_matrix(self, y2: jax.Array) -> jax.Array:
-    return y2.reshape(self.out_shape)
-
-  def inner_contract_size(self) -> int:
-    """Length of the innermost contracted kernel axis (groups must divide it)."""
-    return int(self.rhs.shape[self.rhs_contract[-1]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,70 +137,21 @@ class LayerCall:
     return None
 
 
-def _kind(module) -> str:
-  if isinstance(module, (nn.Dense, nn.DenseGeneral)):
-    return "dot_general"
-  if isinstance(module, nn.Conv):
-    return "conv"
-  return "einsum"
-
-
-def _set_fields(module, **fields):
-  old = {k: getattr(module, k) for k in fields}
-  for k, v in fields.items():
-    object.__setattr__(module, k, v)
-  return old
-
-
 def _run_dot_general(call: LayerCall, handler, next_fun, args, kwargs):
   m = call.module
-  base = (m.dot_general_cls() if m.dot_general_cls is not None
-          else m.dot_general or lax.dot_general)
-
-  def qdot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-           **kw):
-    (lc, rc), (lb, rb) = dimension_numbers
-    if lb or rb:
-      raise ValueError(
-          f"jaxq cannot quantize layer '{call.path}': DenseGeneral with batch_dims is not "
-          "supported (exclude it with a Rule(path=..., weight=None, act=None))")
-    lc = tuple(a % lhs.ndim for a in lc)
-    rc = tuple(a % rhs.ndim for a in rc)
-
-    def compute(l, r):
-      return base(l, r, dimension_numbers, precision=precision,
-                  preferred_element_type=preferred_element_type, **kw)
-
-    out_shape = (tuple(d for a, d in enumerate(lhs.shape) if a not in lc)
-                 + tuple(d for a, d in enumerate(rhs.shape) if a not in rc))
-    return handler(call, Contraction("dot_general", lhs, rhs, lc, rc, compute,
-                                     matmul_ok=True, out_shape=out_shape))
-
-  old = _set_fields(m, dot_general=qdot, dot_general_cls=None)
-  try:
+  base = resolve_op(m.dot_general_cls, m.dot_general, lax.dot_general)
+  qdot = dot_general_hook(base, call.path, functools.partial(handler, call))
+  with patched(m, dot_general=qdot, dot_general_cls=None):
     return next_fun(*args, **kwargs)
-  finally:
-    _set_fields(m, **old)
 
 
 def _run_conv(call: LayerCall, handler, next_fun, args, kwargs):
   m = call.module
-  base = (m.conv_general_dilated_cls() if m.conv_general_dilated_cls is not None
-          else m.conv_general_dilated or lax.conv_general_dilated)
-
-  def qconv(lhs, rhs, *a, **kw):
-    def compute(l, r):
-      return base(l, r, *a, **kw)
-
-    # Flax's Conv is channels-last for inputs and kernels (..., in, out).
-    op = Contraction("conv", lhs, rhs, (lhs.ndim - 1,), tuple(range(rhs.ndim - 1)), compute)
-    return handler(call, op)
-
-  old = _set_fields(m, conv_general_dilated=qconv, conv_general_dilated_cls=None)
-  try:
+  base = resolve_op(m.conv_general_dilated_cls, m.conv_general_dilated,
+                    lax.conv_general_dilated)
+  qconv = conv_hook(base, functools.partial(handler, call))
+  with patched(m, conv_general_dilated=qconv, conv_general_dilated_cls=None):
     return next_fun(*args, **kwargs)
-  finally:
-    _set_fields(m, **old)
 
 
 def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
@@ -268,10 +159,7 @@ def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
   m = call.module
   einsum_str = nn_module.merge_param("einsum_str", m.einsum_str, einsum_str)
   einsum_str = einsum_str.replace(" ", "")
-  if "->" not in einsum_str or einsum_str.count(",") != 1:
-    raise ValueError(
-        f"layer '{call.path}': einsum_str must be explicit with exactly two operands; got "
-        f"{einsum_str!r}")
+  lc, rc, _ = einsum_axes(einsum_str, call.path, inputs.ndim)
   kernel = m.param("kernel", m.kernel_init, m.shape, m.param_dtype)
   if m.use_bias:
     bias_shape, broadcasted_bias_shape = m._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
@@ -279,24 +167,6 @@ def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
   else:
     bias = None
   inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
-
-  ins, out_s = einsum_str.split("->")
-  lhs_s, rhs_s = ins.split(",")
-  if "." in rhs_s:
-    raise ValueError(f"layer '{call.path}': the kernel subscripts of {einsum_str!r} may not "
-                     "use an ellipsis")
-  if "." in lhs_s:
-    if not lhs_s.startswith("..."):
-      raise ValueError(f"layer '{call.path}': jaxq supports an ellipsis only at the start "
-                       f"of the input subscripts; got {einsum_str!r}")
-    letters = lhs_s[3:]
-    offset = inputs.ndim - len(letters)
-  else:
-    letters, offset = lhs_s, 0
-  lc = tuple(offset + i for i, c in enumerate(letters) if c in rhs_s and c not in out_s)
-  rc = tuple(i for i, c in enumerate(rhs_s) if c not in out_s)
-  if not lc:
-    raise ValueError(f"layer '{call.path}': {einsum_str!r} contracts no axis")
 
   def compute(l, r):
     return jnp.einsum(einsum_str, l, r, precision=m.precision,
@@ -309,51 +179,21 @@ def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
 
 
 def _run_layer(call: LayerCall, handler, next_fun, args, kwargs):
-  kind = _kind(call.module)
-  if kind == "dot_general":
+  if isinstance(call.module, (nn.Dense, nn.DenseGeneral)):
     return _run_dot_general(call, handler, next_fun, args, kwargs)
-  if kind == "conv":
+  if isinstance(call.module, nn.Conv):
     return _run_conv(call, handler, next_fun, args, kwargs)
   return _run_einsum(call, handler, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
-# Quantizers of the two operands
+# Quantizers of the two operands (views and specs: jaxq.flax.contraction)
 # --------------------------------------------------------------------------------------
 
 
-def _weight_view_spec(spec: QuantSpec, call: LayerCall, op: Contraction) -> QuantSpec:
-  if spec.scheme != "uniform":
-    raise ValueError(f"layer '{call.path}': weight QuantSpec.scheme must be 'uniform'; got "
-                     f"{spec.scheme!r} (log2/ptf are activation schemes)")
-  if spec.granularity == "group":
-    inner = op.inner_contract_size()
-    if inner % spec.group_size:
-      raise ValueError(
-          f"layer '{call.path}': weight group_size={spec.group_size} does not divide the "
-          f"kernel's input axis (length {inner}, kernel shape {tuple(op.rhs.shape)})")
-  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
-
-
 def _act_view_spec(spec: QuantSpec, call: LayerCall, k: int) -> QuantSpec:
-  if spec.granularity == "group" and k % spec.group_size:
-    raise ValueError(
-        f"layer '{call.path}': activation group_size={spec.group_size} does not divide the "
-        f"number of input features {k}")
-  if spec.dynamic:
-    if spec.estimator != "ste" or spec.scheme != "uniform":
-      raise ValueError(f"layer '{call.path}': a dynamic activation spec computes its range "
-                       "per row at run time; it needs estimator='ste', scheme='uniform'")
-    if spec.granularity == "channel":
-      raise ValueError(f"layer '{call.path}': dynamic=True quantizes per row (token); use "
-                       "granularity 'tensor' (per row) or 'group' (per row and group)")
-    if spec.granularity == "tensor":
-      return spec.replace(granularity="channel", axis=0)
-    return spec.replace(axis=0)
-  if spec.granularity == "channel" and spec.axis != -1:
-    raise ValueError(f"layer '{call.path}': an activation 'channel' spec is per input "
-                     f"feature (axis=-1); got axis={spec.axis}")
-  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
+  """:func:`jaxq.flax.contraction.act_view_spec` of a layer call (used by PTQ)."""
+  return act_view_spec(spec, call.path, k)
 
 
 def _param(module, name, init_fn):
@@ -368,57 +208,39 @@ def _param(module, name, init_fn):
 
 def _learned_kwargs(module, spec, v, group_axis, names) -> dict[str, jax.Array]:
   """fake_quantize kwargs of a learned step (LSQ / LSQ+ / PACT), created from ``v``."""
-  scale_name, zp_name, alpha_name = names
   init = functools.lru_cache(maxsize=None)(lambda: init_weight_state(v, spec, group_axis))
-  if spec.estimator == "pact":
-    return {"alpha": _param(module, alpha_name, lambda: init()["alpha"])}
-  kw = {"scale": _param(module, scale_name, lambda: init()["scale"])}
-  if not spec.symmetric:
-    kw["zero_point"] = _param(module, zp_name, lambda: init()["zero_point"])
-  return kw
+  return {key: _param(module, name, lambda key=key: init()[key])
+          for key, name in state_names(spec, names).items()}
 
 
 def _weight_qparams(call: LayerCall, spec: QuantSpec, w2: jax.Array):
   """fake_quantize kwargs for the kernel view ``w2 (K, N)`` ({} -> min-max of w2)."""
-  if spec.estimator in ("lsq", "pact"):
-    return _learned_kwargs(call.module, spec, w2, 0,
-                           (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA))
-  if spec.calibration in ("percentile", "mse"):
-    w = jax.lax.stop_gradient(w2.astype(jnp.float32))
-    view = quantizer.quant_view(w, spec, 0)
-    axes = quantizer.quant_axes(2, spec, 0)
-    st = calibration.observer_init(spec, quantizer.stat_shape(w.shape, spec, 0))
-    st = calibration.observer_update(st, view, spec, axes)
-    scale, zp = calibration.observer_qparams(st, spec)
-    return {"scale": scale, "zero_point": zp}
-  return {}
+  return weight_qparams(
+      spec, w2, lambda: _learned_kwargs(call.module, spec, w2, 0, WEIGHT_NAMES))
 
 
 def _act_observer(call: LayerCall, spec: QuantSpec, x2: jax.Array, always_update: bool):
   """Reads (and, when "quant_stats" is mutable, updates) the layer's activation observer."""
   m = call.module
-  shape = quantizer.stat_shape((1,) + x2.shape[1:], spec, 1)
   mutable = m.is_mutable_collection(QUANT_STATS)
   if not mutable and not m.has_variable(QUANT_STATS, ACT_STATS):
     raise ValueError(
         f"layer '{call.path}': activation calibration={spec.calibration!r} keeps its "
         f"range in the '{QUANT_STATS}' collection, which the given variables lack: use "
         f"variables from qmodel.init(...) or apply(..., mutable=['{QUANT_STATS}'])")
-  var = m.variable(QUANT_STATS, ACT_STATS, calibration.observer_init, spec, shape)
+  var = m.variable(QUANT_STATS, ACT_STATS, calibration.observer_init, spec,
+                   act_stat_shape(spec, x2.shape[1]))
   if mutable or always_update:
-    view = quantizer.quant_view(jax.lax.stop_gradient(x2), spec, 1)
-    var.value = calibration.observer_update(var.value, view, spec,
-                                            quantizer.quant_axes(2, spec, 1))
+    view, axes = observer_view(x2, spec, 1)
+    var.value = calibration.observer_update(var.value, view, spec, axes)
   return var.value
 
 
 def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
   """fake_quantize kwargs for the activation view ``x2 (M, K)`` ({} -> range of x2)."""
-  if spec.dynamic or spec.scheme != "uniform":
-    return {}
-  if spec.estimator in ("lsq", "pact"):
-    return _learned_kwargs(call.module, spec, x2, 1, (ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA))
-  if spec.calibration == "minmax":
+  if is_learned(spec, act=True):
+    return _learned_kwargs(call.module, spec, x2, 1, ACT_NAMES)
+  if not is_observed(spec):
     return {}
   st = _act_observer(call, spec, x2, always_update=False)
   scale, zp = calibration.observer_qparams(st, spec)
@@ -537,29 +359,18 @@ def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wk
 def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands)."""
   wspec, aspec = call.rule.weight, call.rule.act
-  w2, w_unview = op.rhs_matrix()
-  x2, x_unview = op.lhs_matrix()
-  wspec_v = None if wspec is None else _weight_view_spec(wspec, call, op)
-  aspec_v = None if aspec is None else _act_view_spec(aspec, call, x2.shape[1])
-  wkw = {} if wspec_v is None else _weight_qparams(call, wspec_v, w2)
-  akw = {} if aspec_v is None else _act_qparams(call, aspec_v, x2)
-
+  wspec_v = (None if wspec is None
+             else weight_view_spec(wspec, call.path, op.rhs.shape, op.rhs_contract))
+  aspec_v = None if aspec is None else act_view_spec(aspec, call.path, op.lhs_contract_size())
+  wkw = functools.partial(_weight_qparams, call, wspec_v)
+  akw = functools.partial(_act_qparams, call, aspec_v)
   if (call.int8 != "off" and op.matmul_ok and _int8_spec_ok(wspec, act=False)
-      and _int8_spec_ok(aspec, act=True)
-      and jnp.issubdtype(x2.dtype, jnp.floating) and jnp.issubdtype(w2.dtype, jnp.floating)):
-    return _int8_contraction(call, op, wspec_v, aspec_v, w2, x2, wkw, akw)
-
-  lhs, rhs = op.lhs, op.rhs
-  needs_key = any(s is not None and s.rounding == "stochastic" for s in (wspec, aspec))
-  key = call.rng() if needs_key else None
-  kw_key, ka_key = (None, None) if key is None else tuple(jax.random.split(key))
-  if wspec_v is not None:
-    rhs = w_unview(quantizer.fake_quantize(w2, wspec_v, group_axis=0, key=kw_key,
-                                           require_key=False, **wkw))
-  if aspec_v is not None:
-    lhs = x_unview(quantizer.fake_quantize(x2, aspec_v, group_axis=1, key=ka_key,
-                                           require_key=False, **akw))
-  return op.compute(lhs, rhs)
+      and _int8_spec_ok(aspec, act=True) and jnp.issubdtype(op.lhs.dtype, jnp.floating)
+      and jnp.issubdtype(op.rhs.dtype, jnp.floating)):
+    w2, _ = op.rhs_matrix()
+    x2, _ = op.lhs_matrix()
+    return _int8_contraction(call, op, wspec_v, aspec_v, w2, x2, wkw(w2), akw(x2))
+  return fake_quantized_compute(op, wspec_v, aspec_v, wkw, akw, call.rng)
 
 
 def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
@@ -568,7 +379,7 @@ def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
   if aspec is not None and not aspec.dynamic and call.module.is_mutable_collection(
       QUANT_STATS):
     x2, _ = op.lhs_matrix()
-    _act_observer(call, _act_view_spec(aspec, call, x2.shape[1]), x2, always_update=True)
+    _act_observer(call, act_view_spec(aspec, call.path, x2.shape[1]), x2, always_update=True)
   return op.compute(op.lhs, op.rhs)
 
 
@@ -588,16 +399,6 @@ def register_mode(name: str, handler: Callable[[LayerCall, Contraction], jax.Arr
 # --------------------------------------------------------------------------------------
 # The wrapper
 # --------------------------------------------------------------------------------------
-
-
-def _check_rules(rules) -> tuple[Rule, ...]:
-  if isinstance(rules, Rule):
-    return (rules,)
-  rules = tuple(rules)
-  for i, r in enumerate(rules):
-    if not isinstance(r, Rule):
-      raise TypeError(f"rules[{i}] must be a jaxq.Rule; got {type(r).__name__}")
-  return rules
 
 
 class _Interceptor:
@@ -660,7 +461,7 @@ class QuantizedModel(nn.Module):
                        f"{self.mode!r}")
     if self.int8 not in INT8_MODES:
       raise ValueError(f"QuantizedModel.int8 must be one of {INT8_MODES}; got {self.int8!r}")
-    return _Interceptor(tuple(self.path), _check_rules(self.rules), self.mode, self.int8)
+    return _Interceptor(tuple(self.path), check_rules(self.rules), self.mode, self.int8)
 
   def __call__(self, *args, **kwargs):
     with nn.intercept_methods(self._interceptor()):
@@ -687,7 +488,7 @@ def quantize_model(model: nn.Module, rules: Rule | Sequence[Rule], *, int8: str 
     raise ValueError(f"mode must be one of {sorted(MODES)}; got {mode!r}")
   if int8 not in INT8_MODES:
     raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
-  return QuantizedModel(model, _check_rules(rules), mode=mode, int8=int8)
+  return QuantizedModel(model, check_rules(rules), mode=mode, int8=int8)
 
 
 def init_quant_params(qmodel: QuantizedModel, variables: dict, *args, **kwargs) -> dict:
