@@ -61,14 +61,19 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
 from jaxq import calibration
 from jaxq import numerics
 from jaxq import quantizer
-from jaxq.params import init_weight_state
+from jaxq.flax.contraction import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
+                                   Contraction, act_stat_shape, act_view_spec, conv_hook,
+                                   dot_general_hook, einsum_axes, einsum_hook,
+                                   fake_quantized_compute, is_learned, is_observed,
+                                   kernel_matrix, observer_view, patched, resolve_op,
+                                   state_names, weight_qparams, weight_view_spec)
+from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule
 
 __all__ = [
@@ -78,19 +83,11 @@ __all__ = [
     "QuantizedEinsum",
 ]
 
-RNG_STREAM = "jaxq"
-WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA = (
-    "jaxq_weight_scale", "jaxq_weight_zero_point", "jaxq_weight_alpha")
-ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA = ("jaxq_act_scale", "jaxq_act_zero_point",
-                                        "jaxq_act_alpha")
-ACT_STATS, ACT_INITIALIZED = "jaxq_act", "jaxq_act_initialized"
+ACT_INITIALIZED = "jaxq_act_initialized"
 CONFIG, RNGS = "jaxq_config", "jaxq_rngs"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
-RESERVED_NAMES = (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA, ACT_SCALE, ACT_ZERO_POINT,
-                  ACT_ALPHA, ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS)
+RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
-_WEIGHT_NAMES = (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA)
-_ACT_NAMES = (ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA)
 
 
 class QuantStats(nnx.Variable):
@@ -123,57 +120,7 @@ class LayerConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# One contraction and its 2-D operand views (the layout of jaxq.flax.linen.Contraction)
-# ---------------------------------------------------------------------------------------
-
-
-def _perm_view(x: jax.Array, front: Sequence[int], back: Sequence[int]):
-  """``x`` transposed to ``front + back`` and reshaped to ``(prod(front), prod(back))``."""
-  perm = tuple(front) + tuple(back)
-  xt = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  m = int(np.prod([x.shape[a] for a in front], dtype=np.int64))
-  return xt.reshape(m, -1), perm, xt.shape
-
-
-def _perm_unview(x2: jax.Array, perm, tshape) -> jax.Array:
-  xt = x2.reshape(tshape)
-  if perm == tuple(range(len(perm))):
-    return xt
-  return jnp.transpose(xt, np.argsort(perm))
-
-
-@dataclasses.dataclass
-class Contraction:
-  """One contraction ``compute(lhs, rhs)`` of a quantized layer call.
-
-  ``lhs`` is the activation (after the layer's dtype promotion and padding), ``rhs`` the
-  kernel; ``lhs_contract`` / ``rhs_contract`` are their contracted axes (for conv: the
-  input's channel axis / every kernel axis but the last); ``compute`` is the layer's own
-  op applied to new operands.
-  """
-
-  kind: str
-  lhs: jax.Array | None
-  rhs: jax.Array
-  lhs_contract: tuple[int, ...]
-  rhs_contract: tuple[int, ...]
-  compute: Callable[[jax.Array, jax.Array], jax.Array] | None
-
-  def lhs_matrix(self):
-    """``(x2 f[M, K], unview)``: the activation as rows, and the inverse map."""
-    free = [a for a in range(self.lhs.ndim) if a not in self.lhs_contract]
-    x2, perm, tshape = _perm_view(self.lhs, free, self.lhs_contract)
-    return x2, functools.partial(_perm_unview, perm=perm, tshape=tshape)
-
-  def rhs_matrix(self):
-    """``(w2 f[K, N], unview)``: the kernel as contracted rows x output columns."""
-    free = [a for a in range(self.rhs.ndim) if a not in self.rhs_contract]
-    w2t, perm, tshape = _perm_view(self.rhs, free, self.rhs_contract)
-    return w2t.T, lambda w2: _perm_unview(w2.T, perm, tshape)
-
-
-# ---------------------------------------------------------------------------------------
-# Contraction layout of each supported layer
+# Contraction layout of each supported layer (views: jaxq.flax.contraction)
 # ---------------------------------------------------------------------------------------
 
 
@@ -183,34 +130,6 @@ def _kind(layer) -> str:
   if isinstance(layer, nnx.Conv):
     return "conv"
   return "einsum"
-
-
-def _einsum_axes(einsum_str: str, lhs_ndim: int | None, path: str):
-  """``(lhs_contract, rhs_contract, rhs_letters, contracted_letters)`` of an explicit
-  two-operand einsum (``lhs_contract`` is None when ``lhs_ndim`` is unknown)."""
-  s = einsum_str.replace(" ", "")
-  if "->" not in s or s.count(",") != 1:
-    raise ValueError(f"layer '{path}': einsum_str must be explicit with exactly two "
-                     f"operands; got {einsum_str!r}")
-  ins, out_s = s.split("->")
-  lhs_s, rhs_s = ins.split(",")
-  if "." in rhs_s:
-    raise ValueError(f"layer '{path}': the kernel subscripts of {einsum_str!r} may not use "
-                     "an ellipsis")
-  if "." in lhs_s:
-    if not lhs_s.startswith("..."):
-      raise ValueError(f"layer '{path}': jaxq supports an ellipsis only at the start of "
-                       f"the input subscripts; got {einsum_str!r}")
-    letters = lhs_s[3:]
-    offset = None if lhs_ndim is None else lhs_ndim - len(letters)
-  else:
-    letters, offset = lhs_s, 0
-  contracted = [c for c in letters if c in rhs_s and c not in out_s]
-  if not contracted:
-    raise ValueError(f"layer '{path}': {einsum_str!r} contracts no axis")
-  lc = None if offset is None else tuple(offset + letters.index(c) for c in contracted)
-  rc = tuple(i for i, c in enumerate(rhs_s) if c not in out_s)
-  return lc, rc, rhs_s, contracted
 
 
 def _layout(layer, path: str) -> tuple[tuple[int, ...], int]:
@@ -231,67 +150,8 @@ def _layout(layer, path: str) -> tuple[tuple[int, ...], int]:
     raise ValueError(f"jaxq cannot quantize layer '{path}': an nnx.Einsum given its "
                      "einsum_str only at call time is not supported; set it in the "
                      "constructor")
-  _, rc, rhs_s, contracted = _einsum_axes(layer.einsum_str, None, path)
-  k = math.prod(kernel_shape[rhs_s.index(c)] for c in contracted)
-  return rc, k
-
-
-# ---------------------------------------------------------------------------------------
-# Specs on the operand views (same conventions as jaxq.flax.linen)
-# ---------------------------------------------------------------------------------------
-
-
-def _weight_view_spec(spec: QuantSpec, path: str, kernel_shape, rhs_contract) -> QuantSpec:
-  if spec.scheme != "uniform":
-    raise ValueError(f"layer '{path}': weight QuantSpec.scheme must be 'uniform'; got "
-                     f"{spec.scheme!r} (log2/ptf are activation schemes)")
-  if spec.granularity == "group":
-    inner = kernel_shape[rhs_contract[-1]]
-    if inner % spec.group_size:
-      raise ValueError(
-          f"layer '{path}': weight group_size={spec.group_size} does not divide the "
-          f"kernel's input axis (length {inner}, kernel shape {tuple(kernel_shape)})")
-  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
-
-
-def _act_view_spec(spec: QuantSpec, path: str, k: int) -> QuantSpec:
-  if spec.granularity == "group" and k % spec.group_size:
-    raise ValueError(f"layer '{path}': activation group_size={spec.group_size} does not "
-                     f"divide the number of input features {k}")
-  if spec.dynamic:
-    if spec.estimator != "ste" or spec.scheme != "uniform":
-      raise ValueError(f"layer '{path}': a dynamic activation spec computes its range "
-                       "per row at run time; it needs estimator='ste', scheme='uniform'")
-    if spec.granularity == "channel":
-      raise ValueError(f"layer '{path}': dynamic=True quantizes per row (token); use "
-                       "granularity 'tensor' (per row) or 'group' (per row and group)")
-    if spec.granularity == "tensor":
-      return spec.replace(granularity="channel", axis=0)
-    return spec.replace(axis=0)
-  if spec.granularity == "channel" and spec.axis != -1:
-    raise ValueError(f"layer '{path}': an activation 'channel' spec is per input feature "
-                     f"(axis=-1); got axis={spec.axis}")
-  return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
-
-
-def _learned(spec: QuantSpec | None) -> bool:
-  return (spec is not None and spec.scheme == "uniform" and not spec.dynamic
-          and spec.estimator in ("lsq", "pact"))
-
-
-def _observed(spec: QuantSpec | None) -> bool:
-  return (spec is not None and spec.scheme == "uniform" and not spec.dynamic
-          and not _learned(spec) and spec.calibration != "minmax")
-
-
-def _state_names(spec: QuantSpec, names) -> dict[str, str]:
-  """``{state key: attribute name}`` of a learned quantizer."""
-  scale, zp, alpha = names
-  if spec.estimator == "pact":
-    return {"alpha": alpha}
-  if spec.symmetric:
-    return {"scale": scale}
-  return {"scale": scale, "zero_point": zp}
+  _, rc, k_axes = einsum_axes(layer.einsum_str, path)
+  return rc, math.prod(kernel_shape[a] for a in k_axes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,23 +167,14 @@ def _next_key(layer) -> jax.Array | None:
 
 
 def _weight_kwargs(layer, spec: QuantSpec, w2: jax.Array) -> dict[str, jax.Array]:
-  if _learned(spec):
-    return {k: getattr(layer, n).get_value()
-            for k, n in _state_names(spec, _WEIGHT_NAMES).items()}
-  if spec.calibration in ("percentile", "mse"):
-    w = lax.stop_gradient(w2.astype(jnp.float32))
-    st = calibration.observer_init(spec, quantizer.stat_shape(w.shape, spec, 0))
-    st = calibration.observer_update(st, quantizer.quant_view(w, spec, 0), spec,
-                                     quantizer.quant_axes(2, spec, 0))
-    scale, zp = calibration.observer_qparams(st, spec)
-    return {"scale": scale, "zero_point": zp}
-  return {}
+  return weight_qparams(spec, w2, lambda: {
+      k: getattr(layer, n).get_value() for k, n in state_names(spec, WEIGHT_NAMES).items()})
 
 
 def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
                 ) -> dict[str, jax.Array]:
-  if _learned(spec):
-    names = _state_names(spec, _ACT_NAMES)
+  if is_learned(spec, act=True):
+    names = state_names(spec, ACT_NAMES)
     init = init_weight_state(x2, spec, 1)
     flag = getattr(layer, ACT_INITIALIZED)
     ready = flag.get_value()
@@ -334,12 +185,10 @@ def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
         getattr(layer, n).set_value(values[k])
       flag.set_value(jnp.ones_like(ready))
     return values
-  if _observed(spec):
+  if is_observed(spec):
     var = getattr(layer, ACT_STATS)
     state = var.get_value()
-    xs = lax.stop_gradient(x2)
-    view = quantizer.quant_view(xs, spec, 1)
-    axes = quantizer.quant_axes(2, spec, 1)
+    view, axes = observer_view(x2, spec, 1)
     if training:
       state = calibration.observer_update(state, view, spec, axes)
       var.set_value(state)
@@ -353,83 +202,34 @@ def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
   return {}
 
 
-def _quantized_contraction(layer, op: Contraction) -> jax.Array:
-  cfg: LayerConfig = getattr(layer, CONFIG)
-  lhs, rhs = op.lhs, op.rhs
-  needs_key = any(s is not None and s.rounding == "stochastic"
-                  for s in (cfg.weight, cfg.act))
-  key = _next_key(layer) if needs_key else None
-  kw_key, ka_key = (None, None) if key is None else tuple(jax.random.split(key))
-  if cfg.weight is not None:
-    w2, w_unview = op.rhs_matrix()
-    wkw = _weight_kwargs(layer, cfg.weight, w2)
-    rhs = w_unview(quantizer.fake_quantize(w2, cfg.weight, group_axis=0, key=kw_key,
-                                           require_key=False, **wkw))
-  if cfg.act is not None:
-    x2, x_unview = op.lhs_matrix()
-    akw = _act_kwargs(layer, cfg.act, x2, not layer.use_running_average)
-    lhs = x_unview(quantizer.fake_quantize(x2, cfg.act, group_axis=1, key=ka_key,
-                                           require_key=False, **akw))
-  return op.compute(lhs, rhs)
-
-
 def _hooks(layer, calls: list) -> dict[str, Callable]:
   """Replacement contraction ops for the duration of one call of ``layer``."""
   cfg: LayerConfig = getattr(layer, CONFIG)
 
   def run(op: Contraction):
     calls.append(op.kind)
-    return _quantized_contraction(layer, op)
+    return fake_quantized_compute(
+        op, cfg.weight, cfg.act, functools.partial(_weight_kwargs, layer, cfg.weight),
+        functools.partial(_act_kwargs, layer, cfg.act, training=not layer.use_running_average),
+        lambda: _next_key(layer))
 
   if cfg.kind == "dot_general":
     cls = getattr(layer, "dot_general_cls", None)
-    base = cls() if cls is not None else (layer.dot_general or lax.dot_general)
-
-    def qdot(lhs, rhs, dimension_numbers, *args, **kwargs):
-      (lc, rc), (lb, rb) = dimension_numbers
-      if lb or rb:
-        raise ValueError(f"jaxq cannot quantize layer '{cfg.path}': a contraction with "
-                         "batch dimensions is not supported")
-      lc = tuple(a % lhs.ndim for a in lc)
-      rc = tuple(a % rhs.ndim for a in rc)
-      return run(Contraction(
-          "dot_general", lhs, rhs, lc, rc,
-          lambda l, r: base(l, r, dimension_numbers, *args, **kwargs)))
-
-    hooks = {"dot_general": qdot}
+    base = resolve_op(cls, layer.dot_general, lax.dot_general)
+    hooks = {"dot_general": dot_general_hook(base, cfg.path, run)}
     if hasattr(layer, "dot_general_cls"):
       hooks["dot_general_cls"] = None
     return hooks
   if cfg.kind == "conv":
-    base = layer.conv_general_dilated
-
-    def qconv(lhs, rhs, *args, **kwargs):
-      # NNX's Conv is channels-last for inputs and kernels (..., in, out).
-      return run(Contraction("conv", lhs, rhs, (lhs.ndim - 1,), tuple(range(rhs.ndim - 1)),
-                             lambda l, r: base(l, r, *args, **kwargs)))
-
-    return {"conv_general_dilated": qconv}
-  base = layer.einsum_op
-
-  def qeinsum(einsum_str, lhs, rhs, *args, **kwargs):
-    lc, rc, *_ = _einsum_axes(einsum_str, lhs.ndim, cfg.path)
-    return run(Contraction("einsum", lhs, rhs, lc, rc,
-                           lambda l, r: base(einsum_str, l, r, *args, **kwargs)))
-
-  return {"einsum_op": qeinsum}
+    return {"conv_general_dilated": conv_hook(layer.conv_general_dilated, run)}
+  return {"einsum_op": einsum_hook(layer.einsum_op, cfg.path, run)}
 
 
 def _quantized_call(layer, base_call, args, kwargs):
   calls: list[str] = []
   hooks = _hooks(layer, calls)
-  old = {name: layer.__dict__[name] for name in hooks}
-  try:
-    for name, fn in hooks.items():
-      object.__setattr__(layer, name, fn)
+  with patched(layer, **hooks):
     out = base_call(layer, *args, **kwargs)
-  finally:
-    for name, fn in old.items():
-      object.__setattr__(layer, name, fn)
   if not calls:
     cfg: LayerConfig = getattr(layer, CONFIG)
     raise RuntimeError(
@@ -485,18 +285,6 @@ QuantizedEinsum = _quantized_class(nnx.Einsum)
 # ---------------------------------------------------------------------------------------
 
 
-def _check_rules(rules) -> tuple[Rule, ...]:
-  if isinstance(rules, Rule):
-    return (rules,)
-  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-    raise TypeError(f"rules must be a jaxq.Rule or a sequence of them; got {rules!r}")
-  rules = tuple(rules)
-  for i, r in enumerate(rules):
-    if not isinstance(r, Rule):
-      raise TypeError(f"rules[{i}] must be a jaxq.Rule; got {type(r).__name__}")
-  return rules
-
-
 def _find_rngs(model) -> nnx.Rngs | None:
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Rngs) and RNG_STREAM in node:
@@ -515,7 +303,7 @@ def _has_own_kernel(module) -> bool:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[int, ...]):
   """Learned-step initialisation from the ``(K, N)`` view of a kernel (one compilation)."""
-  w2, _ = Contraction("init", None, kernel, (), rhs_contract, None).rhs_matrix()
+  w2, _ = kernel_matrix(kernel, rhs_contract)
   return init_weight_state(w2, spec, 0)
 
 
@@ -530,25 +318,25 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
         "jaxq.nnx.quantize_model; use jaxq.act.compressed_vjp on the function instead")
   kernel = layer.kernel.get_value()
   rhs_contract, k = _layout(layer, path)
-  wspec = None if rule.weight is None else _weight_view_spec(rule.weight, path,
-                                                             kernel.shape, rhs_contract)
-  aspec = None if rule.act is None else _act_view_spec(rule.act, path, k)
+  wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
+                                                            kernel.shape, rhs_contract)
+  aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
   cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec)
 
-  if _learned(wspec):
+  if is_learned(wspec, act=False):
     state = _init_kernel_state(kernel, wspec, rhs_contract)
-    for key, name in _state_names(wspec, _WEIGHT_NAMES).items():
+    for key, name in state_names(wspec, WEIGHT_NAMES).items():
       setattr(layer, name, nnx.Param(state[key]))
-  if _learned(aspec):
+  if is_learned(aspec, act=True):
     # Placeholders, replaced from the first activation seen in training mode.
-    shape = quantizer.stat_shape((1, k), aspec, 1)
-    for key, name in _state_names(aspec, _ACT_NAMES).items():
+    shape = act_stat_shape(aspec, k)
+    for key, name in state_names(aspec, ACT_NAMES).items():
       fill = 0.0 if key == "zero_point" else 1.0
       setattr(layer, name, nnx.Param(jnp.full(shape, fill, jnp.float32)))
     setattr(layer, ACT_INITIALIZED, QuantStats(jnp.zeros((), jnp.bool_)))
-  if _observed(aspec):
-    shape = quantizer.stat_shape((1, k), aspec, 1)
-    setattr(layer, ACT_STATS, QuantStats(calibration.observer_init(aspec, shape)))
+  if is_observed(aspec):
+    setattr(layer, ACT_STATS, QuantStats(calibration.observer_init(aspec,
+                                                                   act_stat_shape(aspec, k))))
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   if not hasattr(layer, "use_running_average"):
@@ -582,7 +370,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
-  rules = _check_rules(rules)
+  rules = check_rules(rules)
   if rngs is not None and (not isinstance(rngs, nnx.Rngs) or RNG_STREAM not in rngs):
     raise ValueError(f"rngs must be an nnx.Rngs with a {RNG_STREAM!r} stream, e.g. "
                      f"nnx.Rngs({RNG_STREAM}=0); got {rngs!r}")
