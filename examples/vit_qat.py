@@ -653,7 +653,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   t.add_argument("--lr", type=float, default=2e-3)
   t.add_argument("--weight-decay", type=float, default=0.05)
   t.add_argument("--warmup-steps", type=int, default=100)
-  t.add_argument("--quant-lr-scale", type=float, default=1.0,
+  t.add_argument("--quant-lr-scale", type=float, default=0.1,
                  help="learning rate of learned quantizer steps, relative to --lr")
   t.add_argument("--label-smoothing", type=float, default=0.0)
   t.add_argument("--clip-norm", type=float, default=1.0)
