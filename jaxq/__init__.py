@@ -8,6 +8,7 @@ The public API of ``DESIGN.md``'s contract:
   :func:`dequantize`, :class:`QArray`;
 * training: :func:`quantize_params`, :func:`init_qstate`, :func:`quantize_model`
   (Linen), :func:`jaxq.nnx.quantize_model`;
+* PTQ and serving: :func:`calibrate`, :func:`convert`;
 * submodules :mod:`jaxq.act` (activation compression) and :mod:`jaxq.kernels`.
 """
 
@@ -24,6 +25,7 @@ from jaxq.estimators import (
     ptf_fake_quant,
 )
 from jaxq.flax.linen import quantize_model
+from jaxq.flax.ptq import calibrate, convert
 from jaxq.params import init_qstate, quantize_params
 from jaxq.qarray import QArray, dequantize, quantize
 from jaxq.spec import QuantSpec, Rule
@@ -31,7 +33,7 @@ from jaxq.spec import QuantSpec, Rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "QArray", "QuantSpec", "Rule", "act", "dequantize", "fake_quant", "init_qstate",
+    "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "init_qstate",
     "kernels", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
     "quantize_params",
