@@ -1,10 +1,13 @@
-"""Checkpoints of quantized training state: params (with ``jaxq_*`` steps), quant_stats,
-optax state, step counters -- any pytree of arrays and scalars.
+"""Checkpoints of quantized training and serving state: params (with ``jaxq_*`` steps),
+quant_stats, optax state, step counters, int8/int4 serving variables (QArrays) -- any
+pytree of arrays and scalars.
 
 The state is serialized with :mod:`flax.serialization` (msgpack), which stores every
 array's dtype, shape and bytes, so :func:`restore` gives back bitwise-identical arrays.
-``restore`` needs a ``target`` of the same structure (e.g. the freshly initialised
-state) and checks it. Writes are atomic (a temporary file renamed into place).
+With a ``target`` of the same structure (e.g. the freshly initialised state),
+``restore`` checks the structure, shapes and dtypes against it; without one it returns
+nested dicts with QArrays rebuilt (they are self-describing, :mod:`jaxq.qarray`).
+Writes are atomic (a temporary file renamed into place).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import serialization
+
+from jaxq import qarray
 
 PyTree = Any
 
@@ -47,15 +52,25 @@ def save(path: str | os.PathLike, state: PyTree) -> None:
     raise
 
 
-def restore(path: str | os.PathLike, target: PyTree) -> PyTree:
-  """Reads the state saved at ``path`` into the structure of ``target``.
+def _rebuild(tree):
+  if isinstance(tree, dict):
+    if tree.get(qarray.STATE_MARK):
+      return qarray.qarray_from_state(tree)
+    return {k: _rebuild(v) for k, v in tree.items()}
+  return tree
+
+
+def restore(path: str | os.PathLike, target: PyTree = None) -> PyTree:
+  """Reads the state saved at ``path``, into the structure of ``target`` if given.
 
   Raises ValueError when the stored tree does not match ``target``'s structure, or an
-  array's shape or dtype differs.
+  array's shape or dtype differs. Without ``target``: nested dicts, QArrays rebuilt.
   """
   with open(os.fspath(path), "rb") as f:
     data = f.read()
   raw = serialization.msgpack_restore(data)
+  if target is None:
+    return _rebuild(raw)
   want = serialization.to_state_dict(target)
   r_def = jax.tree_util.tree_structure(raw)
   t_def = jax.tree_util.tree_structure(want)

@@ -18,6 +18,11 @@ Storage (what :attr:`QArray.nbytes` counts):
   ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
   QArray has the same three leaves.
 
+Serialization: QArray is registered with :mod:`flax.serialization` (a self-describing
+dict of its three arrays, bit-exact, plus its static metadata; :func:`qarray_from_state`
+rebuilds it without a target) and with ``jax.export`` (pytree name "jaxq.QArray"), so
+:mod:`jaxq.checkpoint` and :mod:`jaxq.export` handle trees holding QArrays.
+
 Non-finite inputs: integers cannot hold NaN, so ``quantize`` maps NaN to the zero point
 (it dequantizes to 0.0) and saturates +-Inf to ``qmax`` / ``qmin``. (Fake quantization,
 :func:`jaxq.quantizer.fake_quantize`, propagates NaN instead.)
@@ -25,9 +30,14 @@ Non-finite inputs: integers cannot hold NaN, so ``quantize`` maps NaN to the zer
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from jaxq import numerics
 from jaxq import quantizer
@@ -269,3 +279,57 @@ def dequantize(q: QArray) -> jax.Array:
   scale = jnp.asarray(q.scale, jnp.float32)
   iv = quantizer.quant_view(ints, q.spec, q.group_axis)
   return quantizer.from_quant_view((iv - zp) * scale, q.spec, q.group_axis).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Serialization
+# ---------------------------------------------------------------------------------------
+
+#: Key marking a serialized QArray inside a state dict.
+STATE_MARK = "__jaxq_qarray__"
+
+
+def _meta(spec: QuantSpec, shape, dtype, group_axis) -> dict:
+  return {"spec": dataclasses.asdict(spec), "shape": [int(d) for d in shape],
+          "dtype": np.dtype(dtype).name, "group_axis": int(group_axis)}
+
+
+def _from_meta(meta: Mapping) -> dict:
+  return {"spec": QuantSpec(**meta["spec"]), "shape": tuple(int(d) for d in meta["shape"]),
+          "dtype": np.dtype(meta["dtype"]), "group_axis": int(meta["group_axis"])}
+
+
+def qarray_to_state(q: QArray) -> dict:
+  """A QArray as a msgpack-able dict: its arrays as they are plus its metadata."""
+  return {STATE_MARK: True, "values": q.values, "scale": q.scale,
+          "zero_point": q.zero_point, "meta": _meta(q.spec, q.shape, q.dtype, q.group_axis)}
+
+
+def qarray_from_state(state: Mapping) -> QArray:
+  """Inverse of :func:`qarray_to_state`."""
+  missing = {"values", "scale", "zero_point", "meta"} - set(state)
+  if missing:
+    raise ValueError(f"not a serialized QArray: missing {sorted(missing)}")
+  return QArray(state["values"], state["scale"], state["zero_point"],
+                **_from_meta(state["meta"]))
+
+
+serialization.register_serialization_state(
+    QArray, qarray_to_state, lambda target, state: qarray_from_state(state), override=True)
+
+
+def _aux_to_bytes(aux) -> bytes:
+  return json.dumps(_meta(*aux)).encode()
+
+
+def _aux_from_bytes(data: bytes):
+  m = _from_meta(json.loads(data.decode()))
+  return (m["spec"], m["shape"], m["dtype"], m["group_axis"])
+
+
+try:
+  jax.export.register_pytree_node_serialization(
+      QArray, serialized_name="jaxq.QArray", serialize_auxdata=_aux_to_bytes,
+      deserialize_auxdata=_aux_from_bytes)
+except ValueError:  # already registered (module reloaded)
+  pass

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from _models import TinyViT, load_digits_split, train
+from jaxq import checkpoint
 from jaxq import export as jexport
 from jaxq.flax import ptq
 from jaxq.flax.linen import quantize_model
@@ -333,8 +335,8 @@ def test_export_and_checkpoint_roundtrip(bert, tmp_path):
   loaded = jexport.load_serving(exp.serialize())
   np.testing.assert_array_equal(loaded.call(sv, ids, mask), want)
 
-  jexport.save(tmp_path / "int8.msgpack", sv)
-  back = jexport.load(tmp_path / "int8.msgpack")
+  checkpoint.save(tmp_path / "int8.msgpack", sv)
+  back = checkpoint.restore(tmp_path / "int8.msgpack")
   la, ta = jax.tree_util.tree_flatten(sv)
   lb, tb = jax.tree_util.tree_flatten(back)
   assert ta == tb  # QArray specs, shapes, dtypes included
@@ -343,9 +345,9 @@ def test_export_and_checkpoint_roundtrip(bert, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(_serve(sm, back, ids, mask), want)
   # flax.serialization with a target works too.
-  again = jexport.from_bytes(jexport.to_bytes(sv), target=sv)
+  again = checkpoint.restore(tmp_path / "int8.msgpack", target=sv)
   assert jax.tree_util.tree_structure(again) == ta
-  assert (tmp_path / "int8.msgpack").stat().st_size < 0.45 * len(jexport.to_bytes(v))
+  assert (tmp_path / "int8.msgpack").stat().st_size < 0.45 * len(serialization.to_bytes(v))
 
 
 def test_vit_sensitivity_and_allocation(vit, tmp_path):
