@@ -37,7 +37,6 @@ from flax import struct
 
 import jaxq
 from jaxq import optim as jaxq_optim
-from jaxq.flax import fqvit
 from jaxq.flax import ptq
 from jaxq.flax.linen import QuantizedModel
 
@@ -312,16 +311,6 @@ def mode_rules(mode: str) -> tuple[jaxq.Rule, ...] | None:
   return (compress,) + (rules or ())
 
 
-class FQViTModel(QuantizedModel):
-  """``jaxq.quantize_model``'s wrapper plus FQ-ViT's LayerNorm (PTF) and attention (log2)
-  quantizers of :mod:`jaxq.flax.fqvit`, in training."""
-
-  def __call__(self, *args, **kwargs):
-    icpt = fqvit.interceptor(self.rules, self.mode, root=tuple(self.path))
-    with nn.intercept_methods(icpt):
-      return super().__call__(*args, **kwargs)
-
-
 def build_model(mode: str, config: ViTConfig) -> nn.Module:
   """The Linen module trained in ``mode`` (PTQ modes: calibrated, then converted): the
   float ViT, or the float ViT wrapped by ``jaxq.quantize_model`` with the mode's rules."""
@@ -329,10 +318,7 @@ def build_model(mode: str, config: ViTConfig) -> nn.Module:
   rules = mode_rules(mode)
   if rules is None:
     return model
-  qmodel = jaxq.quantize_model(model, rules)
-  if any(r.act is not None and r.act.scheme != "uniform" for r in rules):
-    return FQViTModel(qmodel.model, qmodel.rules, mode=qmodel.mode, int8=qmodel.int8)
-  return qmodel
+  return jaxq.quantize_model(model, rules)
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.flax import fqvit
 from jaxq.flax import ptq
 from jaxq.flax.linen import layer_paths, quantize_model
 from jaxq.spec import QuantSpec, Rule, match_rule
@@ -187,13 +186,11 @@ def sensitivity(model: nn.Module, variables: dict, batches: Iterable,
     qmodel = quantize_model(model, rb, mode=ptq.SIM_MODE)
     if stats is None:
       stats = ptq.calibrate(qmodel, variables, raw, **apply_kwargs)["quant_stats"]
-    icpt = fqvit.interceptor(rb, ptq.SIM_MODE)
 
     @jax.jit
-    def quant_out(v, select, args, kwargs, qmodel=qmodel, icpt=icpt):
-      with nn.intercept_methods(icpt):
-        return qmodel.apply({**v, "quant_stats": stats, ptq.SELECT: select}, *args,
-                            **kwargs, **apply_kwargs)
+    def quant_out(v, select, args, kwargs, qmodel=qmodel):
+      return qmodel.apply({**v, "quant_stats": stats, ptq.SELECT: select}, *args,
+                          **kwargs, **apply_kwargs)
 
     for p in paths:
       select = _select_tree(paths, p)

@@ -27,15 +27,6 @@ class Block(nn.Module):
     return nn.LayerNorm()(x + y)
 
 
-class WiredModel(QuantizedModel):
-  """QuantizedModel with the FQ-ViT interceptor composed in, as the lead will wire it."""
-
-  def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(fqvit.interceptor(self.rules, self.mode,
-                                                root=tuple(self.path))):
-      return super().__call__(*args, **kwargs)
-
-
 def _data(seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(4, 6, 16)).astype(np.float32)
@@ -81,7 +72,7 @@ def test_log2_attention_qat_and_serving():
   model = Block()
   x = _data()
   v = model.init(jax.random.key(0), x)
-  qm = WiredModel(model, RULES)
+  qm = QuantizedModel(model, RULES)
   # QAT: equals the float block with log2-quantized probabilities and PTF LayerNorm inputs.
   y = qm.apply(v, x)
 
@@ -116,7 +107,7 @@ def test_log2_attention_qat_and_serving():
   assert set(sv["params"]["LayerNorm_1"]) >= {fqvit.PTF_SCALE, fqvit.PTF_FACTOR_EXP}
   out = sm.apply(sv, x)
   np.testing.assert_allclose(out, y, rtol=0.1, atol=0.2)
-  sim = WiredModel(model, RULES, mode=ptq.SIM_MODE)
+  sim = QuantizedModel(model, RULES, mode=ptq.SIM_MODE)
   np.testing.assert_allclose(sim.apply(cv, x), out, rtol=1e-5, atol=1e-5)
   # The serving attention multiplies by 2^-q: exactly log2_matmul of the codes.
   jaxpr = str(jax.make_jaxpr(lambda vv: sm.apply(vv, x))(sv))
@@ -129,11 +120,11 @@ def test_masked_attention_serving_and_double_wiring():
   mask = nn.make_attention_mask(jnp.arange(6)[None] < jnp.array([[6], [4], [3], [5]]),
                                 jnp.arange(6)[None] < jnp.array([[6], [4], [3], [5]]))
   v = model.init(jax.random.key(1), x, mask)
-  qmodel = WiredModel(model, RULES)  # FQ-ViT composed twice in serving: applied once
+  qmodel = QuantizedModel(model, RULES)
   cv = ptq.calibrate(qmodel, v, [(x, mask)])
   sm, sv = ptq.convert(qmodel, cv)
   y = sm.apply(sv, x, mask)
-  sim = WiredModel(model, RULES, mode=ptq.SIM_MODE)
+  sim = QuantizedModel(model, RULES, mode=ptq.SIM_MODE)
   np.testing.assert_allclose(y, sim.apply(cv, x, mask), rtol=1e-5, atol=1e-5)
   cos = jnp.sum(y * model.apply(v, x, mask)) / jnp.linalg.norm(y) / jnp.linalg.norm(
       model.apply(v, x, mask))
@@ -152,7 +143,7 @@ def test_custom_attention_fn_is_rejected():
   x = _data()
   v = m.init(jax.random.key(0), x)
   try:
-    WiredModel(m, RULES).apply(v, x)
+    QuantizedModel(m, RULES).apply(v, x)
   except ValueError as e:
     assert "custom attention_fn" in str(e)
   else:

@@ -75,6 +75,7 @@ of the contraction, typically ``op.compute(new_lhs, new_rhs)`` or a result assem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -91,6 +92,7 @@ from jaxq import kernels
 from jaxq import numerics
 from jaxq import quantizer
 # The reserved names and RNG_STREAM are re-exported (jaxq.flax.ptq reads them from here).
+from jaxq.flax import fqvit
 from jaxq.flax.contraction import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                    ACT_ZERO_POINT, RNG_STREAM, WEIGHT_ALPHA, WEIGHT_NAMES,
                                    WEIGHT_SCALE, WEIGHT_ZERO_POINT, Contraction,
@@ -463,14 +465,21 @@ class QuantizedModel(nn.Module):
       raise ValueError(f"QuantizedModel.int8 must be one of {INT8_MODES}; got {self.int8!r}")
     return _Interceptor(tuple(self.path), check_rules(self.rules), self.mode, self.int8)
 
+  @contextlib.contextmanager
+  def _quantizing(self):
+    """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
+    fq = fqvit.interceptor(self.rules, self.mode, root=tuple(self.path))
+    with nn.intercept_methods(fq), nn.intercept_methods(self._interceptor()):
+      yield
+
   def __call__(self, *args, **kwargs):
-    with nn.intercept_methods(self._interceptor()):
+    with self._quantizing():
       return self.model(*args, **kwargs)
 
   def call_method(self, method: str, *args, **kwargs):
     """Calls another method of the wrapped model under quantization:
     ``qmodel.apply(variables, "encode", x, method="call_method")``."""
-    with nn.intercept_methods(self._interceptor()):
+    with self._quantizing():
       return getattr(self.model, method)(*args, **kwargs)
 
 

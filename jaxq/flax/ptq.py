@@ -40,6 +40,7 @@ used by :mod:`jaxq.analysis`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Iterable, Mapping
@@ -61,7 +62,7 @@ from jaxq.flax import linen as qlinen
 from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
                              QuantizedModel, register_mode)
 from jaxq.qarray import QArray, dequantize, quantize_with
-from jaxq.spec import QuantSpec, Rule, match_rule
+from jaxq.spec import QuantSpec, match_rule
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "ACT_SCALE", "ACT_ZERO_POINT",
@@ -468,14 +469,12 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
   """
   qmodel = _check_qmodel(qmodel)
   cal = qmodel.clone(mode=CALIBRATE_MODE)
-  icpt = fqvit.interceptor(qmodel.rules, CALIBRATE_MODE)
   variables = _unfreeze(dict(variables))
   others = {k: v for k, v in variables.items() if k != QUANT_STATS}
 
   def run(stats, batch_args, batch_kwargs):
-    with nn.intercept_methods(icpt):
-      _, new = cal.apply({**others, QUANT_STATS: stats}, *batch_args, mutable=[QUANT_STATS],
-                         **batch_kwargs, **apply_kwargs)
+    _, new = cal.apply({**others, QUANT_STATS: stats}, *batch_args, mutable=[QUANT_STATS],
+                       **batch_kwargs, **apply_kwargs)
     return _unfreeze(new.get(QUANT_STATS, {}))
 
   step = jax.jit(run)
@@ -647,20 +646,12 @@ class ServingModel(QuantizedModel):
   rules apply FQ-ViT's PTF / log2 quantizers (:mod:`jaxq.flax.fqvit`).
   """
 
-  def _serving_interceptors(self):
-    root = tuple(self.path)
-    return (_param_interceptor(root, self.rules),
-            fqvit.interceptor(self.rules, self.mode, root=root))
-
-  def __call__(self, *args, **kwargs):
-    p, f = self._serving_interceptors()
-    with nn.intercept_methods(p), nn.intercept_methods(f):
-      return super().__call__(*args, **kwargs)
-
-  def call_method(self, method: str, *args, **kwargs):
-    p, f = self._serving_interceptors()
-    with nn.intercept_methods(p), nn.intercept_methods(f):
-      return super().call_method(method, *args, **kwargs)
+  @contextlib.contextmanager
+  def _quantizing(self):
+    """QArray kernels read as their dequantized values, around the QAT interceptors."""
+    with nn.intercept_methods(_param_interceptor(tuple(self.path), self.rules)):
+      with super()._quantizing():
+        yield
 
 
 def serving_nbytes(tree) -> int:
