@@ -319,3 +319,48 @@ def test_vit_residual_bytes_shrink(bits, ratio):
   n_float = act.residual_nbytes(vit_loss_fn(model), params, x, y)
   n_comp = act.residual_nbytes(vit_loss_fn(model, bits), params, x, y)
   assert n_float / n_comp >= ratio, (n_float, n_comp)
+
+
+def test_eager_grad_matches_jit_and_keeps_weights():
+  """A plain eager ``jax.grad`` compresses the same residuals as the jitted one, never a
+  weight (nor a transposed/cast copy of one), and gives the same gradient."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(__file__))
+  from _models import TinyViT  # pylint: disable=import-outside-toplevel
+  from jaxq.flax.linen import quantize_model  # pylint: disable=import-outside-toplevel
+  from jaxq.spec import Rule  # pylint: disable=import-outside-toplevel
+
+  model = TinyViT(dim=32, depth=1)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  y = jnp.arange(3) % 10
+  params = model.init(jax.random.key(1), x)["params"]
+  qm = quantize_model(model, [Rule(path=r"block_\d+", weight=None, act=None,
+                                   act_compress=2)])
+  loss = lambda p: xent(qm.apply({"params": p}, x), y)  # noqa: E731
+  log, real = [], pack.compress
+
+  def spy(v, *a, **k):
+    log.append((tuple(v.shape), jnp.dtype(v.dtype).name))
+    return real(v, *a, **k)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pack, "compress", spy)
+    g_eager = jax.grad(loss)(params)
+    eager_log, log[:] = list(log), []
+    g_jit = jax.jit(jax.grad(loss))(params)
+    jit_log = list(log)
+  assert eager_log and eager_log == jit_log
+  # Every weight shape, as stored and transposed: none of them is compressed.
+  weight_shapes = set()
+  for w in jax.tree_util.tree_leaves(params["block_0"]):
+    weight_shapes |= {tuple(w.shape), tuple(w.shape[::-1]), (w.size,)}
+  assert not weight_shapes & {s for s, _ in eager_log}, eager_log
+  for a, b in zip(jax.tree_util.tree_leaves(g_eager), jax.tree_util.tree_leaves(g_jit)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # With nearest rounding the residuals are the same: compare against exact gradients.
+  g_exact = jax.grad(lambda p: xent(model.apply({"params": p}, x), y))(params)
+  num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+      jax.tree_util.tree_leaves(g_eager), jax.tree_util.tree_leaves(g_exact)))
+  den = sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(g_exact))
+  assert num < 0.5 * den, (num, den)

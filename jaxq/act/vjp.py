@@ -197,6 +197,15 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
     return fn(*args)
 
   def fwd(args, seed, probe):
+    if not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(args)):
+      # Eager call: ``jax.vjp`` on concrete arrays builds its closure differently (other
+      # leaves, in another order) from the traced one that :func:`_closure_origins`
+      # analyses; tracing the forward rule makes both the same, as under ``jit``.
+      return jax.jit(traced_fwd)(args, seed, probe)
+    return traced_fwd(args, seed, probe)
+
+  def traced_fwd(args, seed, probe):
+    del probe
     out, vjp_fn = jax.vjp(fn, *args)
     leaves, treedef = jax.tree_util.tree_flatten(vjp_fn)
     flat_args = jax.tree_util.tree_leaves(args)
