@@ -5,6 +5,8 @@
     python examples/vit_qat.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --patch 4 --dim 192 --depth 12 --heads 3 --epochs 100
     python examples/vit_qat.py --eval-only --checkpoint runs/vit_qat/checkpoints/w8a8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python examples/vit_qat.py --modes w8a8 --mesh data=4,model=2   # a device mesh
 
 Every mode trains the same ViT (Flax Linen) from the same seed with the same optax
 optimizer (AdamW, linear warmup + cosine decay, global-norm clipping; learnable quantizer
@@ -34,9 +36,11 @@ import numpy as np
 import optax
 from flax import serialization
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxq
 from jaxq import optim as jaxq_optim
+from jaxq import sharding as jaxq_sharding
 from jaxq.flax import ptq
 from jaxq.flax.linen import QuantizedModel
 
@@ -358,10 +362,31 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, x0: jax.Array
   return TrainState(params, collections, tx.init(params))
 
 
+def shard_state(state: TrainState, tx: optax.GradientTransformation,
+                mesh: Mesh) -> TrainState:
+  """Places the state on ``mesh``: kernels split over "model" (output features), the
+  optimizer moments with their parameters, other collections (observer statistics)
+  replicated, so observers see the global batch (docs/scaling.md)."""
+  param_sh = jaxq_sharding.param_shardings(state.params, mesh)
+  return TrainState(
+      jax.device_put(state.params, param_sh),
+      jax.device_put(state.collections, NamedSharding(mesh, PartitionSpec())),
+      jax.device_put(state.opt_state,
+                     jaxq_sharding.opt_state_shardings(tx, state.params, param_sh)))
+
+
+def place_batch(mesh: Mesh | None, *arrays: np.ndarray) -> tuple:
+  """The arrays split over the mesh's "data" axis (as they are without a mesh)."""
+  if mesh is None:
+    return arrays
+  return tuple(jax.device_put(a, jaxq_sharding.batch_sharding(mesh, a.ndim)) for a in arrays)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, state_shardings: Any = None):
   """One jitted step: cross-entropy loss (with label smoothing), gradients, optimizer
-  update; non-parameter collections (observer statistics) updated as the model reports."""
+  update; non-parameter collections (observer statistics) updated as the model reports.
+  ``state_shardings`` pins the new state's layout to the old one's (on a mesh)."""
 
   def train_step(state: TrainState, x, y, key):
     mutable = list(state.collections)
@@ -380,7 +405,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                        {**state.collections, **updates}, opt_state)
     return state, {"loss": loss, "accuracy": acc}
 
-  return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
 def make_eval_step(model: nn.Module):
@@ -473,9 +498,10 @@ def ptq_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConf
 # ----------------------------------------------------------------------------------------
 
 
-def train_mode(mode: str, args: argparse.Namespace, data: Dataset,
-               config: ViTConfig) -> tuple[dict, Any, dict]:
-  """Trains ``mode`` from scratch; returns (result row, variables, history)."""
+def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConfig,
+               mesh: Mesh | None = None) -> tuple[dict, Any, dict]:
+  """Trains ``mode`` from scratch (on ``mesh`` if given); returns (result row, variables,
+  history)."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   model = build_model(mode, config)
   n = len(data.x_train)
@@ -487,9 +513,13 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset,
       lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
       total_steps=total_steps, clip_norm=args.clip_norm, quant_lr_scale=args.quant_lr_scale)
   state = init_state(model, tx, jnp.asarray(data.x_train[:batch_size]), args.seed)
+  if mesh is not None:
+    state = shard_state(state, tx, mesh)
   key = jax.random.key(args.seed + 1)
-  xb0, yb0 = data.x_train[:batch_size], data.y_train[:batch_size]
-  compiled = make_train_step(model, tx, args.label_smoothing).lower(state, xb0, yb0, key).compile()
+  xb0, yb0 = place_batch(mesh, data.x_train[:batch_size], data.y_train[:batch_size])
+  state_shardings = None if mesh is None else jax.tree.map(lambda a: a.sharding, state)
+  compiled = make_train_step(model, tx, args.label_smoothing, state_shardings).lower(
+      state, xb0, yb0, key).compile()
   eval_step = make_eval_step(model)
   rng = np.random.default_rng(args.seed)
   history = {"step": [], "train_loss": [], "test_loss": [], "test_accuracy": []}
@@ -502,8 +532,9 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset,
     if i == 0:
       perm = rng.permutation(n)
     idx = perm[i * batch_size:(i + 1) * batch_size]
-    xb = augment(data.x_train[idx], rng, args.augment_shift)
-    state, metrics = compiled(state, xb, data.y_train[idx], jax.random.fold_in(key, step))
+    xb, yb = place_batch(mesh, augment(data.x_train[idx], rng, args.augment_shift),
+                         data.y_train[idx])
+    state, metrics = compiled(state, xb, yb, jax.random.fold_in(key, step))
     running.append(float(metrics["loss"]))
     train_seconds += time.perf_counter() - t0
     if (step + 1) % eval_every == 0 or step + 1 == total_steps:
@@ -649,7 +680,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="evaluate --checkpoint on its dataset's test set and exit")
   p.add_argument("--checkpoint", default=None, help="a directory <out>/checkpoints/<mode>")
   p.add_argument("--mesh", default=None,
-                 help="device mesh data=N,model=M (not yet supported beyond one device)")
+                 help="train on a device mesh data=N,model=M (N*M devices; see docs/scaling.md)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
@@ -660,23 +691,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.steps is not None and args.steps < 1:
     p.error("--steps must be >= 1")
   return args
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """``"data=N,model=M"`` -> ``{"data": N, "model": M}`` (missing axes are 1).
-
-  Training on a mesh of more than one device is not implemented in this example yet."""
-  mesh = {"data": 1, "model": 1}
-  for part in text.split(","):
-    name, sep, size = part.partition("=")
-    if name.strip() not in mesh or not sep or not size.strip().isdigit() or int(size) < 1:
-      raise ValueError(f"--mesh must look like data=N,model=M (positive sizes); got {text!r}")
-    mesh[name.strip()] = int(size)
-  if mesh["data"] * mesh["model"] > 1:
-    raise NotImplementedError(
-        f"--mesh {text}: training on a device mesh is not yet supported by this example; "
-        "run without --mesh (one device)")
-  return mesh
 
 
 def eval_only(args: argparse.Namespace) -> dict:
@@ -699,9 +713,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.eval_only:
     return eval_only(args)
   modes = parse_modes(args.modes, args.act_bits)
-  if args.mesh is not None:
-    parse_mesh(args.mesh)
   data = load_dataset(args.dataset, args.data_dir, args.seed)
+  mesh = None
+  if args.mesh is not None:
+    mesh = jaxq_sharding.make_mesh(args.mesh)
+    missing = set(mesh.axis_names) - {"data", "model"}
+    if missing:
+      raise ValueError(f"--mesh axes must be 'data' and/or 'model'; got {sorted(missing)}")
+    if min(args.batch_size, len(data.x_train)) % mesh.shape.get("data", 1):
+      raise ValueError(f"--batch-size {args.batch_size} must be divisible by the mesh's "
+                       f"data axis ({mesh.shape['data']})")
   config = ViTConfig(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio,
                      args.dropout, data.num_classes)
   check_config(config, data.x_train.shape[1:])
@@ -714,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if mode in PTQ_MODES:
       row, variables = ptq_mode(mode, args, data, config, trained["fp32"])
     else:
-      row, variables, histories[mode] = train_mode(mode, args, data, config)
+      row, variables, histories[mode] = train_mode(mode, args, data, config, mesh)
       trained[mode] = variables
     ckpt = os.path.join(args.out, "checkpoints", mode)
     save_checkpoint(ckpt, variables, {

@@ -163,19 +163,31 @@ def param_shardings(params: PyTree, mesh: Mesh, axis: AxisNames = MODEL,
 
 
 def opt_state_shardings(tx, params: PyTree, params_shardings: PyTree) -> PyTree:
-  """Shardings of ``tx.init(params)`` (any optax transformation): the parameter-shaped
-  leaves (Adam's ``mu`` / ``nu``, momentum, ...) follow their parameter, everything else
-  (step counts) is replicated. (``jit(tx.init)`` on sharded params does NOT give this:
-  ``zeros_like`` has no sharded operand to propagate from, so its output is replicated.)
+  """Shardings of ``tx.init(params)`` (any optax transformation, masked and
+  multi-transform ones included): a state leaf whose key path ends with a parameter's
+  path and has that parameter's shape (Adam's ``mu`` / ``nu``, momentum, ...) follows the
+  parameter; everything else (step counts) is replicated. (``jit(tx.init)`` on sharded
+  params does NOT give this: ``zeros_like`` has no sharded operand to propagate from, so
+  its output is replicated.)
   """
-  import optax  # pylint: disable=import-outside-toplevel
   meshes = {s.mesh for s in jax.tree_util.tree_leaves(params_shardings)}
   if len(meshes) != 1:
     raise ValueError(f"params_shardings must use one mesh; found {len(meshes)}")
   rep = NamedSharding(meshes.pop(), P())
-  state = jax.eval_shape(tx.init, params)
-  return optax.tree_map_params(tx, lambda _, sh: sh, state, params_shardings,
-                               transform_non_params=lambda _: rep)
+  by_path = {
+      tuple(qparams.key_name(k) for k in path): (np.shape(leaf), sh)
+      for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree_util.tree_leaves(params_shardings))}
+
+  def one(path, leaf):
+    keys = tuple(qparams.key_name(k) for k in path)
+    for start in range(len(keys)):  # the longest matching suffix first
+      hit = by_path.get(keys[start:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
 
 
 def _spec_entries(spec: P, ndim: int) -> list:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -149,12 +150,29 @@ def test_parse_modes():
       vit_qat.parse_modes(bad)
 
 
-def test_mesh_not_yet_supported(tmp_path):
-  assert vit_qat.parse_mesh("data=1,model=1") == {"data": 1, "model": 1}
-  with pytest.raises(NotImplementedError, match="not yet supported"):
+def test_mesh_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="needs 2 devices"):
     vit_qat.main(["--mesh", "data=2", "--out", str(tmp_path)] + TINY)
-  with pytest.raises(ValueError, match="--mesh"):
-    vit_qat.parse_mesh("data=two")
+  with pytest.raises(ValueError, match="mesh entry"):
+    vit_qat.main(["--mesh", "data=two", "--out", str(tmp_path)] + TINY)
+
+
+def test_mesh_training_matches_one_device(tmp_path):
+  """W8A8 on a 4x2 (data, model) mesh of simulated CPU devices: same loss as one device."""
+  script = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(vit_qat.__file__))!r})
+import vit_qat
+argv = {TINY!r} + ["--modes", "w8a8", "--batch-size", "16"]
+one = vit_qat.main(argv + ["--out", {str(tmp_path / "one")!r}])
+mesh = vit_qat.main(argv + ["--out", {str(tmp_path / "mesh")!r}, "--mesh", "data=4,model=2"])
+print("RESULT", json.dumps([one["w8a8"]["test_loss"], mesh["w8a8"]["test_loss"]]))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, timeout=600, check=True).stdout
+  one, mesh = json.loads(out.split("RESULT", 1)[1])
+  assert abs(mesh - one) <= 2e-3 * abs(one), (one, mesh)
 
 
 @pytest.mark.parametrize("argv, match", [
