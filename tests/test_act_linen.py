@@ -108,3 +108,38 @@ def test_probe_gives_sensitivity_and_adaptive_bits():
   assert ab.sensitivity["a"] > ab.sensitivity["b"] and bits["a"] > bits["b"]
   assert (bits["a"] + bits["b"]) / 2 <= 2.5 and bits == {"a": 4, "b": 1}
   assert ab.due(0) and ab.due(10) and not ab.due(3)
+
+
+def test_sensitivity_from_gradients_and_update_sensitivity():
+  """Empirical C (GACT): numpy reference; C from 1-bit and 2-bit agree for a linear layer
+  (the ``C / (2^b - 1)^2`` model); ``update_sensitivity`` allocates under the budget."""
+  sensitivity_from_gradients = act.sensitivity_from_gradients
+  import pytest  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  ref = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=(3,))}
+  g = {"w": ref["w"] + rng.normal(size=(5, 4, 3)), "b": ref["b"] + rng.normal(size=(5, 3))}
+  want = 9 * np.mean([np.sum((g["w"][k] - ref["w"])**2) + np.sum((g["b"][k] - ref["b"])**2)
+                      for k in range(5)])
+  np.testing.assert_allclose(sensitivity_from_gradients(g, ref, 2), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="leading sample"):
+    sensitivity_from_gradients(ref, ref, 2)
+
+  k = jax.random.split(jax.random.key(1), 3)
+  w, x = jax.random.normal(k[0], (32, 16)), jax.random.normal(k[1], (64, 32))
+  ct = jax.random.normal(k[2], (64, 16))
+  exact = x.T @ ct
+  c = {}
+  for b in (1, 2):
+    layer = act.compressed_vjp(lambda w, h: h @ w, bits=b, group_size=32, compress_args=(1,))
+    dw = jax.vmap(lambda key, layer=layer: jax.vjp(
+        lambda w: layer(w, x, key=key), w)[1](ct)[0])(jax.random.split(k[0], 64))
+    c[b] = float(sensitivity_from_gradients(dw, exact, b))
+  assert 0.3 < c[1] / c[2] < 3.0, c
+
+  ab = act.AdaptiveBits(["a", "b", "c"], avg_bits=2)
+  bits = ab.update_sensitivity({"a": 100.0, "b": 1.0, "c": 1.0}, {"a": 1, "b": 1, "c": 1})
+  assert bits == {"a": 4, "b": 1, "c": 1}
+  with pytest.raises(ValueError, match="sizes lacks"):
+    ab.update_sensitivity({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1})
+  with pytest.raises(ValueError, match="finite"):
+    ab.update_sensitivity({"a": np.nan, "b": 1.0, "c": 1.0}, {"a": 1, "b": 1, "c": 1})

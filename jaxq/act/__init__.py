@@ -4,14 +4,16 @@
   compressed to 1/2/4/8 bits, unbiased by stochastic rounding.
 * :data:`policy` -- a ``jax.checkpoint`` policy keeping only the compressed residuals.
 * :func:`calc_precision`, :class:`AdaptiveBits` -- per-layer bits from gradient
-  sensitivity under an average-bits budget.
+  sensitivity (probe-based, or measured: :func:`sensitivity_from_gradients`) under an
+  average-bits budget.
 * :mod:`jaxq.act.linen` -- :func:`~jaxq.act.linen.compressed_call` for Flax Linen modules.
 * :func:`compress` / :func:`decompress` -- the storage format of one tensor.
 * :func:`residual_nbytes` -- bytes a function's VJP keeps for the backward pass.
 """
 
 from jaxq.act import linen
-from jaxq.act.adaptive import AdaptiveBits, calc_precision, sensitivity_from_probe
+from jaxq.act.adaptive import (AdaptiveBits, calc_precision, sensitivity_from_gradients,
+                               sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress, hash_uniform
 from jaxq.act.remat import policy
 from jaxq.act.vjp import compressed_vjp, residual_nbytes
@@ -19,5 +21,5 @@ from jaxq.act.vjp import compressed_vjp, residual_nbytes
 __all__ = [
     "AdaptiveBits", "CompressedArray", "calc_precision", "compress", "compressed_vjp",
     "decompress", "hash_uniform", "linen", "policy", "residual_nbytes",
-    "sensitivity_from_probe",
+    "sensitivity_from_gradients", "sensitivity_from_probe",
 ]

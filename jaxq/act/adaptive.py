@@ -16,6 +16,35 @@ running estimate of ``C_l`` from the ``probe`` gradients of
 
 The same allocation applies per sample (ActNN's per-sample bits): pass one entry per
 (layer, sample) block to :func:`calc_precision`.
+
+The probe's ``C_l`` sees only the region's output cotangent, so it underrates a region
+whose internal residuals (attention maps, LayerNorm's normalised values) feed large
+gradients. :func:`sensitivity_from_gradients` measures ``C_l`` instead (GACT): the mean
+squared change of the parameter gradient when only region ``l`` is compressed, here at 1
+bit. Measured on a 2-block ViT on digits (regions: LayerNorms, attention, MLP of each
+block), it ranks the first attention region 5-40x as sensitive as the others, but at an
+average of 2 bits the allocation it implies (attention 4 bits, second MLP and LayerNorm 1
+bit) did not end closer to float than uniform 2-bit (2-seed mean test accuracy 93.65 vs
+93.54, float 94.99; final training loss 0.084 vs 0.053): the 1-bit regions cost more than
+``C_l / (2^b - 1)^2`` predicts. Treat adaptive widths at an average of 2 bits as
+experimental.
+
+Training loop (``regions``: names of the compressed modules; ``grad_fn(params, batch,
+bits, key)`` the loss gradient with region ``name`` run through
+:func:`~jaxq.act.linen.compressed_call` at ``bits[name]`` bits, float where absent; its
+jit recompiles per allocation, i.e. at most every ``interval`` steps)::
+
+    ab = AdaptiveBits(regions, avg_bits=2, interval=200)
+    sizes = {name: n_l for name in regions}   # probe_grad[1] of each region, once
+    for step in range(steps):
+      if ab.due(step):
+        ref = grad_fn(params, batch, {}, key)
+        keys = jax.random.split(key, 4)
+        ab.update_sensitivity({name: sensitivity_from_gradients(
+            jax.vmap(lambda k: grad_fn(params, batch, {name: 1}, k))(keys), ref, 1)
+            for name in regions}, sizes)
+      grads = grad_fn(params, batch, ab.bits, key)  # sum_l bits_l n_l <= 2 sum_l n_l
+      ...
 """
 
 from __future__ import annotations
@@ -125,6 +154,33 @@ def sensitivity_from_probe(probe_grad) -> tuple[float, float]:
   return float(p[0] * p[2] / 6.0), float(p[1])
 
 
+def sensitivity_from_gradients(grads, reference, bits: int) -> jax.Array:
+  """Empirical ``C_l`` (GACT, Liu et al. 2022): gradient noise of compressing layer ``l``.
+
+  ``grads`` are gradients (any pytree, one leading axis of ``K >= 1`` samples) computed
+  with only layer ``l`` compressed at ``bits`` bits, each with its own stochastic-rounding
+  key; ``reference`` is the same gradient without compression. Returns
+
+      C_l = (2^bits - 1)^2 * mean_k |grads_k - reference|^2,
+
+  so that ``C_l / (2^b - 1)^2`` estimates the variance at any width ``b``. Unlike the
+  probe's analytic model it sees every residual inside the layer and the gradient each
+  really feeds (attention maps, normalised values, ...). Jittable.
+  """
+  bits = check_bits(bits)
+  g, r = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(reference)
+  if len(g) != len(r) or not g:
+    raise ValueError(f"grads and reference must be pytrees with the same (non-zero) "
+                     f"number of leaves, got {len(g)} and {len(r)}")
+  for a, b in zip(g, r):
+    if a.shape[1:] != b.shape:
+      raise ValueError(f"grads leaves must be reference leaves with a leading sample "
+                       f"axis, got shapes {a.shape} and {b.shape}")
+  err = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+            for a, b in zip(g, r)) / g[0].shape[0]
+  return err * float((2**bits - 1) ** 2)
+
+
 class AdaptiveBits:
   """Running per-layer sensitivity and the bit widths it implies (ActNN/GACT style).
 
@@ -187,11 +243,24 @@ class AdaptiveBits:
     if missing:
       raise ValueError(f"probe_grads lacks layers {missing}")
     pg = jax.device_get(dict(probe_grads))
+    est = {name: sensitivity_from_probe(pg[name]) for name in self.names}
+    return self.update_sensitivity({k: c for k, (c, _) in est.items()},
+                                   {k: n for k, (_, n) in est.items()})
+
+  def update_sensitivity(self, sensitivity: Mapping, sizes: Mapping) -> dict:
+    """Folds in measured ``C_l`` (e.g. :func:`sensitivity_from_gradients`) and the
+    compressed element counts ``n_l``; re-allocates; returns (and stores) ``bits``."""
+    for what, d in (("sensitivity", sensitivity), ("sizes", sizes)):
+      missing = [n for n in self.names if n not in d]
+      if missing:
+        raise ValueError(f"{what} lacks layers {missing}")
     for name in self.names:
-      c, n = sensitivity_from_probe(pg[name])
+      c = float(sensitivity[name])
+      if not np.isfinite(c) or c < 0:
+        raise ValueError(f"sensitivity[{name!r}] must be finite and >= 0, got {c}")
       old = self.sensitivity.get(name)
       self.sensitivity[name] = c if old is None else self.momentum * old + (1 - self.momentum) * c
-      self.sizes[name] = max(n, 1.0)
+      self.sizes[name] = max(float(sizes[name]), 1.0)
     bits = calc_precision([self.sensitivity[n] for n in self.names],
                           [self.sizes[n] for n in self.names], self.avg_bits, self.choices)
     self.bits = {n: int(b) for n, b in zip(self.names, bits)}
