@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.flax.paths import module_path
+
 #: Default BatchNorm epsilon of ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm``.
 BN_EPSILON = 1e-5
 
@@ -217,7 +219,7 @@ def _has(tree, path: str) -> bool:
 
 
 def _module_path(module: nn.Module) -> str:
-  return "/".join(str(p) for p in module.path)
+  return "/".join(module_path(module))
 
 
 def find_conv_bn_pairs(model: nn.Module, *args, **kwargs) -> list[tuple[str, str]]:

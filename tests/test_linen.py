@@ -320,3 +320,20 @@ def test_act_compress_rule():
                           Rule(".*", weight=W8, act=A8)])
   np.testing.assert_allclose(jax.jit(q2.apply)(v, x), jax.jit(q3.apply)(v, x), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_attribute_submodules_match_by_variable_path():
+  """nn.Sequential holds its layers as attributes: under the scope-sharing wrapper their
+  rules, observers and learned steps use the variable path ("layers_2"), not "model/..."."""
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+  x = jax.random.normal(jax.random.key(0), (6, 5))
+  params = model.init(jax.random.key(1), x)["params"]
+  assert layer_paths(model, x) == ["layers_0", "layers_2"]
+  spec = QuantSpec(8, granularity="tensor", calibration="ema")
+  qmodel = quantize_model(model, [Rule("layers_2", weight=QuantSpec(4, estimator="lsq"),
+                                       act=spec)])
+  v = qmodel.init(jax.random.key(1), x)
+  assert set(v["quant_stats"]) == {"layers_2"}
+  assert set(v["params"]) == {"layers_0", "layers_2"}
+  assert "jaxq_weight_scale" in v["params"]["layers_2"]
+  assert "jaxq_weight_scale" not in v["params"]["layers_0"]

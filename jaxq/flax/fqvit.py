@@ -42,6 +42,7 @@ from jaxq import estimators
 from jaxq import numerics
 from jaxq import quantizer
 from jaxq.spec import QuantSpec, match_rule
+from jaxq.flax.paths import module_path
 
 __all__ = ["interceptor", "log2_attention_fn", "ptf_observer_init", "ptf_observer_update",
            "ptf_observer_qparams", "convert_params", "PTF_STATS", "PTF_SCALE",
@@ -128,7 +129,8 @@ def _ptf_serve(x, scale, zp, factor_exp, spec: QuantSpec):
 
 def _norm_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
   if not args:
-    raise ValueError(f"LayerNorm '{'/'.join(m.path)}': expected its input positionally")
+    raise ValueError(
+        f"LayerNorm '{'/'.join(module_path(m))}': expected its input positionally")
   x = args[0]
   if mode in _CALIBRATE:
     if m.is_mutable_collection(QUANT_STATS):
@@ -139,7 +141,7 @@ def _norm_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
     scale, zp, fexp = ptf_observer_qparams(m.get_variable(QUANT_STATS, PTF_STATS), spec)
     x_hat = _ptf_serve(x, scale, zp, fexp, spec)
   elif mode in _SERVE:
-    path = "/".join(m.path)
+    path = "/".join(module_path(m))
     if not m.has_variable("params", PTF_SCALE):
       raise ValueError(f"LayerNorm '{path}': its PTF rule needs calibrated parameters "
                        f"'{PTF_SCALE}' (run jaxq.calibrate, then jaxq.convert)")
@@ -205,8 +207,9 @@ def _attention_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
   if mode in _CALIBRATE or mode not in _SERVE + _SIM + ("qat",):
     return next_fun(*args, **kwargs)
   if m.attention_fn is not nn_attention.dot_product_attention:
-    raise ValueError(f"attention '{'/'.join(m.path)}': the log2 rule replaces the softmax "
-                     "of nn.dot_product_attention; this module has a custom attention_fn")
+    raise ValueError(f"attention '{'/'.join(module_path(m))}': the log2 rule replaces the "
+                     "softmax of nn.dot_product_attention; this module has a custom "
+                     "attention_fn")
   fn = log2_attention_fn(spec.bits, serving=mode in _SERVE + _SIM)
   object.__setattr__(m, "attention_fn", fn)
   try:
@@ -225,7 +228,7 @@ def interceptor(rules, mode: str, *, root: tuple[str, ...] = ()):
 
   ``rules``: the :class:`~jaxq.spec.Rule` sequence of the quantized model (paths relative
   to ``root``, the wrapper's module path); ``mode``: the wrapper's mode.
-  Use: ``with nn.intercept_methods(interceptor(rules, mode, root=tuple(self.path))): ...``.
+  Use: ``with nn.intercept_methods(interceptor(rules, mode, root=module_path(self))): ...``.
   """
   rules = tuple(rules)
   root = tuple(root)
@@ -236,7 +239,7 @@ def interceptor(rules, mode: str, *, root: tuple[str, ...] = ()):
     if (context.method_name != "__call__" or m.scope is None
         or not isinstance(m, _NORM_TYPES + _ATTN_TYPES) or id(m) in _active()):
       return next_fun(*args, **kwargs)
-    path_t = tuple(m.path)
+    path_t = module_path(m)
     if path_t[:len(root)] != root:
       return next_fun(*args, **kwargs)
     rule = match("/".join(path_t[len(root):]))

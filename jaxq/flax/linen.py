@@ -103,6 +103,7 @@ from jaxq.flax.contraction import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                    weight_view_spec)
 from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule, match_rule
+from jaxq.flax.paths import module_path
 
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
@@ -202,8 +203,8 @@ def _param(module, name, init_fn):
   """A jaxq parameter in the layer's "params": read, or created when "params" is mutable."""
   if not module.has_variable("params", name) and not module.is_mutable_collection("params"):
     raise ValueError(
-        f"layer '{'/'.join(module.path)}' needs the quantizer parameter '{name}', which "
-        "the given params lack (a float checkpoint?): add it with "
+        f"layer '{'/'.join(module_path(module))}' needs the quantizer parameter '{name}', "
+        "which the given params lack (a float checkpoint?): add it with "
         "jaxq.flax.init_quant_params(qmodel, variables, *example_args)")
   return module.variable("params", name, init_fn).value
 
@@ -416,7 +417,7 @@ class _Interceptor:
     if (context.method_name != "__call__" or m.scope is None
         or isinstance(m, QuantizedModel)):
       return next_fun(*args, **kwargs)
-    path_t = tuple(m.path)
+    path_t = module_path(m)
     if path_t[:len(self.root)] != self.root:
       return next_fun(*args, **kwargs)
     path = "/".join(path_t[len(self.root):])
@@ -463,12 +464,12 @@ class QuantizedModel(nn.Module):
                        f"{self.mode!r}")
     if self.int8 not in INT8_MODES:
       raise ValueError(f"QuantizedModel.int8 must be one of {INT8_MODES}; got {self.int8!r}")
-    return _Interceptor(tuple(self.path), check_rules(self.rules), self.mode, self.int8)
+    return _Interceptor(module_path(self), check_rules(self.rules), self.mode, self.int8)
 
   @contextlib.contextmanager
   def _quantizing(self):
     """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
-    fq = fqvit.interceptor(self.rules, self.mode, root=tuple(self.path))
+    fq = fqvit.interceptor(self.rules, self.mode, root=module_path(self))
     with nn.intercept_methods(fq), nn.intercept_methods(self._interceptor()):
       yield
 
@@ -524,7 +525,7 @@ def layer_paths(model: nn.Module, *args, **kwargs) -> list[str]:
   def record(next_fun, a, kw, context):
     m = context.module
     if context.method_name == "__call__" and isinstance(m, LAYER_TYPES):
-      p = "/".join(m.path)
+      p = "/".join(module_path(m))
       if p not in found:
         found.append(p)
     return next_fun(*a, **kw)

@@ -63,6 +63,7 @@ from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
                              QuantizedModel, register_mode)
 from jaxq.qarray import QArray, dequantize, quantize_with
 from jaxq.spec import QuantSpec, match_rule
+from jaxq.flax.paths import module_path
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "ACT_SCALE", "ACT_ZERO_POINT",
@@ -614,7 +615,7 @@ def _param_interceptor(root: tuple[str, ...], rules):
              and isinstance(m.get_variable("params", n), QArray)]
     if not names:
       return next_fun(*args, **kwargs)
-    path_t = tuple(m.path)
+    path_t = module_path(m)
     rule = (match_rule(rules, "/".join(path_t[len(root):]))
             if path_t[:len(root)] == root else None)
     handled = (context.method_name == "__call__" and isinstance(m, LAYER_TYPES)
@@ -649,7 +650,7 @@ class ServingModel(QuantizedModel):
   @contextlib.contextmanager
   def _quantizing(self):
     """QArray kernels read as their dequantized values, around the QAT interceptors."""
-    with nn.intercept_methods(_param_interceptor(tuple(self.path), self.rules)):
+    with nn.intercept_methods(_param_interceptor(module_path(self), self.rules)):
       with super()._quantizing():
         yield
 
