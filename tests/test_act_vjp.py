@@ -4,54 +4,17 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from _models import TinyViT
 from jaxq import act
 from jaxq.act import pack
-
-
-# ----------------------------------------------------------------------------- tiny ViT
-class Block(nn.Module):
-  dim: int = 32
-  heads: int = 2
-  mlp: int = 64
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.LayerNorm()(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(y, y)
-    x = x + y
-    y = nn.LayerNorm()(x)
-    y = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp)(y)))
-    return x + y
-
-
-class ViT(nn.Module):
-  """Patch-embedding Dense, ``depth`` pre-LN blocks (attention + MLP), mean pool, head."""
-  patch: int = 2
-  dim: int = 32
-  depth: int = 2
-  heads: int = 2
-  mlp: int = 64
-  classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    p = self.patch
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, (h // p) * (w // p), p * p * c)
-    x = nn.Dense(self.dim, name="embed")(x)
-    x = x + self.param("pos", nn.initializers.normal(0.02), (1,) + x.shape[1:])
-    for i in range(self.depth):
-      x = Block(self.dim, self.heads, self.mlp, name=f"block_{i}")(x)
-    x = nn.LayerNorm(name="norm")(x)
-    return nn.Dense(self.classes, name="head")(x.mean(axis=1))
+from jaxq.flax.linen import quantize_model
+from jaxq.spec import Rule
 
 
 def xent(logits, y):
@@ -60,7 +23,7 @@ def xent(logits, y):
 
 @functools.lru_cache(maxsize=None)
 def vit_setup(batch=16):
-  model = ViT()
+  model = TinyViT()
   kx, kp = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (batch, 8, 8, 1))
   y = jnp.arange(batch, dtype=jnp.int32) % 10
@@ -324,13 +287,6 @@ def test_vit_residual_bytes_shrink(bits, ratio):
 def test_eager_grad_matches_jit_and_keeps_weights():
   """A plain eager ``jax.grad`` compresses the same residuals as the jitted one, never a
   weight (nor a transposed/cast copy of one), and gives the same gradient."""
-  import sys  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.dirname(__file__))
-  from _models import TinyViT  # pylint: disable=import-outside-toplevel
-  from jaxq.flax.linen import quantize_model  # pylint: disable=import-outside-toplevel
-  from jaxq.spec import Rule  # pylint: disable=import-outside-toplevel
-
   model = TinyViT(dim=32, depth=1)
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
   y = jnp.arange(3) % 10
