@@ -6,7 +6,7 @@ inputs, XLA's SPMD partitioner (GSPMD) partitions every jaxq computation written
 kernels, the int8 ``dot_general`` of W8A8) with the semantics of the single-device
 program: a min/max observer over a batch sharded on ``"data"`` is the global min/max (XLA
 inserts the all-reduce), and the counter-based noise of stochastic rounding
-(:func:`jaxq.act.pack.hash_uniform`, the threefry of ``jax.random`` with
+(:func:`jaxq.numerics.hash_uniform`, the threefry of ``jax.random`` with
 ``jax_threefry_partitionable``, the default) is a function of the *global* element index,
 so every shard draws different noise and the whole run is reproducible from one key,
 bitwise equal in its random bits to the one-device run. ``tests/test_sharding.py`` checks
@@ -44,10 +44,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxq import kernels
+from jaxq import numerics
 from pallas_kernels._common import epilogue
 from jaxq import params as qparams
 from jaxq.spec import match_rule
-from jaxq.act import pack as act_pack
 from jaxq.qarray import QArray
 
 PyTree = Any
@@ -340,8 +340,8 @@ def shard_key(key: jax.Array, axes: AxisNames) -> jax.Array:
 
 
 def shard_seed(seed: jax.Array, axes: AxisNames) -> jax.Array:
-  """:func:`shard_key` for the uint32 seeds of :func:`jaxq.act.pack.hash_uniform`."""
-  return act_pack.derive_seed(seed, 0) ^ act_pack.mix32(
+  """:func:`shard_key` for the uint32 seeds of :func:`jaxq.numerics.hash_uniform`."""
+  return numerics.derive_seed(seed, 0) ^ numerics.mix32(
       _linear_index(axes).astype(jnp.uint32) + np.uint32(0x9E3779B9))
 
 
@@ -388,7 +388,7 @@ def quantize_pack_sharded(x, bits: int, noise=None, *, mesh: Mesh, axes: AxisNam
   over mesh ``axes``, one kernel launch per shard.
 
   Stochastic rounding: pass ``noise`` (global ``f32[G, S]``, split like x), or a ``key``:
-  each shard then draws its noise with :func:`jaxq.act.pack.hash_uniform` from its own
+  each shard then draws its noise with :func:`jaxq.numerics.hash_uniform` from its own
   seed (:func:`shard_seed`), so shards round independently and the result is a
   deterministic function of ``key`` and the mesh. Returns ``(packed, lo, scale)`` split
   over ``axes`` like x.
@@ -396,14 +396,14 @@ def quantize_pack_sharded(x, bits: int, noise=None, *, mesh: Mesh, axes: AxisNam
   if noise is not None and key is not None:
     raise ValueError("quantize_pack_sharded: pass noise or key, not both")
   ax = _present(mesh, axes)
-  seed = None if key is None else act_pack.seed_from_key(key)
+  seed = None if key is None else numerics.seed_from_key(key)
 
   def local(xl, *rest):
     nl = None
     if noise is not None:
       nl = rest[0]
     elif seed is not None:
-      nl = act_pack.hash_uniform(shard_seed(rest[0], ax), xl.shape)
+      nl = numerics.hash_uniform(shard_seed(rest[0], ax), xl.shape)
     return kernels.quantize_pack(xl, bits, nl, backend=backend)
 
   in_specs, args = (P(ax, None),), (x,)

@@ -12,6 +12,7 @@ import pytest
 
 from _models import TinyViT
 from jaxq import act
+from jaxq import numerics
 from jaxq.act import pack
 from jaxq.flax.linen import quantize_model
 from jaxq.spec import Rule
@@ -85,13 +86,13 @@ def test_bad_group_size_raises():
 
 # ----------------------------------------------------------------------------- noise, pack
 def test_hash_uniform_moments_and_independence():
-  u = pack.hash_uniform(jnp.uint32(7), (1 << 20,))
+  u = numerics.hash_uniform(jnp.uint32(7), (1 << 20,))
   assert u.dtype == jnp.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
   np.testing.assert_allclose(float(u.mean()), 0.5, atol=2e-3)
   np.testing.assert_allclose(float(u.var()), 1 / 12, atol=1e-3)
   hist = np.histogram(np.asarray(u), bins=16, range=(0, 1))[0] / u.size
   np.testing.assert_allclose(hist, 1 / 16, atol=2e-3)
-  v = pack.hash_uniform(jnp.uint32(8), (1 << 20,))
+  v = numerics.hash_uniform(jnp.uint32(8), (1 << 20,))
   assert abs(float(jnp.corrcoef(u, v)[0, 1])) < 5e-3          # different seeds
   assert abs(float(jnp.corrcoef(u[:-1], u[1:])[0, 1])) < 5e-3  # neighbours
 

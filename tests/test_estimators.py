@@ -296,7 +296,7 @@ def test_stochastic_rounding_forward_and_gradients():
   x = _rand((20, 5), seed=12)
   s, z, qmin, qmax = F32(0.25), F32(1.0), -8, 7
   key = jax.random.key(3)
-  noise = np.asarray(jax.random.uniform(key, x.shape, jnp.float32), np.float64)
+  noise = np.asarray(numerics.hash_uniform(numerics.seed_from_key(key), x.shape), np.float64)
   r = np.floor(_v32(x, s) + noise)  # numerics.round_stochastic with the same key
   out = E.fake_quant(x, s, z, qmin, qmax, key=key)
   np.testing.assert_allclose(out, fq_ref(x, s, z, qmin, qmax, r=r), rtol=1e-6, atol=1e-7)

@@ -14,12 +14,12 @@
 from jaxq.act import linen
 from jaxq.act.adaptive import (AdaptiveBits, calc_precision, sensitivity_from_gradients,
                                sensitivity_from_probe)
-from jaxq.act.pack import CompressedArray, compress, decompress, hash_uniform
+from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
 from jaxq.act.vjp import compressed_vjp, residual_nbytes
 
 __all__ = [
     "AdaptiveBits", "CompressedArray", "calc_precision", "compress", "compressed_vjp",
-    "decompress", "hash_uniform", "linen", "policy", "residual_nbytes",
+    "decompress", "linen", "policy", "residual_nbytes",
     "sensitivity_from_gradients", "sensitivity_from_probe",
 ]

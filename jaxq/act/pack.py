@@ -14,9 +14,8 @@ layout (any shape and float dtype <-> ``f32[G, S]``) and cheap noise.
 
 Noise: ``jax.random.uniform`` over every element of every activation costs more than the
 packing itself on the CPU (threefry is ~20 integer ops per 32 bits, and the key splitting
-is sequential), so :func:`hash_uniform` derives ``u`` from a counter-based integer hash of
-the element index and a 32-bit seed (Wellons' "lowbias32" xorshift-multiply mixer, a
-2-round member of the family of MurmurHash3's finalizer), one fused elementwise pass.
+is sequential), so the noise is :func:`jaxq.numerics.hash_uniform`, a counter-based integer
+hash of the element index and a 32-bit seed, one fused elementwise pass.
 """
 
 from __future__ import annotations
@@ -29,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import kernels
+from jaxq.numerics import hash_uniform
 
 VALID_BITS = (1, 2, 4, 8)
-
-_GOLDEN = np.uint32(0x9E3779B9)
-
 
 def check_bits(bits: Any, name: str = "bits") -> int:
   """Validates a packing width: one of 1, 2, 4, 8 (widths that divide a byte)."""
@@ -52,38 +49,6 @@ def check_group_size(group_size: Any, bits: int, name: str = "group_size") -> in
         f"{name} must be a positive multiple of 8 // bits = {per_byte} for bits={bits}, "
         f"got {group_size}")
   return int(group_size)
-
-
-def mix32(x: jax.Array) -> jax.Array:
-  """Wellons' lowbias32 integer hash: a bijection of uint32 with good avalanche."""
-  x = x ^ (x >> 16)
-  x = x * np.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * np.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def seed_from_key(key: jax.Array) -> jax.Array:
-  """One uint32 seed from a PRNG key (typed or raw ``uint32[2]``)."""
-  return jax.random.bits(key, (), jnp.uint32)
-
-
-def derive_seed(seed: jax.Array, index: int) -> jax.Array:
-  """Independent-looking seed number ``index`` from ``seed`` (one per stored tensor)."""
-  return mix32(seed.astype(jnp.uint32) + np.uint32((index * 0x9E3779B9 + 1) & 0xFFFFFFFF))
-
-
-def hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """``f32[shape]`` noise in ``[0, 1)`` from a counter-based hash of the flat index.
-
-  ``u_i = (mix32(mix32(i * phi + seed)) >> 8) * 2^-24`` with ``phi`` the 32-bit golden ratio:
-  24 uniform bits per element (the f32 mantissa), exactly representable, so ``u < 1``.
-  Distinct seeds give (empirically) independent streams; a given ``(seed, i)`` always gives
-  the same value, which keeps the forward pass deterministic under remat.
-  """
-  idx = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
-  x = mix32(mix32(idx * _GOLDEN + seed.astype(jnp.uint32)))
-  return (x >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 @jax.tree_util.register_dataclass

@@ -33,6 +33,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.core import Literal
 
+from jaxq import numerics
 from jaxq.act import pack
 
 #: ``checkpoint_name`` of the compressed residuals (codes, lo, scale).
@@ -182,7 +183,7 @@ def compressed_vjp(fn: Callable[..., Any], bits: int = 2, group_size: int = 256,
       raise ValueError(
           f"compress_args={compress_args} names a position >= the {len(args)} arguments "
           f"given to {getattr(fn, '__name__', fn)!r}")
-    seed = None if key is None else pack.seed_from_key(key)
+    seed = None if key is None else numerics.seed_from_key(key)
     return _call(fn, bits, group_size, compress_args, args, seed, probe)
 
   return g
@@ -238,7 +239,7 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
       want = (_is_float_array(leaf) and leaf.size >= group_size and id(leaf) not in stats
               and (not is_arg or arg_pos[src] in compress_args))
       if want:
-        s = None if seed is None else pack.derive_seed(seed, len(compressed))
+        s = None if seed is None else numerics.derive_seed(seed, len(compressed))
         slot = ("c", len(compressed))
         compressed.append(pack.compress(leaf, bits, group_size, s))
       else:

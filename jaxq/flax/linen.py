@@ -280,8 +280,7 @@ def _in_range(v, scale):
 def _grad_noise(seed, index, shape):
   if seed is None:
     return None
-  from jaxq.act.pack import derive_seed, hash_uniform  # pylint: disable=import-outside-toplevel
-  return hash_uniform(derive_seed(seed, index), shape)
+  return numerics.hash_uniform(numerics.derive_seed(seed, index), shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -347,8 +346,7 @@ def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wk
   if call.int8 == "all":
     key = call.rng()
     if key is not None:
-      from jaxq.act.pack import seed_from_key  # pylint: disable=import-outside-toplevel
-      seed = seed_from_key(key)
+      seed = numerics.seed_from_key(key)
   cfg = (mask_x, mask_w, call.int8 == "all")
   y2 = _w8a8(x2, w2, sx, sw, seed, cfg)
   return op.out_from_matrix(y2)
