@@ -42,7 +42,7 @@ alongside (or together with) the params, e.g. ``optax.adam`` on ``(params, qstat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -187,10 +187,11 @@ def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None) -> d
   return qstate
 
 
-def _lookup(qstate, keys):
-  node = qstate
+def tree_get(tree, keys):
+  """The node of a nested mapping at ``keys``, or None where the path is missing."""
+  node = tree
   for k in keys:
-    if not isinstance(node, dict) or k not in node:
+    if not isinstance(node, Mapping) or k not in node:
       return None
     node = node[k]
   return node
@@ -222,7 +223,7 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
     ga = _check_group(spec, leaf, name, module_path)
     state = None
     if _learnable(spec):
-      state = _lookup(qstate, keys) if qstate is not None else None
+      state = tree_get(qstate, keys) if qstate is not None else None
       if state is None:
         raise ValueError(
             f"weight '{'/'.join(keys)}' uses estimator={spec.estimator!r}, whose step is "

@@ -64,6 +64,7 @@ from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
 from jaxq.qarray import QArray, dequantize, quantize_with
 from jaxq.spec import QuantSpec, match_rule
 from jaxq.flax.paths import module_path
+from jaxq.params import tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "ACT_SCALE", "ACT_ZERO_POINT",
@@ -511,15 +512,6 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
 # --------------------------------------------------------------------------------------
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
-  node = tree
-  for p in path:
-    if not isinstance(node, Mapping) or p not in node:
-      return None
-    node = node[p]
-  return node
-
-
 def _infer_contract(kernel, bias) -> tuple[int, ...]:
   """Contraction axes of a kernel without a recorded layout: the kernel ends in the bias's
   (output) shape, else in one output axis."""
@@ -559,7 +551,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
       continue
     if recorded and lp not in recorded:
       continue  # calibration saw no quantized layer call here
-    node = _get(params, lp) or {}
+    node = tree_get(params, lp) or {}
     kernel = node.get("kernel")
     if isinstance(kernel, meta.AxisMetadata):
       kernel = kernel.unbox()
@@ -575,7 +567,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
       flat.pop(lp + (n,), None)
     aspec = rule.act
     if _static_act(aspec) and aspec.estimator == "ste":
-      st = _get(stats, lp + (qlinen.ACT_STATS,))
+      st = tree_get(stats, lp + (qlinen.ACT_STATS,))
       if st is None:
         raise ValueError(_uncalibrated(path))
       scale, zp = calibration.observer_qparams(st, aspec)
