@@ -20,6 +20,7 @@ kernel tiled over rows and columns.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +46,34 @@ def _check_inputs(x, bits, noise):
   return bits, ppb
 
 
+def _pack_bytes_via_words(q):
+  """``uint8[G, S]`` codes, ``S % 4 == 0`` (or 2), written as whole little-endian words.
+
+  Same bytes as ``q.astype(uint8)``. A bare ``convert(f32 -> u8)`` is elementwise, so XLA:CPU
+  fuses it into its consumer: the unpacking ``convert(u8 -> f32)`` in the backward pass
+  (inside a YNNPACK fusion), and what stays alive from forward to backward is the float
+  ``clip(floor(.))`` (4 bytes per element, not 1), recomputed there with its noise. A
+  shift-and-sum into words ends in a reduction, which XLA does not fuse into consumers, so
+  the one-byte-per-element words are what it materializes (as at 1, 2 and 4 bits).
+  """
+  g, s = q.shape
+  width = 4 if s % 4 == 0 else 2
+  wtype = jnp.uint32 if width == 4 else jnp.uint16
+  shifts = jnp.arange(width, dtype=wtype) * 8
+  words = jnp.sum(q.astype(wtype).reshape(g, s // width, width) << shifts, axis=-1,
+                  dtype=wtype)
+  # bitcast to bytes splits each word least significant byte first (little-endian devices).
+  return lax.bitcast_convert_type(words, jnp.uint8).reshape(g, s)
+
+
 def pack_ref(q, bits: int):
   """Pack integer codes ``q: [G, S]`` (values < 2^bits) into ``uint8[G, S * bits / 8]``."""
   bits = check_bits(bits)
   ppb = 8 // bits
   q = q.astype(jnp.uint8)
   if ppb == 1:
+    if q.ndim == 2 and q.shape[1] % 2 == 0 and sys.byteorder == "little":
+      return _pack_bytes_via_words(q)
     return q
   g, s = q.shape
   shifts = (jnp.arange(ppb, dtype=jnp.uint8) * bits)
