@@ -8,10 +8,13 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python examples/vit_qat.py --modes w8a8 --mesh data=4,model=2   # a device mesh
 
-Every mode trains the same ViT (Flax Linen) from the same seed with the same optax
-optimizer (AdamW, linear warmup + cosine decay, global-norm clipping; learnable quantizer
-parameters in their own optimizer group without weight decay). Quantized modes wrap the
-float model with ``jaxq.quantize_model(model, rules)``; the model code is not changed.
+The fp32 mode trains a ViT (Flax Linen) from scratch with optax (AdamW, linear warmup +
+cosine decay, global-norm clipping). Quantized training modes then fine-tune the trained
+fp32 variables quantized (the usual QAT recipe; ``--qat-init scratch`` trains them from
+the same initialisation as fp32 instead), with learnable quantizer parameters in their own
+optimizer group without weight decay; PTQ modes calibrate and convert the fp32 variables.
+Quantized modes wrap the float model with ``jaxq.quantize_model(model, rules)``; the model
+code is not changed.
 
 Writes to ``--out`` (default ``runs/vit_qat``): ``results.json``, ``curves.png`` (loss and
 test accuracy per mode) and one checkpoint per mode under ``checkpoints/<mode>``.
@@ -41,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jaxq
 from jaxq import optim as jaxq_optim
 from jaxq import sharding as jaxq_sharding
-from jaxq.flax import ptq
+from jaxq.flax import init_quant_params, ptq
 from jaxq.flax.linen import QuantizedModel
 
 # ----------------------------------------------------------------------------------------
@@ -290,9 +293,10 @@ def split_mode(mode: str) -> tuple[str, int | None]:
       f"{', '.join(PTQ_MODES)}")
 
 
-def parse_modes(text: str, act_bits: int | None = None) -> list[str]:
+def parse_modes(text: str, act_bits: int | None = None, fine_tune: bool = False) -> list[str]:
   """The modes of ``--modes``, checked; ``act_bits`` adds "+act<bits>" to training modes.
-  PTQ modes start from the fp32 run, which is added first when not listed."""
+  PTQ modes (and, with ``fine_tune``, quantized training modes) start from the fp32 run,
+  which is added first when not listed."""
   modes = [m.strip() for m in text.split(",") if m.strip()]
   if not modes:
     raise ValueError(f"--modes must not be empty; got {text!r}")
@@ -300,9 +304,19 @@ def parse_modes(text: str, act_bits: int | None = None) -> list[str]:
     modes = [m if m in PTQ_MODES or "+act" in m else f"{m}+act{act_bits}" for m in modes]
   for m in modes:
     split_mode(m)
-  if any(m in PTQ_MODES for m in modes) and "fp32" not in modes:
-    modes.insert(0, "fp32")
-  return list(dict.fromkeys(modes))
+  needed = {float_source(m, modes) for m in modes
+            if m in PTQ_MODES or (fine_tune and split_mode(m)[0] != "fp32")}
+  # Float runs go first: other modes start from them.
+  return list(dict.fromkeys([m for m in modes if m in needed] + sorted(needed - set(modes))
+                            + modes))
+
+
+def float_source(mode: str, modes: Sequence[str]) -> str:
+  """The float run a PTQ or fine-tuned ``mode`` starts from: "fp32+act<b>" for a
+  "<base>+act<b>" mode when that run is listed, else "fp32"."""
+  act = split_mode(mode)[1]
+  same = f"fp32+act{act}"
+  return same if act is not None and same in modes else "fp32"
 
 
 def mode_rules(mode: str) -> tuple[jaxq.Rule, ...] | None:
@@ -357,6 +371,19 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, x0: jax.Array
   """Parameters (and quantizer state, initialised from the batch ``x0``) and optimizer
   state."""
   variables = model.init(jax.random.key(seed), x0, train=False)
+  params = variables["params"]
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  return TrainState(params, collections, tx.init(params))
+
+
+def state_from(model: nn.Module, tx: optax.GradientTransformation, variables,
+               x0: jax.Array) -> TrainState:
+  """The state of ``model`` starting from trained float ``variables``: quantizer parameters
+  (LSQ steps from the trained weights) and observers initialised from the batch ``x0``.
+  The arrays are copies: the train step donates its state, and ``variables`` lives on."""
+  variables = jax.tree.map(jnp.copy, variables)
+  if isinstance(model, QuantizedModel):
+    variables = init_quant_params(model, variables, x0, train=False)
   params = variables["params"]
   collections = {k: v for k, v in variables.items() if k != "params"}
   return TrainState(params, collections, tx.init(params))
@@ -498,21 +525,38 @@ def ptq_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConf
 # ----------------------------------------------------------------------------------------
 
 
+def fine_tunes(mode: str, args: argparse.Namespace) -> bool:
+  """Whether ``mode`` starts from the trained fp32 variables (``--qat-init fp32``): every
+  quantized training mode does; fp32 itself (with or without "+act") trains from scratch."""
+  return args.qat_init == "fp32" and split_mode(mode)[0] not in ("fp32", *PTQ_MODES)
+
+
 def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConfig,
-               mesh: Mesh | None = None) -> tuple[dict, Any, dict]:
-  """Trains ``mode`` from scratch (on ``mesh`` if given); returns (result row, variables,
-  history)."""
+               mesh: Mesh | None = None, init_from: Any = None,
+               step_offset: int = 0) -> tuple[dict, Any, dict]:
+  """Trains ``mode`` (on ``mesh`` if given) from scratch, or, given the float variables
+  ``init_from``, fine-tunes them quantized for ``--finetune-epochs`` at ``--finetune-lr``
+  (their quantizer state initialised from the first batch by
+  ``jaxq.flax.init_quant_params``). History steps count from ``step_offset``. Returns
+  (result row, variables, history)."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   model = build_model(mode, config)
   n = len(data.x_train)
   batch_size = min(args.batch_size, n)
   steps_per_epoch = n // batch_size
-  total_steps = args.steps or args.epochs * steps_per_epoch
+  epochs, lr = (args.epochs, args.lr) if init_from is None else (args.finetune_epochs,
+                                                                 args.finetune_lr)
+  total_steps = args.steps or epochs * steps_per_epoch
   eval_every = args.eval_every or steps_per_epoch
   tx = make_optimizer(
-      lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+      lr=lr, weight_decay=args.weight_decay,
+      warmup_steps=min(args.warmup_steps, total_steps // 10),
       total_steps=total_steps, clip_norm=args.clip_norm, quant_lr_scale=args.quant_lr_scale)
-  state = init_state(model, tx, jnp.asarray(data.x_train[:batch_size]), args.seed)
+  x0 = jnp.asarray(data.x_train[:batch_size])
+  if init_from is None:
+    state = init_state(model, tx, x0, args.seed)
+  else:
+    state = state_from(model, tx, init_from, x0)
   if mesh is not None:
     state = shard_state(state, tx, mesh)
   key = jax.random.key(args.seed + 1)
@@ -541,7 +585,7 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
       variables = {"params": state.params, **state.collections}
       test_loss, test_acc = evaluate(eval_step, variables, data.x_test, data.y_test,
                                      args.eval_batch_size)
-      history["step"].append(step + 1)
+      history["step"].append(step_offset + step + 1)
       history["train_loss"].append(float(np.mean(running)))
       history["test_loss"].append(test_loss)
       history["test_accuracy"].append(test_acc)
@@ -663,7 +707,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   m.add_argument("--dropout", type=float, default=0.0)
   t = p.add_argument_group("training")
   t.add_argument("--epochs", type=int, default=100)
-  t.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
+  t.add_argument("--steps", type=int, default=None,
+                 help="steps per mode (overrides --epochs and --finetune-epochs)")
+  t.add_argument("--qat-init", default="fp32", choices=("fp32", "scratch"),
+                 help="quantized training modes fine-tune the fp32 run (the usual QAT "
+                 "recipe) or train from scratch like fp32")
+  t.add_argument("--finetune-epochs", type=int, default=60)
+  t.add_argument("--finetune-lr", type=float, default=1e-3)
   t.add_argument("--batch-size", type=int, default=64)
   t.add_argument("--eval-batch-size", type=int, default=256)
   t.add_argument("--eval-every", type=int, default=None, help="steps (default: one epoch)")
@@ -685,7 +735,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
     p.error("--eval-only needs --checkpoint PATH")
-  for name in ("epochs", "batch_size", "eval_batch_size", "calibration_batches"):
+  for name in ("epochs", "finetune_epochs", "batch_size", "eval_batch_size", "calibration_batches"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.steps is not None and args.steps < 1:
@@ -712,7 +762,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.eval_only:
     return eval_only(args)
-  modes = parse_modes(args.modes, args.act_bits)
+  modes = parse_modes(args.modes, args.act_bits,
+                      fine_tune=args.qat_init == "fp32")
   data = load_dataset(args.dataset, args.data_dir, args.seed)
   mesh = None
   if args.mesh is not None:
@@ -734,6 +785,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for mode in modes:
     if mode in PTQ_MODES:
       row, variables = ptq_mode(mode, args, data, config, trained["fp32"])
+    elif fine_tunes(mode, args):
+      source = float_source(mode, modes)
+      row, variables, histories[mode] = train_mode(
+          mode, args, data, config, mesh, init_from=trained[source],
+          step_offset=histories[source]["step"][-1])
     else:
       row, variables, histories[mode] = train_mode(mode, args, data, config, mesh)
       trained[mode] = variables

@@ -141,6 +141,13 @@ def test_parse_modes():
   # --act-bits applies to training modes; PTQ still starts from a plain fp32 run.
   assert vit_qat.parse_modes("fp32,w4a4+act4,ptq-w8a8", act_bits=2) == [
       "fp32", "fp32+act2", "w4a4+act4", "ptq-w8a8"]
+  # Fine-tuning (the default --qat-init fp32): the float run each quantized mode starts
+  # from goes first.
+  assert vit_qat.parse_modes("w8a8,fp32", fine_tune=True) == ["fp32", "w8a8"]
+  assert vit_qat.parse_modes("w8a8", act_bits=2, fine_tune=True) == ["fp32", "w8a8+act2"]
+  assert vit_qat.parse_modes("w4a4,fp32", act_bits=2, fine_tune=True) == [
+      "fp32+act2", "w4a4+act2"]
+  assert vit_qat.parse_modes("w8a8") == ["w8a8"]
   rules = vit_qat.mode_rules("w8a8+act2")
   assert rules[0].act_compress == 2 and rules[0].weight is None
   assert rules[1:] == vit_qat.QAT_MODES["w8a8"]
@@ -148,6 +155,27 @@ def test_parse_modes():
   for bad in ("ptq-w4+act2", "w8a8+act3", "int3", ""):
     with pytest.raises(ValueError, match="--modes"):
       vit_qat.parse_modes(bad)
+
+
+def test_fine_tune_starts_from_the_float_variables():
+  import jax
+  import optax
+  from flax import traverse_util
+  data = vit_qat.load_digits(0)
+  config = vit_qat.ViTConfig(2, 16, 1, 2, 2.0, 0.0, data.num_classes)
+  x0 = data.x_train[:8]
+  float_vars = vit_qat.ViT(config).init(jax.random.key(3), x0, train=False)
+  model = vit_qat.build_model("w4a4", config)
+  state = vit_qat.state_from(model, optax.adam(1e-3), float_vars, x0)
+  got = traverse_util.flatten_dict(state.params, sep="/")
+  want = traverse_util.flatten_dict(float_vars["params"], sep="/")
+  for path, value in want.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=path)
+  extra = set(got) - set(want)
+  # LSQ steps of every quantized layer, created from the float weights and the batch.
+  assert extra and all(p.rsplit("/", 1)[1].startswith("jaxq_") for p in extra), extra
+  scales = [p for p in extra if p.endswith("_scale")]
+  assert scales and all(np.all(np.isfinite(got[p])) and np.all(got[p] > 0) for p in scales)
 
 
 def test_mesh_bad_arguments(tmp_path):
