@@ -6,20 +6,26 @@
 * :func:`calc_precision`, :class:`AdaptiveBits` -- per-layer bits from gradient
   sensitivity (probe-based, or measured: :func:`sensitivity_from_gradients`) under an
   average-bits budget.
+* :class:`SampleBits` -- per-sample widths (``compressed_vjp(fn, bits=SampleBits(...))``):
+  a static number of samples per width, assigned in the step by each sample's
+  :func:`sample_sensitivity`; a tuple ``bits`` gives per-residual widths
+  (:func:`compressed_residuals` lists the residuals).
 * :mod:`jaxq.act.linen` -- :func:`~jaxq.act.linen.compressed_call` for Flax Linen modules.
 * :func:`compress` / :func:`decompress` -- the storage format of one tensor.
 * :func:`residual_nbytes` -- bytes a function's VJP keeps for the backward pass.
 """
 
 from jaxq.act import linen
-from jaxq.act.adaptive import (AdaptiveBits, calc_precision, sensitivity_from_gradients,
+from jaxq.act.adaptive import (AdaptiveBits, SampleBits, SampleCompressed, calc_precision,
+                               sample_sensitivity, sensitivity_from_gradients,
                                sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
-from jaxq.act.vjp import compressed_vjp, residual_nbytes
+from jaxq.act.vjp import compressed_residuals, compressed_vjp, residual_nbytes
 
 __all__ = [
-    "AdaptiveBits", "CompressedArray", "calc_precision", "compress", "compressed_vjp",
-    "decompress", "linen", "policy", "residual_nbytes",
-    "sensitivity_from_gradients", "sensitivity_from_probe",
+    "AdaptiveBits", "CompressedArray", "SampleBits", "SampleCompressed", "calc_precision",
+    "compress", "compressed_residuals", "compressed_vjp", "decompress", "linen", "policy",
+    "residual_nbytes", "sample_sensitivity", "sensitivity_from_gradients",
+    "sensitivity_from_probe",
 ]

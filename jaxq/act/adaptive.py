@@ -49,13 +49,17 @@ jit recompiles per allocation, i.e. at most every ``interval`` steps)::
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq import numerics
+from jaxq.act import pack
 from jaxq.act.pack import VALID_BITS, check_bits
 
 #: Length of the ``probe`` vector of :func:`~jaxq.act.compressed_vjp`.
@@ -265,3 +269,162 @@ class AdaptiveBits:
                           [self.sizes[n] for n in self.names], self.avg_bits, self.choices)
     self.bits = {n: int(b) for n, b in zip(self.names, bits)}
     return self.bits
+
+
+# ----------------------------------------------------------------------- per-sample widths
+@dataclasses.dataclass(frozen=True)
+class SampleBits:
+  """Per-sample bit widths (ActNN's per-sample ``calc_precision``) with static shapes.
+
+  ActNN gives sample ``n`` of layer ``l`` its own width from ``C_{l,n} = G_l R_{l,n}``,
+  ``R_{l,n} = sum_g S range_g^2`` over the sample's groups and ``G_l`` the layer's
+  gradient-norm estimate. In JAX the *number* of samples at each width must be static, so
+  ``fractions`` fixes it: for a batch of ``B`` samples, ``floor(f_b B)`` samples get ``b``
+  bits for every width but the narrowest, which takes the rest (so ``sum_b n_b b <=
+  avg_bits * B`` always holds). The *assignment* is dynamic, inside the step: the samples
+  of each residual are ranked by ``R_{l,n}`` (:func:`sample_sensitivity`; ``G_l`` is common
+  to the samples of a residual and does not change their order) and the most sensitive
+  get the widest codes. Each width's samples are gathered into one
+  :class:`~jaxq.act.pack.CompressedArray`, stored with the permutation; decompression
+  scatters them back (:class:`SampleCompressed`). Rounding stays stochastic and the
+  ranking depends on the residual alone, so the gradient stays unbiased.
+
+  Residuals that do not have ``batch_size`` rows on their leading axis (weights-sized
+  intermediates, flattened tokens, ...) are stored per tensor at ``fallback`` bits.
+
+  Attributes:
+    fractions: ``{bits: fraction of the samples}`` (or pairs), fractions summing to 1,
+      e.g. ``{4: 0.25, 2: 0.25, 1: 0.5}`` (an average of 2 bits). Stored as pairs sorted
+      by decreasing width.
+    fallback: width of residuals without a batch axis; default: the widest valid width
+      ``<= avg_bits``.
+    batch_size: leading-axis size that marks a per-sample residual; default (None): the
+      leading size of the first argument listed in ``compress_args`` (the activation
+      input); with neither, every residual is stored per tensor at ``fallback`` bits.
+  """
+
+  fractions: Any
+  fallback: int | None = None
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    fr = self.fractions
+    items = fr.items() if isinstance(fr, Mapping) else fr
+    try:
+      pairs = [(check_bits(int(b), "SampleBits.fractions width"), float(f)) for b, f in items]
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"SampleBits.fractions must map widths in {VALID_BITS} to fractions "
+                       f"in [0, 1] summing to 1, got {fr!r} ({e})") from None
+    if not pairs or len({b for b, _ in pairs}) != len(pairs) or any(
+        not 0.0 <= f <= 1.0 for _, f in pairs) or abs(sum(f for _, f in pairs) - 1) > 1e-6:
+      raise ValueError(f"SampleBits.fractions must map distinct widths in {VALID_BITS} to "
+                       f"fractions in [0, 1] summing to 1, got {fr!r}")
+    object.__setattr__(self, "fractions", tuple(sorted(pairs, reverse=True)))
+    if self.fallback is None:
+      object.__setattr__(self, "fallback", max(b for b in VALID_BITS
+                                               if b <= self.avg_bits + 1e-9))
+    object.__setattr__(self, "fallback", check_bits(self.fallback, "SampleBits.fallback"))
+    if self.batch_size is not None and (
+        isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer))
+        or self.batch_size < 1):
+      raise ValueError(f"SampleBits.batch_size must be None or a positive int, got "
+                       f"{self.batch_size!r}")
+
+  @property
+  def avg_bits(self) -> float:
+    """``sum_b f_b b``: the average width of per-sample residuals."""
+    return float(sum(b * f for b, f in self.fractions))
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Every width this allocation can store (for ``group_size`` validation)."""
+    return tuple(sorted({b for b, _ in self.fractions} | {self.fallback}))
+
+  def counts(self, batch: int) -> tuple[tuple[int, int], ...]:
+    """``((bits, n_bits), ...)`` for a batch of ``batch`` samples, widest first; zero
+    counts dropped. ``sum n_b b <= avg_bits * batch``."""
+    *wide, (narrow, _) = self.fractions
+    out = [(b, int(np.floor(f * batch + 1e-9))) for b, f in wide]
+    out.append((narrow, batch - sum(n for _, n in out)))
+    return tuple((b, n) for b, n in out if n > 0)
+
+  @classmethod
+  def from_sensitivity(cls, sensitivity, avg_bits: float,
+                       choices: Sequence[int] = (1, 2, 4, 8), **kwargs) -> SampleBits:
+    """Fractions from a measured per-sample sensitivity profile (e.g.
+    :func:`sample_sensitivity` of one residual on a calibration batch): the widths
+    :func:`calc_precision` gives those samples under ``avg_bits``."""
+    s = np.asarray(sensitivity, np.float64).reshape(-1)
+    bits = calc_precision(s, np.ones_like(s), avg_bits, choices)
+    widths, n = np.unique(bits, return_counts=True)
+    return cls({int(b): float(k) / s.size for b, k in zip(widths, n)}, **kwargs)
+
+
+def sample_sensitivity(x: jax.Array, group_size: int = 256) -> jax.Array:
+  """``R_n = sum_g S range_g^2`` over the groups of each sample ``x[n]`` (``f32[B]``).
+
+  Groups are ``group_size`` consecutive elements of the flattened sample, the last one
+  edge-padded (as :func:`~jaxq.act.pack.compress` pads). NaN/Inf elements are ignored.
+  """
+  b = x.shape[0]
+  xr = x.reshape(b, -1).astype(jnp.float32)
+  pad = -xr.shape[1] % group_size
+  if pad:
+    xr = jnp.pad(xr, ((0, 0), (0, pad)), mode="edge")
+  xg = xr.reshape(b, -1, group_size)
+  fin = jnp.isfinite(xg)
+  hi = jnp.max(jnp.where(fin, xg, -jnp.inf), axis=2)
+  lo = jnp.min(jnp.where(fin, xg, jnp.inf), axis=2)
+  r = jnp.where(hi >= lo, hi - lo, 0.0)
+  return jnp.sum(r * r, axis=1) * group_size
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleCompressed:
+  """A residual stored per sample: ``parts[k]`` holds the samples ``perm[o_k:o_k + n_k]``
+  (``o_k`` the running offset) at ``parts[k].bits`` bits.
+
+  Leaves: ``parts`` (CompressedArrays), ``perm`` (``uint8``/``uint16``/``int32[B]``: the
+  samples in order of decreasing sensitivity). Static: ``shape``, ``dtype``.
+  """
+
+  parts: tuple
+  perm: jax.Array
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def nbytes(self) -> int:
+    return sum(p.nbytes for p in self.parts) + int(self.perm.size * self.perm.dtype.itemsize)
+
+
+def _perm_dtype(batch: int):
+  return jnp.uint8 if batch <= 256 else jnp.uint16 if batch <= 65536 else jnp.int32
+
+
+def compress_samples(x: jax.Array, counts: Sequence[tuple[int, int]], group_size: int = 256,
+                     seed: jax.Array | None = None) -> SampleCompressed:
+  """Stores ``x`` (leading axis: ``B = sum n_b`` samples) with ``n_b`` samples at ``b``
+  bits, the most sensitive (:func:`sample_sensitivity`) at the widest. ``counts`` as from
+  :meth:`SampleBits.counts`; ``seed`` as in :func:`~jaxq.act.pack.compress` (one derived
+  seed per width)."""
+  batch = x.shape[0]
+  if sum(n for _, n in counts) != batch:
+    raise ValueError(f"counts {counts} must add up to the leading size {batch} of x")
+  order = jnp.argsort(-sample_sensitivity(x, group_size), stable=True)
+  xs = jnp.take(x, order, axis=0)
+  parts, start = [], 0
+  for k, (b, n) in enumerate(counts):
+    s = None if seed is None else numerics.derive_seed(seed, k)
+    parts.append(pack.compress(xs[start:start + n], b, group_size, s))
+    start += n
+  return SampleCompressed(tuple(parts), order.astype(_perm_dtype(batch)), tuple(x.shape),
+                          x.dtype)
+
+
+def decompress_samples(c: SampleCompressed) -> jax.Array:
+  """Inverse of :func:`compress_samples` up to quantization error."""
+  xs = jnp.concatenate([pack.decompress(p) for p in c.parts], axis=0)
+  return jnp.zeros(c.shape, c.dtype).at[c.perm.astype(jnp.int32)].set(
+      xs, unique_indices=True)

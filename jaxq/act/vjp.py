@@ -35,6 +35,7 @@ from jax.extend.core import Literal
 
 from jaxq import numerics
 from jaxq.act import pack
+from jaxq.act.adaptive import SampleBits, SampleCompressed, compress_samples, decompress_samples
 
 #: ``checkpoint_name`` of the compressed residuals (codes, lo, scale).
 PACKED_NAME = "jaxq_act_packed"
@@ -136,9 +137,26 @@ def _closure_origins(fn, args, n_leaves) -> list[int | None] | None:
   return out if out is not None and len(out) == n_leaves else None
 
 
-def _validate(bits, group_size, compress_args) -> tuple[int, int, tuple[int, ...]]:
-  bits = pack.check_bits(bits)
-  group_size = pack.check_group_size(group_size, bits)
+def _check_width(b, name: str):
+  if isinstance(b, SampleBits):
+    return b
+  if isinstance(b, (int, np.integer)) and not isinstance(b, bool):
+    return pack.check_bits(b, name)
+  raise ValueError(f"{name} must be one of {pack.VALID_BITS} or a jaxq.act.SampleBits, "
+                   f"got {b!r}")
+
+
+def _validate(bits, group_size, compress_args):
+  if isinstance(bits, (tuple, list)):
+    if not bits:
+      raise ValueError("bits must not be an empty sequence")
+    bits = tuple(_check_width(b, f"bits[{i}]") for i, b in enumerate(bits))
+  else:
+    bits = _check_width(bits, "bits")
+  widths = set()
+  for b in bits if isinstance(bits, tuple) else (bits,):
+    widths |= set(b.widths) if isinstance(b, SampleBits) else {b}
+  group_size = pack.check_group_size(group_size, min(widths))
   if isinstance(compress_args, (int, np.integer)):
     compress_args = (compress_args,)
   try:
@@ -154,14 +172,22 @@ def _validate(bits, group_size, compress_args) -> tuple[int, int, tuple[int, ...
   return bits, group_size, tuple(int(p) for p in compress_args)
 
 
-def compressed_vjp(fn: Callable[..., Any], bits: int = 2, group_size: int = 256,
+def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2,
+                   group_size: int = 256,
                    compress_args: Sequence[int] = ()) -> Callable[..., Any]:
   """Wraps ``fn`` so that its residuals are saved compressed (ActNN, Chen et al. 2021).
 
   Args:
     fn: any JAX-traceable function of pytrees of arrays (a layer, a block, a model).
-    bits: code width of the compressed residuals, one of 1, 2, 4, 8.
-    group_size: elements sharing one ``(lo, scale)``; a multiple of ``8 // bits``.
+    bits: code width of the compressed residuals, one of 1, 2, 4, 8; or a
+      :class:`~jaxq.act.SampleBits` (per-sample widths: each sample of a residual with a
+      leading batch axis gets a width from its own sensitivity, a static number of
+      samples per width; other residuals ``SampleBits.fallback`` bits); or a tuple of
+      those, one per compressed residual in the order of the VJP closure's leaves
+      (per-residual widths; :func:`compressed_residuals` lists them), its length checked
+      when ``g`` is traced.
+    group_size: elements sharing one ``(lo, scale)``; a multiple of ``8 // bits`` for
+      every width used.
       Residuals are flattened (keeping the leading axis when its rows hold whole groups)
       and edge-padded to whole groups.
     compress_args: positions of fn's arguments that are activations (e.g. the input ``x``
@@ -184,12 +210,183 @@ def compressed_vjp(fn: Callable[..., Any], bits: int = 2, group_size: int = 256,
           f"compress_args={compress_args} names a position >= the {len(args)} arguments "
           f"given to {getattr(fn, '__name__', fn)!r}")
     seed = None if key is None else numerics.seed_from_key(key)
-    return _call(fn, bits, group_size, compress_args, args, seed, probe)
+    return _call(fn, bits, group_size, compress_args, args, seed, probe,
+                 _batch_size(bits, args, compress_args))
 
   return g
 
 
-def _call(fn, bits, group_size, compress_args, args, seed, probe):
+def _select(fn, args, group_size, compress_args):
+  """Runs ``jax.vjp(fn, *args)`` (traced) and sorts the closure's leaves: returns
+  ``(out, treedef, slots, to_compress, kept)`` (slots as in :class:`_Plan`)."""
+  out, vjp_fn = jax.vjp(fn, *args)
+  leaves, treedef = jax.tree_util.tree_flatten(vjp_fn)
+  flat_args = jax.tree_util.tree_leaves(args)
+  arg_pos = []  # argument position of each flat arg leaf
+  for p, a in enumerate(args):
+    arg_pos += [p] * len(jax.tree_util.tree_leaves(a))
+  by_id = {id(a): i for i, a in enumerate(flat_args)}
+  # A weight cast/reshaped inside fn has the size of that weight: only then is the
+  # (second) trace that follows residuals back to arguments worth its cost.
+  plain_sizes = {a.size for a, p in zip(flat_args, arg_pos)
+                 if p not in compress_args and _is_float_array(a)}
+  origins = None
+  if any(_is_float_array(l) and id(l) not in by_id and l.size in plain_sizes
+         for l in leaves):
+    origins = _closure_origins(fn, args, len(leaves))
+
+  stats = _row_statistics(leaves)
+  compressed, kept, slots, seen = [], [], [], {}
+  for i, leaf in enumerate(leaves):
+    if not isinstance(leaf, jax.Array):
+      slots.append(("const", leaf))
+      continue
+    if id(leaf) in seen:
+      slots.append(seen[id(leaf)])
+      continue
+    src = by_id.get(id(leaf))
+    if src is None and origins is not None:
+      src = origins[i]
+    is_arg = src is not None
+    want = (_is_float_array(leaf) and leaf.size >= group_size and id(leaf) not in stats
+            and (not is_arg or arg_pos[src] in compress_args))
+    if want:
+      slot = ("c", len(compressed))
+      compressed.append(leaf)
+    else:
+      slot = ("k", len(kept))
+      kept.append(leaf)
+    seen[id(leaf)] = slot
+    slots.append(slot)
+  return out, treedef, tuple(slots), compressed, kept
+
+
+#: Primitives whose output is linear in each operand separately (so of degree
+#: ``sum(operand degrees)``: a product of two uses of one residual is degree 2).
+_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
+#: Primitives whose output is an affine function of their operands jointly (degree
+#: ``max(operand degrees)``), given the operands named in :data:`_ONLY_FIRST_AFFINE`.
+_AFFINE = frozenset(_VIEW_PRIMITIVES | {
+    "add", "add_any", "sub", "neg", "reduce_sum", "concatenate", "pad", "cumsum",
+    "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
+    "select_n", "real", "imag", "complex", "conj", "transpose", "pjit_identity",
+    "psum", "all_gather", "reduce_scatter", "copy"})
+#: Affine only in their first operand (``div``: numerator; gather/dynamic_slice: indices
+#: after the first operand must not depend on the residual; select_n: predicate first).
+_ONLY_FIRST_AFFINE = frozenset({"div", "dynamic_slice", "gather"})
+
+
+def _degrees(jaxpr, in_deg: list[int]) -> list[int]:
+  """Polynomial degree (0, 1, or 2 meaning ">= 2 / non-polynomial") of each output of
+  ``jaxpr`` in one input, given the inputs' degrees; sub-jaxprs of call-like equations are
+  followed, any other primitive with a dependent operand gives 2."""
+  deg: dict[Any, int] = {v: d for v, d in zip(jaxpr.invars, in_deg) if d}
+  get = lambda v: 0 if isinstance(v, Literal) else deg.get(v, 0)  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ds = [get(v) for v in eqn.invars]
+    if not any(ds):
+      continue
+    name = eqn.primitive.name
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    sub = getattr(sub, "jaxpr", sub)
+    if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
+        and len(sub.outvars) == len(eqn.outvars):
+      outs = _degrees(sub, ds)
+    elif name in _BILINEAR:
+      outs = [min(sum(ds), 2)] * len(eqn.outvars)
+    elif name == "select_n":
+      outs = [2 if ds[0] else max(ds)] * len(eqn.outvars)
+    elif name in _ONLY_FIRST_AFFINE:
+      outs = [2 if any(ds[1:]) else ds[0]] * len(eqn.outvars)
+    elif name in _AFFINE:
+      outs = [max(ds)] * len(eqn.outvars)
+    else:
+      outs = [2] * len(eqn.outvars)
+    for v, d in zip(eqn.outvars, outs):
+      if d:
+        deg[v] = d
+  return [get(v) for v in jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+  """One residual :func:`compressed_vjp` compresses: ``shape``, ``dtype``, and whether the
+  backward pass is affine in it (``linear``): then independent unbiased rounding of it
+  keeps the gradient unbiased at any width; a residual used non-linearly (LayerNorm's
+  normalised values multiplied by themselves, softmax probabilities, activation-function
+  derivatives) gets a gradient bias of order ``Var(noise)``."""
+  shape: tuple[int, ...]
+  dtype: Any
+  linear: bool
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+
+def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
+                         compress_args: Sequence[int] = ()) -> list[Residual]:
+  """The residuals :func:`compressed_vjp` compresses for ``fn(*args)``, in the order a
+  per-residual ``bits`` tuple refers to (:class:`Residual`: shape, dtype, and whether the
+  backward pass uses it linearly). Computed abstractly (traces only)."""
+  _, group_size, compress_args = _validate(8, group_size, compress_args)
+  cell = []
+
+  def f(*a):
+    out, treedef, slots, comp, kept = _select(fn, a, group_size, compress_args)
+
+    def closure(dec, kept, ct):
+      leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
+                for kind, v in slots]
+      return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
+
+    ct = jax.tree_util.tree_map(jnp.zeros_like, out)
+    jaxpr = jax.make_jaxpr(closure)(comp, kept, ct).jaxpr
+    n_in = len(jaxpr.invars)
+    for j, l in enumerate(comp):
+      deg = max(_degrees(jaxpr, [int(i == j) for i in range(n_in)]), default=0)
+      cell.append(Residual(tuple(l.shape), l.dtype, deg <= 1))
+    return 0
+
+  jax.eval_shape(f, *args)
+  return list(cell)
+
+
+def _batch_size(bits, args, compress_args) -> int | None:
+  """Leading size marking per-sample residuals (:class:`SampleBits`), else None."""
+  specs = bits if isinstance(bits, tuple) else (bits,)
+  explicit = {b.batch_size for b in specs if isinstance(b, SampleBits)} - {None}
+  if len(explicit) > 1:
+    raise ValueError(f"SampleBits entries of bits name different batch sizes {explicit}")
+  if explicit:
+    return explicit.pop()
+  if not any(isinstance(b, SampleBits) for b in specs):
+    return None
+  for p in compress_args:
+    for leaf in jax.tree_util.tree_leaves(args[p]):
+      if getattr(leaf, "ndim", 0) >= 1:
+        return int(leaf.shape[0])
+  return None
+
+
+def _compress_leaf(leaf, spec, group_size, seed, batch):
+  """One residual as CompressedArray (int ``spec``) or per sample (SampleBits)."""
+  if isinstance(spec, SampleBits):
+    if batch is not None and batch > 1 and leaf.ndim >= 2 and leaf.shape[0] == batch:
+      return compress_samples(leaf, spec.counts(batch), group_size, seed)
+    spec = spec.fallback
+  return pack.compress(leaf, spec, group_size, seed)
+
+
+def _decompress(c):
+  return decompress_samples(c) if isinstance(c, SampleCompressed) else pack.decompress(c)
+
+
+def _parts(c) -> tuple[pack.CompressedArray, ...]:
+  return c.parts if isinstance(c, SampleCompressed) else (c,)
+
+
+def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None):
   plan_cell: dict[str, _Plan] = {}
 
   @jax.custom_vjp
@@ -207,51 +404,23 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
 
   def traced_fwd(args, seed, probe):
     del probe
-    out, vjp_fn = jax.vjp(fn, *args)
-    leaves, treedef = jax.tree_util.tree_flatten(vjp_fn)
-    flat_args = jax.tree_util.tree_leaves(args)
-    arg_pos = []  # argument position of each flat arg leaf
-    for p, a in enumerate(args):
-      arg_pos += [p] * len(jax.tree_util.tree_leaves(a))
-    by_id = {id(a): i for i, a in enumerate(flat_args)}
-    # A weight cast/reshaped inside fn has the size of that weight: only then is the
-    # (second) trace that follows residuals back to arguments worth its cost.
-    plain_sizes = {a.size for a, p in zip(flat_args, arg_pos)
-                   if p not in compress_args and _is_float_array(a)}
-    origins = None
-    if any(_is_float_array(l) and id(l) not in by_id and l.size in plain_sizes
-           for l in leaves):
-      origins = _closure_origins(fn, args, len(leaves))
-
-    stats = _row_statistics(leaves)
-    compressed, kept, slots, seen = [], [], [], {}
-    for i, leaf in enumerate(leaves):
-      if not isinstance(leaf, jax.Array):
-        slots.append(("const", leaf))
-        continue
-      if id(leaf) in seen:
-        slots.append(seen[id(leaf)])
-        continue
-      src = by_id.get(id(leaf))
-      if src is None and origins is not None:
-        src = origins[i]
-      is_arg = src is not None
-      want = (_is_float_array(leaf) and leaf.size >= group_size and id(leaf) not in stats
-              and (not is_arg or arg_pos[src] in compress_args))
-      if want:
-        s = None if seed is None else numerics.derive_seed(seed, len(compressed))
-        slot = ("c", len(compressed))
-        compressed.append(pack.compress(leaf, bits, group_size, s))
-      else:
-        slot = ("k", len(kept))
-        kept.append(leaf)
-      seen[id(leaf)] = slot
-      slots.append(slot)
-    plan_cell["plan"] = _Plan(treedef, tuple(slots))
+    out, treedef, slots, compressed, kept = _select(fn, args, group_size, compress_args)
+    plan_cell["plan"] = _Plan(treedef, slots)
+    if isinstance(bits, tuple) and len(bits) != len(compressed):
+      raise ValueError(
+          f"bits has {len(bits)} entries but {getattr(fn, '__name__', fn)!r} has "
+          f"{len(compressed)} compressed residuals, shapes "
+          f"{[tuple(l.shape) for l in compressed]}")
+    specs = bits if isinstance(bits, tuple) else (bits,) * len(compressed)
+    compressed = [
+        _compress_leaf(l, b, group_size,
+                       None if seed is None else numerics.derive_seed(seed, j), batch)
+        for j, (l, b) in enumerate(zip(compressed, specs))]
     # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
     # starts only once these are packed, and the float residuals die here.
     if compressed:
-      dep = jnp.minimum(jnp.isnan(compressed[-1].lo[0]).astype(jnp.float32), 0.0)
+      dep = jnp.minimum(jnp.isnan(_parts(compressed[-1])[-1].lo[0]).astype(jnp.float32),
+                        0.0)
       out = jax.tree_util.tree_map(
           lambda o: o - dep.astype(o.dtype) if _is_float_array(o) else o, out)
     compressed = checkpoint_name(compressed, PACKED_NAME)
@@ -270,7 +439,7 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe):
   return run(tuple(args), seed, probe)
 
 
-def _after(c: pack.CompressedArray, x: jax.Array) -> pack.CompressedArray:
+def _after(c, x: jax.Array):
   """``c`` unchanged in value but computed after ``x``: ``lo - min(isnan(x[0]), 0)``.
 
   ``jax.lax.optimization_barrier`` would say the same, but XLA:CPU expands barriers away
@@ -280,6 +449,8 @@ def _after(c: pack.CompressedArray, x: jax.Array) -> pack.CompressedArray:
   foldable, and costs one scalar op per group.
   """
   dep = jnp.minimum(jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32), 0.0)
+  if isinstance(c, SampleCompressed):
+    return dataclasses.replace(c, parts=tuple(_after(p, x) for p in c.parts))
   return dataclasses.replace(c, lo=c.lo - dep)  # x - (+0) == x bitwise, -0 included
 
 
@@ -325,7 +496,7 @@ def _lazy_backward(plan, compressed, kept, ct):
       if others:
         codes = [_after(c, others[0]) for c in codes]
       for v, c in zip(need, codes):
-        env[v] = pack.decompress(c)
+        env[v] = _decompress(c)
         del pending[v]
     outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
     if not eqn.primitive.multiple_results:
@@ -339,9 +510,9 @@ def _lazy_backward(plan, compressed, kept, ct):
 
 def _stats(compressed, ct_leaves) -> jax.Array:
   """``[sum_g S range_g^2, n compressed, |ct|^2 / rows]`` for :mod:`jaxq.act.adaptive`."""
-  levels = [2.0**c.bits - 1 for c in compressed]
-  sr2 = sum((jnp.sum((lv / c.scale) ** 2) * c.packed.shape[1] * 8 // c.bits
-             for lv, c in zip(levels, compressed)), jnp.float32(0))
+  parts = [p for c in compressed for p in _parts(c)]
+  sr2 = sum((jnp.sum(((2.0**c.bits - 1) / c.scale) ** 2) * c.packed.shape[1] * 8 // c.bits
+             for c in parts), jnp.float32(0))
   n = float(sum(int(np.prod(c.shape)) for c in compressed))
   fl = [c for c in ct_leaves if _is_float_array(c)]
   ct2 = sum((jnp.sum(jnp.square(c.astype(jnp.float32))) * c.shape[-1] / max(c.size, 1)
