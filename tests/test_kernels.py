@@ -121,6 +121,43 @@ def test_pack_unpack_roundtrip_property(bits, seed):
   np.testing.assert_array_equal(_unpack_j(packed, bits), q)
 
 
+@pytest.mark.parametrize("s", [1, 2, 3, 4, 6, 8, 10, 64])  # plain, 16-bit and 32-bit words
+def test_pack_8bit_words_same_bytes(s):
+  q = np.random.default_rng(s).integers(0, 256, (5, s))
+  q[0, 0], q[-1, -1] = 0, 255
+  packed = _pack_j(jnp.asarray(q), 8)
+  assert packed.shape == (5, s) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(packed), q)
+  np.testing.assert_array_equal(_unpack_j(packed, 8), q)
+
+
+def test_8bit_compressed_step_keeps_codes_not_floats():
+  """Regression: a bare convert(f32 -> u8) in the 8-bit packer was fused by XLA:CPU into the
+  backward pass's unpacking, so the float codes (4 bytes each) stayed alive from forward to
+  backward and the compiled temp of an 8-bit compressed step exceeded the float step's."""
+  from jaxq import act  # pylint: disable=g-import-not-at-top
+
+  def block(p, x):
+    return x + jax.nn.gelu(x @ p["w1"]) @ p["w2"]
+
+  k = jax.random.split(jax.random.key(0), 3)
+  p = {"w1": jax.random.normal(k[0], (64, 256)) / 8,
+       "w2": jax.random.normal(k[1], (256, 64)) / 16}
+  x = jax.random.normal(k[2], (1024, 64))
+
+  def temp(fn):
+    def loss(ps, x):
+      for q in ps:
+        x = fn(q, x)
+      return jnp.sum(x ** 2)
+    c = jax.jit(jax.grad(loss)).lower([p] * 3, x).compile()
+    return c.memory_analysis().temp_size_in_bytes
+
+  t_float = temp(block)
+  t8 = temp(act.compressed_vjp(block, bits=8, compress_args=(1,)))
+  assert t8 < 0.95 * t_float, (t8, t_float)
+
+
 def test_stochastic_rounding_is_unbiased():
   x = jnp.asarray(_rand((4, 256), 3))
   keys = jax.random.split(jax.random.PRNGKey(0), 400)
