@@ -88,7 +88,7 @@ def _lifted_transform(body, *, bits, group_size, key, probe, act_positions):
 
 def compressed_call(module: nn.Module, method: str | Callable[..., Any],
                     args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
-                    bits: int, group_size: int = 256, key: jax.Array | None = None,
+                    bits: Any, group_size: int = 256, key: jax.Array | None = None,
                     probe: jax.Array | None = None) -> Any:
   """Calls ``method`` of the bound ``module`` with its whole computation compressed.
 
@@ -106,7 +106,9 @@ def compressed_call(module: nn.Module, method: str | Callable[..., Any],
       inputs and are saved compressed too.
     kwargs: keyword arguments; arrays among them are passed through uncompressed, the
       rest are static.
-    bits, group_size: as in :func:`jaxq.act.compressed_vjp`.
+    bits, group_size: as in :func:`jaxq.act.compressed_vjp`: an int width, a
+      :class:`jaxq.act.SampleBits` (per-sample widths; the batch is the leading axis of
+      the first floating-point positional argument), or a per-residual tuple.
     key: PRNG key for stochastic rounding; None rounds to nearest.
     probe: optional ``f32[3]`` whose gradient receives the statistics of
       :mod:`jaxq.act.adaptive` for this call.
