@@ -29,7 +29,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -275,25 +275,33 @@ PTQ_MODES: dict[str, tuple[jaxq.Rule, ...]] = {
 }
 #: A training mode may carry "+act<bits>": its encoder blocks are run through
 #: ``jaxq.act.compressed_vjp`` (``Rule(act_compress=bits)``), which saves the activations
-#: the backward pass needs in ``bits`` bits (ActNN).
+#: the backward pass needs in ``bits`` bits (ActNN). "+actauto": per-block widths from
+#: ``jaxq.act.AdaptiveBits`` under an average of ``--act-avg-bits``.
 ACT_BITS = (1, 2, 4, 8)
+AUTO = "auto"
 BLOCKS = r"block_\d+"
 
 
-def split_mode(mode: str) -> tuple[str, int | None]:
-  """``"w8a8+act2"`` -> ``("w8a8", 2)``; ``"w8a8"`` -> ``("w8a8", None)``."""
+def split_mode(mode: str) -> tuple[str, int | str | None]:
+  """``"w8a8+act2"`` -> ``("w8a8", 2)``; ``"w8a8+actauto"`` -> ``("w8a8", "auto")``;
+  ``"w8a8"`` -> ``("w8a8", None)``."""
   base, sep, act = mode.partition("+act")
   if base in PTQ_MODES and not sep:
     return base, None
-  if base in QAT_MODES and (not sep or act in map(str, ACT_BITS)):
-    return base, int(act) if sep else None
+  if base in QAT_MODES and not sep:
+    return base, None
+  if base in QAT_MODES and act == AUTO:
+    return base, AUTO
+  if base in QAT_MODES and act in map(str, ACT_BITS):
+    return base, int(act)
   raise ValueError(
       f"--modes: unknown mode {mode!r}; use one of {', '.join(QAT_MODES)} (optionally "
-      f"with +act{{{','.join(map(str, ACT_BITS))}}}, e.g. w8a8+act2) or "
+      f"with +act{{{','.join(map(str, ACT_BITS))},{AUTO}}}, e.g. w8a8+act2) or "
       f"{', '.join(PTQ_MODES)}")
 
 
-def parse_modes(text: str, act_bits: int | None = None, fine_tune: bool = False) -> list[str]:
+def parse_modes(text: str, act_bits: int | str | None = None,
+                fine_tune: bool = False) -> list[str]:
   """The modes of ``--modes``, checked; ``act_bits`` adds "+act<bits>" to training modes.
   PTQ modes (and, with ``fine_tune``, quantized training modes) start from the fp32 run,
   which is added first when not listed."""
@@ -307,8 +315,7 @@ def parse_modes(text: str, act_bits: int | None = None, fine_tune: bool = False)
   needed = {float_source(m, modes) for m in modes
             if m in PTQ_MODES or (fine_tune and split_mode(m)[0] != "fp32")}
   # Float runs go first: other modes start from them.
-  return list(dict.fromkeys([m for m in modes if m in needed] + sorted(needed - set(modes))
-                            + modes))
+  return list(dict.fromkeys(sorted(needed) + modes))
 
 
 def float_source(mode: str, modes: Sequence[str]) -> str:
@@ -319,21 +326,29 @@ def float_source(mode: str, modes: Sequence[str]) -> str:
   return same if act is not None and same in modes else "fp32"
 
 
-def mode_rules(mode: str) -> tuple[jaxq.Rule, ...] | None:
-  """The rules of ``mode``; None for the float model."""
+def mode_rules(mode: str, block_bits: Mapping[str, int] | None = None
+               ) -> tuple[jaxq.Rule, ...] | None:
+  """The rules of ``mode``; None for the float model. "+actauto" modes compress block
+  ``name`` at ``block_bits[name]`` bits (blocks absent from it stay uncompressed)."""
   base, act_bits = split_mode(mode)
   rules = PTQ_MODES[base] if base in PTQ_MODES else QAT_MODES[base]
   if act_bits is None:
     return rules
-  compress = jaxq.Rule(BLOCKS, weight=None, act=None, act_compress=act_bits)
-  return (compress,) + (rules or ())
+  if act_bits == AUTO:
+    compress = tuple(jaxq.Rule(name, weight=None, act=None, act_compress=b)
+                     for name, b in sorted((block_bits or {}).items()))
+  else:
+    compress = (jaxq.Rule(BLOCKS, weight=None, act=None, act_compress=act_bits),)
+  return compress + (rules or ())
 
 
-def build_model(mode: str, config: ViTConfig) -> nn.Module:
+def build_model(mode: str, config: ViTConfig,
+                block_bits: Mapping[str, int] | None = None) -> nn.Module:
   """The Linen module trained in ``mode`` (PTQ modes: calibrated, then converted): the
-  float ViT, or the float ViT wrapped by ``jaxq.quantize_model`` with the mode's rules."""
+  float ViT, or the float ViT wrapped by ``jaxq.quantize_model`` with the mode's rules
+  (``block_bits``: see :func:`mode_rules`)."""
   model = ViT(config)
-  rules = mode_rules(mode)
+  rules = mode_rules(mode, block_bits)
   if rules is None:
     return model
   return jaxq.quantize_model(model, rules)
@@ -525,6 +540,68 @@ def ptq_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConf
 # ----------------------------------------------------------------------------------------
 
 
+class BlockBits:
+  """Per-block activation widths of a "+actauto" mode (ActNN's ``calc_precision``).
+
+  Every ``--act-interval`` steps, :meth:`update` measures each encoder block's
+  sensitivity as GACT does (``jaxq.act.sensitivity_from_gradients``): the mean squared
+  change of the parameter gradient when only that block's activations are compressed, over
+  2 rounding keys, against the uncompressed gradient of the same batch; then
+  ``jaxq.act.AdaptiveBits`` spends ``--act-avg-bits`` per element where it lowers the
+  gradient variance most. The blocks are identical, so each holds the same number of
+  compressed elements. The measurement width is the widest choice within the average
+  (2 bits at the default average): the ``C / (2^b - 1)^2`` model extrapolates poorly to
+  narrower widths, because 1-bit noise compounds along the backward pass (see
+  ``jaxq.act.adaptive``).
+  """
+
+  def __init__(self, mode: str, config: ViTConfig, args: argparse.Namespace):
+    self.mode, self.config = mode, config
+    self.names = [f"block_{i}" for i in range(config.depth)]
+    self.adaptive = jaxq.act.AdaptiveBits(self.names, avg_bits=args.act_avg_bits,
+                                          interval=args.act_interval)
+    self.probe_bits = max(b for b in self.adaptive.choices if b <= args.act_avg_bits)
+    self.label_smoothing = args.label_smoothing
+    self.history: list[dict] = []  # {"step", "bits", "sensitivity"} per measurement
+    self._grads: dict = {}  # jitted gradient per compressed block (None: uncompressed)
+
+  @property
+  def bits(self) -> dict[str, int]:
+    return dict(self.adaptive.bits)
+
+  def due(self, step: int) -> bool:
+    return self.adaptive.due(step)
+
+  def _grad_fn(self, block: str | None):
+    if block not in self._grads:
+      model = build_model(self.mode, self.config,
+                          None if block is None else {block: self.probe_bits})
+
+      def loss(params, collections, x, y, key):
+        logits, _ = model.apply({"params": params, **collections}, x, train=True,
+                                mutable=list(collections), rngs={"jaxq": key})
+        targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]),
+                                      self.label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+      grad = jax.grad(loss)
+      self._grads[block] = jax.jit(jax.vmap(grad, in_axes=(None, None, None, None, 0)))
+    return self._grads[block]
+
+  def update(self, state: TrainState, x, y, key: jax.Array, step: int) -> dict[str, int]:
+    """Measures every block on the batch ``(x, y)`` at ``step``; returns the new widths."""
+    keys = jax.random.split(key, 2)
+    args = (state.params, state.collections, x, y)
+    reference = jax.tree.map(lambda g: g[0], self._grad_fn(None)(*args, keys[:1]))
+    sensitivity = {name: float(jaxq.act.sensitivity_from_gradients(
+        self._grad_fn(name)(*args, keys), reference, self.probe_bits))
+        for name in self.names}
+    bits = self.adaptive.update_sensitivity(sensitivity, dict.fromkeys(self.names, 1.0))
+    self.history.append({"step": step, "bits": dict(bits), "sensitivity": sensitivity})
+    return dict(bits)
+
+
+
 def fine_tunes(mode: str, args: argparse.Namespace) -> bool:
   """Whether ``mode`` starts from the trained fp32 variables (``--qat-init fp32``): every
   quantized training mode does; fp32 itself (with or without "+act") trains from scratch."""
@@ -540,7 +617,8 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
   ``jaxq.flax.init_quant_params``). History steps count from ``step_offset``. Returns
   (result row, variables, history)."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  model = build_model(mode, config)
+  adaptive = BlockBits(mode, config, args) if split_mode(mode)[1] == AUTO else None
+  model = build_model(mode, config, adaptive and adaptive.bits)
   n = len(data.x_train)
   batch_size = min(args.batch_size, n)
   steps_per_epoch = n // batch_size
@@ -559,11 +637,15 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
     state = state_from(model, tx, init_from, x0)
   if mesh is not None:
     state = shard_state(state, tx, mesh)
-  key = jax.random.key(args.seed + 1)
+  key, probe_key = jax.random.key(args.seed + 1), jax.random.key(args.seed + 2)
   xb0, yb0 = place_batch(mesh, data.x_train[:batch_size], data.y_train[:batch_size])
   state_shardings = None if mesh is None else jax.tree.map(lambda a: a.sharding, state)
-  compiled = make_train_step(model, tx, args.label_smoothing, state_shardings).lower(
-      state, xb0, yb0, key).compile()
+
+  def compile_step(model):
+    return make_train_step(model, tx, args.label_smoothing, state_shardings).lower(
+        state, xb0, yb0, key).compile()
+
+  compiled = compile_step(model)
   eval_step = make_eval_step(model)
   rng = np.random.default_rng(args.seed)
   history = {"step": [], "train_loss": [], "test_loss": [], "test_accuracy": []}
@@ -578,6 +660,10 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
     idx = perm[i * batch_size:(i + 1) * batch_size]
     xb, yb = place_batch(mesh, augment(data.x_train[idx], rng, args.augment_shift),
                          data.y_train[idx])
+    if adaptive is not None and adaptive.due(step):
+      before = adaptive.bits
+      if adaptive.update(state, xb, yb, jax.random.fold_in(probe_key, step), step) != before:
+        compiled = compile_step(build_model(mode, config, adaptive.bits))
     state, metrics = compiled(state, xb, yb, jax.random.fold_in(key, step))
     running.append(float(metrics["loss"]))
     train_seconds += time.perf_counter() - t0
@@ -600,6 +686,8 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
       "steps": total_steps,
       "peak_memory_bytes": memory_estimate(compiled),
   }
+  if adaptive is not None:
+    row["act_bits"] = adaptive.history
   if isinstance(model, QuantizedModel):
     row.update(serve_and_evaluate(model, variables, data, args, reset=False))
   else:
@@ -688,9 +776,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"comma-separated; training modes {', '.join(QAT_MODES)} (each "
                  "optionally +act<bits>, e.g. w8a8+act2), post-training modes "
                  f"{', '.join(PTQ_MODES)} (from the fp32 run)")
-  p.add_argument("--act-bits", type=int, default=None, choices=ACT_BITS,
+  p.add_argument("--act-bits", default=None, choices=[*map(str, ACT_BITS), AUTO],
                  help="compress the saved activations of every training mode's encoder "
-                 "blocks to this many bits (ActNN; adds +act<bits> to each mode)")
+                 "blocks to this many bits (ActNN; adds +act<bits> to each mode); auto: "
+                 "per-block widths from measured gradient sensitivity (jaxq.act."
+                 "AdaptiveBits) at an average of --act-avg-bits")
+  p.add_argument("--act-avg-bits", type=float, default=2.0,
+                 help="+actauto: average bits per compressed activation element")
+  p.add_argument("--act-interval", type=int, default=500,
+                 help="+actauto: steps between sensitivity measurements")
   p.add_argument("--calibration-batches", type=int, default=8,
                  help="training batches for PTQ calibration and serving conversion")
   p.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
@@ -735,7 +829,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
     p.error("--eval-only needs --checkpoint PATH")
-  for name in ("epochs", "finetune_epochs", "batch_size", "eval_batch_size", "calibration_batches"):
+  if args.act_avg_bits < min(ACT_BITS):
+    p.error(f"--act-avg-bits must be >= {min(ACT_BITS)}, got {args.act_avg_bits}")
+  for name in ("epochs", "finetune_epochs", "act_interval", "batch_size", "eval_batch_size", "calibration_batches"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.steps is not None and args.steps < 1:
@@ -762,7 +858,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.eval_only:
     return eval_only(args)
-  modes = parse_modes(args.modes, args.act_bits,
+  act_bits = None if args.act_bits is None else (
+      args.act_bits if args.act_bits == AUTO else int(args.act_bits))
+  modes = parse_modes(args.modes, act_bits,
                       fine_tune=args.qat_init == "fp32")
   data = load_dataset(args.dataset, args.data_dir, args.seed)
   mesh = None

@@ -152,7 +152,11 @@ def test_parse_modes():
   assert rules[0].act_compress == 2 and rules[0].weight is None
   assert rules[1:] == vit_qat.QAT_MODES["w8a8"]
   assert vit_qat.mode_rules("fp32") is None
-  for bad in ("ptq-w4+act2", "w8a8+act3", "int3", ""):
+  assert vit_qat.parse_modes("w8a8", act_bits="auto") == ["w8a8+actauto"]
+  assert vit_qat.split_mode("fp32+actauto") == ("fp32", "auto")
+  auto = vit_qat.mode_rules("w8a8+actauto", {"block_1": 4, "block_0": 1})
+  assert [(r.path, r.act_compress) for r in auto[:2]] == [("block_0", 1), ("block_1", 4)]
+  for bad in ("ptq-w4+act2", "w8a8+act3", "w8a8+actAUTO", "int3", ""):
     with pytest.raises(ValueError, match="--modes"):
       vit_qat.parse_modes(bad)
 
@@ -176,6 +180,17 @@ def test_fine_tune_starts_from_the_float_variables():
   assert extra and all(p.rsplit("/", 1)[1].startswith("jaxq_") for p in extra), extra
   scales = [p for p in extra if p.endswith("_scale")]
   assert scales and all(np.all(np.isfinite(got[p])) and np.all(got[p] > 0) for p in scales)
+
+
+def test_act_bits_auto_allocates_per_block_widths_within_budget(tmp_path):
+  results = vit_qat.main(TINY + ["--modes", "fp32", "--act-bits", "auto", "--depth", "3",
+                                 "--act-interval", "2", "--out", str(tmp_path)])
+  history = results["fp32+actauto"]["act_bits"]
+  assert [h["step"] for h in history] == [0, 2]  # --steps 3, measured every 2 steps
+  for h in history:
+    assert set(h["bits"]) == {f"block_{i}" for i in range(3)}
+    assert sum(h["bits"].values()) <= 2 * 3  # identical blocks: the average is <= 2 bits
+    assert all(np.isfinite(c) and c >= 0 for c in h["sensitivity"].values())
 
 
 def test_mesh_bad_arguments(tmp_path):
