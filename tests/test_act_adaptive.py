@@ -170,6 +170,23 @@ def test_per_residual_bits_tuple_and_linearity():
                                                 ((64, 64), True)], res
 
 
+def test_adaptive_bits_per_residual_within_budget():
+  """AdaptiveBits over the residuals of compressed_residuals: the tuple it gives stores
+  no more bytes than uniform 2-bit, and the most sensitive residual gets the most bits."""
+  args = _mlp_args()
+  res = act.compressed_residuals(_mlp, *args, group_size=32, compress_args=(2,))
+  names = range(len(res))
+  ab = act.AdaptiveBits(names, avg_bits=2, choices=(1, 2, 4))
+  sens = {i: float(10.0**i) for i in names}
+  bits = ab.update_sensitivity(sens, {i: r.size for i, r in enumerate(res)})
+  widths = ab.as_tuple()
+  assert widths == tuple(bits[i] for i in names) and widths[-1] == max(widths) > 2
+  assert sum(w * r.size for w, r in zip(widths, res)) <= 2 * sum(r.size for r in res)
+  n2 = act.residual_nbytes(act.compressed_vjp(_mlp, 2, 32, (2,)), *args)
+  na = act.residual_nbytes(act.compressed_vjp(_mlp, widths, 32, (2,)), *args)
+  assert na <= n2, (na, n2)
+
+
 class _Block(nn.Module):
   @nn.compact
   def __call__(self, x):

@@ -296,6 +296,12 @@ class AdaptiveBits:
     return self.update_sensitivity({k: c for k, (c, _) in est.items()},
                                    {k: n for k, (_, n) in est.items()})
 
+  def as_tuple(self) -> tuple[int, ...]:
+    """``bits`` in the order of ``names``. With ``names = range(len(residuals))`` for
+    ``residuals = compressed_residuals(fn, ...)`` (sizes ``r.size``) this is the
+    per-residual ``bits`` of :func:`~jaxq.act.compressed_vjp`."""
+    return tuple(self.bits[n] for n in self.names)
+
   def update_sensitivity(self, sensitivity: Mapping, sizes: Mapping) -> dict:
     """Folds in measured ``C_l`` (e.g. :func:`sensitivity_from_gradients`) and the
     compressed element counts ``n_l``; re-allocates; returns (and stores) ``bits``."""
