@@ -46,6 +46,7 @@ per-residual   92.29       0.0485      0.351   0.86        631,004
 in-context     92.03       0.0507      0.435   1.00        631,004
 per-sample     60.50       1.0776      126     44.6        636,892
 uniform 4      94.51       0.0235      0.072   0.19      1,085,660
+per-sample 4   93.99       0.0260      0.271   0.63      1,088,476
 =============  ==========  ==========  ======  ========  ==========
 
 (per-seed accuracy float 94.21/95.77/91.98/92.65/92.65, uniform 2
@@ -58,7 +59,10 @@ alone goes from 2 to 1 or 4 bits with all others at 2. Per-residual lowers the g
 error by ~20% and the final loss by ~9%, but not the test accuracy: no robust gain over
 uniform 2-bit. "per-sample": ``SampleBits({4: .25, 2: .25, 1: .5})``; any allocation
 averaging 2 bits from (1, 2, 4) puts samples at 1 bit, and there the gradient error
-explodes.
+explodes; "per-sample 4": ``SampleBits({8: .25, 4: .25, 2: .5})`` against uniform 4 bits,
+3.7x the gradient error: the digits' (standardised) samples have similar ranges, and
+with equal sensitivities the convex ``1 / (2^b - 1)^2`` makes equal widths optimal.
+Per-sample widths pay off only when sample ranges differ widely (ActNN's setting).
 
 Why. The hypothesis that 1-bit residuals used non-linearly make the gradient *biased*
 does not hold here: :func:`~jaxq.act.vjp.compressed_residuals` finds JAX's backward
