@@ -90,6 +90,13 @@ def test_compress_samples_ranks_and_roundtrips():
     assert float(jnp.abs(y[s] - x[s]).max()) <= 0.5 * span / (2**width[s] - 1) + 1e-4
   with pytest.raises(ValueError, match="add up"):
     compress_samples(x, ((2, 3),), 64)
+  xb = x.astype(jnp.bfloat16)  # dtype kept; stochastic rounding: within one step
+  yb = decompress_samples(compress_samples(xb, counts, 64, jnp.uint32(5)))
+  assert yb.dtype == jnp.bfloat16 and yb.shape == x.shape
+  for s in range(16):
+    span = float(x[s].max() - x[s].min())
+    err = float(jnp.abs(yb[s].astype(jnp.float32) - xb[s].astype(jnp.float32)).max())
+    assert err <= span / (2**width[s] - 1) * 1.02 + 0.1
 
 
 # ----------------------------------------------------------------------------- compressed_vjp

@@ -21,11 +21,11 @@ from jaxq.act.adaptive import (AdaptiveBits, SampleBits, SampleCompressed, calc_
                                sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
-from jaxq.act.vjp import compressed_residuals, compressed_vjp, residual_nbytes
+from jaxq.act.vjp import Residual, compressed_residuals, compressed_vjp, residual_nbytes
 
 __all__ = [
     "AdaptiveBits", "CompressedArray", "SampleBits", "SampleCompressed", "calc_precision",
     "compress", "compressed_residuals", "compressed_vjp", "decompress", "linen", "policy",
-    "residual_nbytes", "sample_sensitivity", "sensitivity_from_gradients",
+    "Residual", "residual_nbytes", "sample_sensitivity", "sensitivity_from_gradients",
     "sensitivity_from_probe",
 ]

@@ -269,8 +269,8 @@ _BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _AFFINE = frozenset(_VIEW_PRIMITIVES | {
     "add", "add_any", "sub", "neg", "reduce_sum", "concatenate", "pad", "cumsum",
     "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
-    "select_n", "real", "imag", "complex", "conj", "transpose", "pjit_identity",
-    "psum", "all_gather", "reduce_scatter", "copy"})
+    "select_n", "real", "imag", "complex", "conj", "psum", "all_gather",
+    "reduce_scatter"})
 #: Affine only in their first operand (``div``: numerator; gather/dynamic_slice: indices
 #: after the first operand must not depend on the residual; select_n: predicate first).
 _ONLY_FIRST_AFFINE = frozenset({"div", "dynamic_slice", "gather"})
