@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from jaxq import numerics
 
@@ -131,14 +132,15 @@ class Rule:
       no rule matches stays in float.
     weight: spec for the layer's kernel, or None to keep it in float.
     act: spec for the layer's input activation, or None to keep it in float.
-    act_compress: None, or bits (1, 2, 4, 8) for activation-compressed training of the
-      matched module's whole computation (:func:`jaxq.act.compressed_vjp`).
+    act_compress: None, or bits (1, 2, 4, 8), or per-sample widths
+      (:class:`jaxq.act.SampleBits`), for activation-compressed training of the matched
+      module's whole computation (:func:`jaxq.act.compressed_vjp`).
   """
 
   path: str = ".*"
   weight: QuantSpec | None = dataclasses.field(default_factory=QuantSpec)
   act: QuantSpec | None = None
-  act_compress: int | None = None
+  act_compress: Any = None  # int | jaxq.act.SampleBits | None
 
   def __post_init__(self):
     if not isinstance(self.path, str):
@@ -152,9 +154,12 @@ class Rule:
       value = getattr(self, name)
       if value is not None and not isinstance(value, QuantSpec):
         raise ValueError(f"Rule.{name} must be a QuantSpec or None; got {value!r}")
-    if self.act_compress is not None and self.act_compress not in (1, 2, 4, 8):
-      raise ValueError(
-          f"Rule.act_compress must be None or one of 1, 2, 4, 8; got {self.act_compress!r}")
+    from jaxq.act.adaptive import SampleBits  # pylint: disable=import-outside-toplevel
+    c = self.act_compress
+    if c is not None and not isinstance(c, SampleBits) and (
+        isinstance(c, bool) or c not in (1, 2, 4, 8)):
+      raise ValueError(f"Rule.act_compress must be None, one of 1, 2, 4, 8, or a "
+                       f"jaxq.act.SampleBits; got {c!r}")
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.path, path) is not None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _models import TinyCNN, TinyViT
-from jaxq import quantizer
+from jaxq import act, quantizer
 from jaxq.flax.linen import init_quant_params, layer_paths, quantize_model
 from jaxq.spec import QuantSpec, Rule
 
@@ -320,6 +320,26 @@ def test_act_compress_rule():
                           Rule(".*", weight=W8, act=A8)])
   np.testing.assert_allclose(jax.jit(q2.apply)(v, x), jax.jit(q3.apply)(v, x), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_act_compress_rule_takes_per_sample_widths():
+  m = TinyViT(depth=1)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  v = m.init(jax.random.key(0), x)
+  q = quantize_model(m, [Rule("block_0", weight=None,
+                              act_compress=act.SampleBits({8: 0.5, 4: 0.5}))])
+  np.testing.assert_array_equal(jax.jit(q.apply)(v, x), jax.jit(m.apply)(v, x))  # exact
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, x, rngs={"jaxq": jax.random.key(3)}) ** 2)
+
+  g_ref = jax.jit(jax.grad(lambda p: loss(m, p)))(v["params"])
+  g = jax.jit(jax.grad(lambda p: loss(q, p)))(v["params"])
+  a, b = (np.concatenate([np.ravel(t) for t in jax.tree.leaves(t)]) for t in (g, g_ref))
+  assert 0 < np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+  for bad in (3, True, "2"):
+    with pytest.raises(ValueError, match="Rule.act_compress must be None, one of 1, 2, 4, 8"):
+      Rule("block_0", act_compress=bad)
 
 
 def test_attribute_submodules_match_by_variable_path():
