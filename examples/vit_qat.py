@@ -559,6 +559,7 @@ class BlockBits:
     self.mode, self.config = mode, config
     self.names = [f"block_{i}" for i in range(config.depth)]
     self.adaptive = jaxq.act.AdaptiveBits(self.names, avg_bits=args.act_avg_bits,
+                                          choices=args.act_choices,
                                           interval=args.act_interval)
     self.probe_bits = max(b for b in self.adaptive.choices if b <= args.act_avg_bits)
     self.label_smoothing = args.label_smoothing
@@ -781,8 +782,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  "blocks to this many bits (ActNN; adds +act<bits> to each mode); auto: "
                  "per-block widths from measured gradient sensitivity (jaxq.act."
                  "AdaptiveBits) at an average of --act-avg-bits")
-  p.add_argument("--act-avg-bits", type=float, default=2.0,
+  p.add_argument("--act-avg-bits", type=float, default=3.0,
                  help="+actauto: average bits per compressed activation element")
+  p.add_argument("--act-choices", default="2,4,8",
+                 help="+actauto: the widths to choose from (1 bit is allowed, but its "
+                 "noise compounds along the backward pass: see jaxq.act.adaptive)")
   p.add_argument("--act-interval", type=int, default=500,
                  help="+actauto: steps between sensitivity measurements")
   p.add_argument("--calibration-batches", type=int, default=8,
@@ -829,8 +833,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
     p.error("--eval-only needs --checkpoint PATH")
-  if args.act_avg_bits < min(ACT_BITS):
-    p.error(f"--act-avg-bits must be >= {min(ACT_BITS)}, got {args.act_avg_bits}")
+  try:
+    args.act_choices = tuple(int(b) for b in args.act_choices.split(","))
+  except ValueError:
+    p.error(f"--act-choices must be comma-separated widths from {ACT_BITS}, "
+            f"got {args.act_choices!r}")
+  if not args.act_choices or not set(args.act_choices) <= set(ACT_BITS):
+    p.error(f"--act-choices must be widths from {ACT_BITS}, got {args.act_choices}")
+  if args.act_avg_bits < min(args.act_choices):
+    p.error(f"--act-avg-bits must be >= the narrowest of --act-choices "
+            f"({min(args.act_choices)}), got {args.act_avg_bits}")
   for name in ("epochs", "finetune_epochs", "act_interval", "batch_size", "eval_batch_size", "calibration_batches"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")

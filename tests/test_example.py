@@ -189,7 +189,9 @@ def test_act_bits_auto_allocates_per_block_widths_within_budget(tmp_path):
   assert [h["step"] for h in history] == [0, 2]  # --steps 3, measured every 2 steps
   for h in history:
     assert set(h["bits"]) == {f"block_{i}" for i in range(3)}
-    assert sum(h["bits"].values()) <= 2 * 3  # identical blocks: the average is <= 2 bits
+    # Identical blocks: the average is within --act-avg-bits (default 3), and the widths
+    # from --act-choices (default 2, 4, 8).
+    assert sum(h["bits"].values()) <= 3 * 3 and set(h["bits"].values()) <= {2, 4, 8}
     assert all(np.isfinite(c) and c >= 0 for c in h["sensitivity"].values())
 
 
@@ -231,3 +233,14 @@ def test_bad_arguments(tmp_path, argv, match):
 def test_eval_only_needs_checkpoint():
   with pytest.raises(SystemExit):
     vit_qat.main(["--eval-only"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--act-choices", "2,3"], "--act-choices must be widths from (1, 2, 4, 8)"),
+    (["--act-choices", "two"], "--act-choices must be comma-separated"),
+    (["--act-avg-bits", "1.5"], "--act-avg-bits must be >= the narrowest"),
+])
+def test_bad_act_arguments_name_the_flag(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    vit_qat.parse_args(argv)
+  assert message in capsys.readouterr().err
