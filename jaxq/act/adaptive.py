@@ -78,6 +78,18 @@ over the whole ViT: gradient error ~1e5) instead of adding as ``sum_l C_l / (2^b
 1)^2`` assumes; measured one residual at a time they all look harmless (1-bit variance
 0.0004-0.4 of ``|g|^2`` each).
 
+Residuals that feed only one parameter cotangent (a Dense input ``x``, read by ``dW = x^T
+dy`` alone) do not compound: at 1 bit their gradient error roughly triples, as
+``1 / (2^b - 1)^2`` predicts (0.36 vs 0.11 at 2 bits; cotangent-path residuals: 3742 vs
+0.32). But they are only ~15% of a ViT's residual elements, so putting them at 1 bit
+pays for 4 bits on ~7%, and on the same TinyViT (5 seeds) that allocation ended at 92.25%
+against uniform 2-bit's 92.65% (float 93.45), with a higher gradient error (1.47 vs 1.05
+at the end): ``python benchmarks/exp_act_roles.py --diagnose``. In short, on this model
+every allocation averaging 2 bits from (1, 2, 4, 8) that we measured is at best level with
+uniform 2-bit; adaptive widths pay off at budgets between the widths (e.g. an average of 3:
+``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56% against 95.56% at
+uniform 2 and 98.00% at uniform 4).
+
 Training loop (``regions``: names of the compressed modules; ``grad_fn(params, batch,
 bits, key)`` the loss gradient with region ``name`` run through
 :func:`~jaxq.act.linen.compressed_call` at ``bits[name]`` bits, float where absent; its
