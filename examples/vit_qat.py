@@ -578,21 +578,24 @@ class BlockBits:
       model = build_model(self.mode, self.config,
                           None if block is None else {block: self.probe_bits})
 
-      def loss(params, collections, x, y, key):
+      def loss(params, collections, x, y, dropout_key, key):
         logits, _ = model.apply({"params": params, **collections}, x, train=True,
-                                mutable=list(collections), rngs={"jaxq": key})
+                                mutable=list(collections),
+                                rngs={"dropout": dropout_key, "jaxq": key})
         targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]),
                                       self.label_smoothing)
         return optax.softmax_cross_entropy(logits, targets).mean()
 
       grad = jax.grad(loss)
-      self._grads[block] = jax.jit(jax.vmap(grad, in_axes=(None, None, None, None, 0)))
+      self._grads[block] = jax.jit(jax.vmap(grad, in_axes=(None,) * 5 + (0,)))
     return self._grads[block]
 
   def update(self, state: TrainState, x, y, key: jax.Array, step: int) -> dict[str, int]:
-    """Measures every block on the batch ``(x, y)`` at ``step``; returns the new widths."""
+    """Measures every block on the batch ``(x, y)`` at ``step``; returns the new widths.
+    One dropout mask serves every measurement, so only the rounding noise differs."""
+    dropout_key, key = jax.random.split(key)
     keys = jax.random.split(key, 2)
-    args = (state.params, state.collections, x, y)
+    args = (state.params, state.collections, x, y, dropout_key)
     reference = jax.tree.map(lambda g: g[0], self._grad_fn(None)(*args, keys[:1]))
     sensitivity = {name: float(jaxq.act.sensitivity_from_gradients(
         self._grad_fn(name)(*args, keys), reference, self.probe_bits))
@@ -600,7 +603,6 @@ class BlockBits:
     bits = self.adaptive.update_sensitivity(sensitivity, dict.fromkeys(self.names, 1.0))
     self.history.append({"step": step, "bits": dict(bits), "sensitivity": sensitivity})
     return dict(bits)
-
 
 
 def fine_tunes(mode: str, args: argparse.Namespace) -> bool:

@@ -184,7 +184,8 @@ def test_fine_tune_starts_from_the_float_variables():
 
 def test_act_bits_auto_allocates_per_block_widths_within_budget(tmp_path):
   results = vit_qat.main(TINY + ["--modes", "fp32", "--act-bits", "auto", "--depth", "3",
-                                 "--act-interval", "2", "--out", str(tmp_path)])
+                                 "--dropout", "0.1", "--act-interval", "2",
+                                 "--out", str(tmp_path)])
   history = results["fp32+actauto"]["act_bits"]
   assert [h["step"] for h in history] == [0, 2]  # --steps 3, measured every 2 steps
   for h in history:
