@@ -71,7 +71,8 @@ from _models import TinyViT, cross_entropy, load_digits_split  # noqa: E402
 
 from jaxq import act  # noqa: E402
 from jaxq.act import pack  # noqa: E402
-from jaxq.act.vjp import _select, _validate  # noqa: E402  pylint: disable=protected-access
+from jaxq.act.vjp import (  # noqa: E402  pylint: disable=protected-access
+    _backward_jaxpr, _call_jaxpr, _validate)
 
 MODEL = TinyViT(dim=32, depth=2)
 
@@ -89,10 +90,8 @@ def _reach(jaxpr, in_masks: list[int]) -> list[int]:
     ms = [get(v) for v in eqn.invars]
     if not any(ms):
       continue
-    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    sub = getattr(sub, "jaxpr", sub)
-    if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
-        and len(sub.outvars) == len(eqn.outvars):
+    sub = _call_jaxpr(eqn)
+    if sub is not None:
       outs = _reach(sub, ms)
     else:
       m = 0
@@ -147,15 +146,7 @@ def residual_roles(fn: Callable[..., Any], *args, group_size: int = 256,
   cell: list[str] = []
 
   def f(*a):
-    out, treedef, slots, comp, kept = _select(fn, a, group_size, compress_args)
-
-    def closure(dec, kept, ct):
-      leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
-                for kind, v in slots]
-      return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
-
-    ct = jax.tree_util.tree_map(jnp.zeros_like, out)
-    jaxpr = jax.make_jaxpr(closure)(comp, kept, ct).jaxpr
+    jaxpr, comp = _backward_jaxpr(fn, a, group_size, compress_args)
     n_in = len(jaxpr.invars)
     outs = _reach(jaxpr, [1 << j if j < len(comp) else 0 for j in range(n_in)])
     if len(outs) != len(is_param_out):

@@ -78,6 +78,17 @@ def _leaf_origins(leaves_fn, flat_args) -> list[int | None] | None:
   return _origins(closed.jaxpr, list(range(len(flat_args))))
 
 
+def _call_jaxpr(eqn):
+  """The jaxpr of a call-like equation (``pjit``, ``checkpoint``, ``closed_call``, ...)
+  whose inputs and outputs map one to one onto the equation's, else None."""
+  sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  sub = getattr(sub, "jaxpr", sub)
+  if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
+      and len(sub.outvars) == len(eqn.outvars):
+    return sub
+  return None
+
+
 def _origins(jaxpr, in_origins: list[int | None]) -> list[int | None]:
   """Propagates "view of argument i" through a jaxpr (and the jaxprs of call-like
   equations such as ``pjit`` and ``checkpoint``); returns it for each output."""
@@ -89,10 +100,8 @@ def _origins(jaxpr, in_origins: list[int | None]) -> list[int | None]:
       if o is not None:
         origin[eqn.outvars[0]] = o
       continue
-    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    sub = getattr(sub, "jaxpr", sub)
-    if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
-        and len(sub.outvars) == len(eqn.outvars):
+    sub = _call_jaxpr(eqn)
+    if sub is not None:
       if any(get(v) is not None for v in eqn.invars):
         for ov, o in zip(eqn.outvars, _origins(sub, [get(v) for v in eqn.invars])):
           if o is not None:
@@ -287,10 +296,8 @@ def _degrees(jaxpr, in_deg: list[int]) -> list[int]:
     if not any(ds):
       continue
     name = eqn.primitive.name
-    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    sub = getattr(sub, "jaxpr", sub)
-    if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
-        and len(sub.outvars) == len(eqn.outvars):
+    sub = _call_jaxpr(eqn)
+    if sub is not None:
       outs = _degrees(sub, ds)
     elif name in _BILINEAR:
       outs = [min(sum(ds), 2)] * len(eqn.outvars)
@@ -324,6 +331,23 @@ class Residual:
     return int(np.prod(self.shape, dtype=np.int64))
 
 
+def _apply_closure(treedef, slots, dec, kept, ct):
+  """The VJP closure rebuilt from decompressed residuals ``dec`` and ``kept`` leaves
+  (``slots`` as in :class:`_Plan`), applied to the cotangent ``ct``."""
+  leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
+            for kind, v in slots]
+  return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
+
+
+def _backward_jaxpr(fn, args, group_size, compress_args):
+  """Inside a trace of ``fn(*args)``: the jaxpr of its backward pass over (compressed
+  residuals, kept leaves, output cotangent), and the residuals to compress."""
+  out, treedef, slots, comp, kept = _select(fn, args, group_size, compress_args)
+  ct = jax.tree_util.tree_map(jnp.zeros_like, out)
+  closure = functools.partial(_apply_closure, treedef, slots)
+  return jax.make_jaxpr(closure)(comp, kept, ct).jaxpr, comp
+
+
 def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
                          compress_args: Sequence[int] = ()) -> list[Residual]:
   """The residuals :func:`compressed_vjp` compresses for ``fn(*args)``, in the order a
@@ -333,15 +357,7 @@ def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
   cell = []
 
   def f(*a):
-    out, treedef, slots, comp, kept = _select(fn, a, group_size, compress_args)
-
-    def closure(dec, kept, ct):
-      leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
-                for kind, v in slots]
-      return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
-
-    ct = jax.tree_util.tree_map(jnp.zeros_like, out)
-    jaxpr = jax.make_jaxpr(closure)(comp, kept, ct).jaxpr
+    jaxpr, comp = _backward_jaxpr(fn, a, group_size, compress_args)
     n_in = len(jaxpr.invars)
     for j, l in enumerate(comp):
       deg = max(_degrees(jaxpr, [int(i == j) for i in range(n_in)]), default=0)
@@ -467,11 +483,7 @@ def _lazy_backward(plan, compressed, kept, ct):
   n_c = len(compressed)
   avals = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in compressed]
 
-  def closure(dec, kept, ct):
-    leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
-              for kind, v in plan.slots]
-    return jax.tree_util.tree_unflatten(plan.treedef, leaves)(ct)
-
+  closure = functools.partial(_apply_closure, plan.treedef, plan.slots)
   closed = jax.make_jaxpr(closure)(avals, kept, ct)
   jaxpr = closed.jaxpr
   ct_leaves = jax.tree_util.tree_leaves(ct)
