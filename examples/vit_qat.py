@@ -286,9 +286,7 @@ def split_mode(mode: str) -> tuple[str, int | str | None]:
   """``"w8a8+act2"`` -> ``("w8a8", 2)``; ``"w8a8+actauto"`` -> ``("w8a8", "auto")``;
   ``"w8a8"`` -> ``("w8a8", None)``."""
   base, sep, act = mode.partition("+act")
-  if base in PTQ_MODES and not sep:
-    return base, None
-  if base in QAT_MODES and not sep:
+  if not sep and (base in PTQ_MODES or base in QAT_MODES):
     return base, None
   if base in QAT_MODES and act == AUTO:
     return base, AUTO
@@ -313,7 +311,7 @@ def parse_modes(text: str, act_bits: int | str | None = None,
   for m in modes:
     split_mode(m)
   needed = {float_source(m, modes) for m in modes
-            if m in PTQ_MODES or (fine_tune and split_mode(m)[0] != "fp32")}
+            if m in PTQ_MODES or fine_tunes(m, fine_tune)}
   # Float runs go first: other modes start from them.
   return list(dict.fromkeys(sorted(needed) + modes))
 
@@ -385,10 +383,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, x0: jax.Array
                seed: int) -> TrainState:
   """Parameters (and quantizer state, initialised from the batch ``x0``) and optimizer
   state."""
-  variables = model.init(jax.random.key(seed), x0, train=False)
-  params = variables["params"]
-  collections = {k: v for k, v in variables.items() if k != "params"}
-  return TrainState(params, collections, tx.init(params))
+  return _state(model.init(jax.random.key(seed), x0, train=False), tx)
 
 
 def state_from(model: nn.Module, tx: optax.GradientTransformation, variables,
@@ -399,6 +394,10 @@ def state_from(model: nn.Module, tx: optax.GradientTransformation, variables,
   variables = jax.tree.map(jnp.copy, variables)
   if isinstance(model, QuantizedModel):
     variables = init_quant_params(model, variables, x0, train=False)
+  return _state(variables, tx)
+
+
+def _state(variables, tx: optax.GradientTransformation) -> TrainState:
   params = variables["params"]
   collections = {k: v for k, v in variables.items() if k != "params"}
   return TrainState(params, collections, tx.init(params))
@@ -605,10 +604,11 @@ class BlockBits:
     return dict(bits)
 
 
-def fine_tunes(mode: str, args: argparse.Namespace) -> bool:
-  """Whether ``mode`` starts from the trained fp32 variables (``--qat-init fp32``): every
-  quantized training mode does; fp32 itself (with or without "+act") trains from scratch."""
-  return args.qat_init == "fp32" and split_mode(mode)[0] not in ("fp32", *PTQ_MODES)
+def fine_tunes(mode: str, fine_tune: bool) -> bool:
+  """Whether training ``mode`` starts from the trained fp32 variables: with ``fine_tune``
+  (``--qat-init fp32``) every quantized training mode does; fp32 itself (with or without
+  "+act") trains from scratch."""
+  return fine_tune and split_mode(mode)[0] not in ("fp32", *PTQ_MODES)
 
 
 def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTConfig,
@@ -835,6 +835,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.eval_only and not args.checkpoint:
     p.error("--eval-only needs --checkpoint PATH")
+  if args.act_bits not in (None, AUTO):
+    args.act_bits = int(args.act_bits)
   try:
     args.act_choices = tuple(int(b) for b in args.act_choices.split(","))
   except ValueError:
@@ -845,7 +847,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.act_avg_bits < min(args.act_choices):
     p.error(f"--act-avg-bits must be >= the narrowest of --act-choices "
             f"({min(args.act_choices)}), got {args.act_avg_bits}")
-  for name in ("epochs", "finetune_epochs", "act_interval", "batch_size", "eval_batch_size", "calibration_batches"):
+  for name in ("epochs", "finetune_epochs", "act_interval", "batch_size", "eval_batch_size",
+               "calibration_batches"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.steps is not None and args.steps < 1:
@@ -872,10 +875,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.eval_only:
     return eval_only(args)
-  act_bits = None if args.act_bits is None else (
-      args.act_bits if args.act_bits == AUTO else int(args.act_bits))
-  modes = parse_modes(args.modes, act_bits,
-                      fine_tune=args.qat_init == "fp32")
+  fine_tune = args.qat_init == "fp32"
+  modes = parse_modes(args.modes, args.act_bits, fine_tune)
   data = load_dataset(args.dataset, args.data_dir, args.seed)
   mesh = None
   if args.mesh is not None:
@@ -897,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for mode in modes:
     if mode in PTQ_MODES:
       row, variables = ptq_mode(mode, args, data, config, trained["fp32"])
-    elif fine_tunes(mode, args):
+    elif fine_tunes(mode, fine_tune):
       source = float_source(mode, modes)
       row, variables, histories[mode] = train_mode(
           mode, args, data, config, mesh, init_from=trained[source],
