@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxq import act
@@ -58,6 +59,15 @@ def test_sample_bits_counts_budget_and_validation():
   # from a measured profile: calc_precision's widths, as fractions
   sb = act.SampleBits.from_sensitivity([100.0, 100.0, 1.0, 1.0], 2.5, choices=(1, 2, 4))
   assert dict(sb.fractions) == {4: 0.5, 1: 0.5} and sb.avg_bits <= 2.5
+  # gradient estimates of a training set: alike -> one width; mostly fitted -> mixed;
+  # with batch_size, whole samples of the batch (nearby profiles give equal SampleBits)
+  assert act.SampleBits.from_sensitivity(np.ones(100), 2).fractions == ((2, 1.0),)
+  g = np.geomspace(1e-9, 1.0, 1000)
+  sb = act.SampleBits.from_sensitivity(g, 2, choices=(1, 2, 4), batch_size=64)
+  assert len(sb.fractions) == 3 and sb.avg_bits <= 2 and sb.batch_size == 64
+  assert all(abs(f * 64 - round(f * 64)) < 1e-9 for _, f in sb.fractions)
+  assert act.SampleBits.from_sensitivity(g * (1 + 1e-3 * np.sin(g)), 2, choices=(1, 2, 4),
+                                         batch_size=64) == sb
 
 
 def test_sample_sensitivity_reference():
@@ -99,10 +109,94 @@ def test_compress_samples_ranks_and_roundtrips():
     assert err <= span / (2**width[s] - 1) * 1.02 + 0.1
 
 
+def test_compress_samples_ranks_by_weighted_sensitivity():
+  x = jnp.linspace(-1.0, 1.0, 64) * jnp.arange(1, 9.0)[:, None]  # R_n ~ (n + 1)^2
+  counts = ((4, 2), (1, 6))
+  # weights falling faster than the ranges rise: the order reverses
+  c = compress_samples(x, counts, 32, weight=jnp.arange(1, 9.0) ** -4)
+  np.testing.assert_array_equal(np.asarray(c.perm), np.arange(8))
+  c = compress_samples(x, counts, 32, weight=jnp.ones(8))  # equal weights: by range
+  np.testing.assert_array_equal(np.asarray(c.perm), np.arange(8)[::-1])
+
+
+def test_output_grad_sqnorm_reference():
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(6, 10)) * 3, jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 6))
+  g = act.output_grad_sqnorm(optax.softmax_cross_entropy_with_integer_labels, z, y)
+  e = np.exp(np.asarray(z, np.float64))
+  want = np.sum((e / e.sum(1, keepdims=True) - np.eye(10)[np.asarray(y)]) ** 2, axis=1)
+  np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+  # pytree outputs, bf16: every leaf's rows add up
+  out = {"a": z.astype(jnp.bfloat16), "b": jnp.ones((6, 2, 3))}
+  g2 = act.output_grad_sqnorm(lambda o: jnp.sum(o["a"].astype(jnp.float32) ** 2, 1)
+                              + 0.5 * jnp.sum(o["b"], (1, 2)), out)
+  want2 = np.sum(4 * np.asarray(out["a"], np.float64) ** 2, 1) + 6 * 0.25
+  assert g2.dtype == jnp.float32
+  np.testing.assert_allclose(g2, want2, rtol=2e-2)
+
+
+def _dense(w, x):
+  return x @ w
+
+
+def _dense_chain(bits):
+  """Three Dense layers, each its own compressed region (ActNN's per-layer setting: the
+  compressed residual, the layer input, feeds only ``dW``)."""
+  layer = _dense if bits is None else act.compressed_vjp(_dense, bits, 32, compress_args=(1,))
+
+  def f(ws, x, key, weight):
+    for i, w in enumerate(ws):
+      kw = {} if bits is None else dict(key=jax.random.fold_in(key, i), sample_weight=weight)
+      x = layer(w, x, **kw)
+      if i < len(ws) - 1:
+        x = jnp.tanh(x)
+    return x
+
+  return f
+
+
+def test_sample_weight_cuts_gradient_error_where_few_samples_carry_the_gradient():
+  """Per-sample losses spanning orders of magnitude (late training: most samples fitted).
+  Ranked by G_n R_n, {4: 1/4, 2: 1/4, 1: 1/2} (an average of 2 bits) matches uniform 4-bit;
+  ranked by the range alone it is worse than uniform 2-bit."""
+  k = jax.random.split(jax.random.key(0), 5)
+  ws = [jax.random.normal(k[i], (32, 32)) / np.sqrt(32) for i in range(3)]
+  x = jax.random.normal(k[3], (64, 32))
+  c = jnp.exp(3 * jax.random.normal(k[4], (64,)))
+  per_sample = lambda out: c * jnp.sum(out ** 2, axis=1)  # noqa: E731
+  weight = act.output_grad_sqnorm(per_sample, _dense_chain(None)(ws, x, None, None))
+  keys = jax.random.split(jax.random.key(1), 16)
+
+  def loss_fn(bits, w=None):
+    return lambda ws, key: jnp.sum(per_sample(_dense_chain(bits)(ws, x, key, w)))
+
+  ref = _flat(jax.grad(loss_fn(None))(ws, None))
+
+  def error(bits, w=None):
+    loss = loss_fn(bits, w)
+    gs = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(ws, keys)
+    return np.mean([float(jnp.linalg.norm(_flat(jax.tree_util.tree_map(lambda t: t[i], gs))
+                                          - ref) / jnp.linalg.norm(ref)) for i in range(16)])
+
+  u2, u4, ranked, weighted = error(2), error(4), error(SB), error(SB, weight)
+  assert weighted < u2 / 3 and weighted < ranked / 3 and weighted < 1.5 * u4, (
+      u2, u4, ranked, weighted)
+  with pytest.raises(ValueError, match="sample_weight"):
+    act.compressed_vjp(_dense, 2, 32, (1,))(ws[0], x, sample_weight=weight)
+  with pytest.raises(ValueError, match=r"sample_weight must be a float array of shape \(64,\)"):
+    act.compressed_vjp(_dense, SB, 32, (1,))(ws[0], x, sample_weight=weight[:8])
+  with pytest.raises(ValueError, match="sample_weight needs the batch size"):
+    act.compressed_vjp(_dense, SB, 32)(ws[0], x, sample_weight=weight)
+
+
 # ----------------------------------------------------------------------------- compressed_vjp
-def test_sample_bits_forward_exact_and_gradient_unbiased():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sample_bits_forward_exact_and_gradient_unbiased(weighted):
   args = _mlp_args()
-  g = act.compressed_vjp(_mlp, bits=SB, group_size=32, compress_args=(2,))
+  weight = jnp.linspace(0.0, 1.0, 64) ** 3 if weighted else None
+  g = functools.partial(act.compressed_vjp(_mlp, bits=SB, group_size=32, compress_args=(2,)),
+                        sample_weight=weight)
   np.testing.assert_array_equal(g(*args, key=jax.random.key(0)), _mlp(*args))
   v, _ = jax.jit(jax.value_and_grad(lambda *a: g(*a, key=jax.random.key(0))))(*args)
   np.testing.assert_array_equal(v, jax.jit(_mlp)(*args))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -299,9 +301,10 @@ def test_transforms_scan_remat_vmap_jit_grad():
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
 
 
-def _act_compress_grad_error(act_compress, batch: int):
+def _act_compress_grad_error(act_compress, batch: int, weight=None):
   """TinyViT with block_0 under ``Rule(act_compress=...)``: checks the forward pass is
-  bitwise the float one; returns the relative error of the parameter gradient."""
+  bitwise the float one; returns the relative error of the parameter gradient (per-sample
+  gradient estimates ``weight`` given through ``jaxq.act.linen.sample_weights``)."""
   m = TinyViT(depth=1)
   x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 1))
   v = m.init(jax.random.key(0), x)
@@ -309,7 +312,10 @@ def _act_compress_grad_error(act_compress, batch: int):
   np.testing.assert_array_equal(jax.jit(q.apply)(v, x), jax.jit(m.apply)(v, x))  # exact
 
   def loss(model, p):
-    return jnp.sum(model.apply({"params": p}, x, rngs={"jaxq": jax.random.key(3)}) ** 2)
+    with contextlib.ExitStack() as stack:
+      if weight is not None:
+        stack.enter_context(act.linen.sample_weights(weight))
+      return jnp.sum(model.apply({"params": p}, x, rngs={"jaxq": jax.random.key(3)}) ** 2)
 
   g_ref = jax.jit(jax.grad(lambda p: loss(m, p)))(v["params"])
   g = jax.jit(jax.grad(lambda p: loss(q, p)))(v["params"])
@@ -333,6 +339,13 @@ def test_act_compress_rule():
 
 def test_act_compress_rule_takes_per_sample_widths():
   assert 0 < _act_compress_grad_error(act.SampleBits({8: 0.5, 4: 0.5}), batch=4) < 0.1
+  # gradient estimates from a sample_weights block reach the rule's regions: equal
+  # weights keep the range ranking, others change which sample gets 8 bits
+  sb = act.SampleBits({8: 0.25, 1: 0.75})
+  base = _act_compress_grad_error(sb, batch=4)
+  assert _act_compress_grad_error(sb, batch=4, weight=jnp.ones(4)) == base
+  assert len({_act_compress_grad_error(sb, batch=4, weight=jax.nn.one_hot(i, 4))
+              for i in range(4)} - {base}) >= 3
   for bad in (3, True, "2"):
     with pytest.raises(ValueError, match="Rule.act_compress must be None, one of 1, 2, 4, 8"):
       Rule("block_0", act_compress=bad)
@@ -343,7 +356,6 @@ def test_attribute_submodules_match_by_variable_path():
   rules, observers and learned steps use the variable path ("layers_2"), not "model/..."."""
   model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
   x = jax.random.normal(jax.random.key(0), (6, 5))
-  params = model.init(jax.random.key(1), x)["params"]
   assert layer_paths(model, x) == ["layers_0", "layers_2"]
   spec = QuantSpec(8, granularity="tensor", calibration="ema")
   qmodel = quantize_model(model, [Rule("layers_2", weight=QuantSpec(4, estimator="lsq"),

@@ -8,7 +8,8 @@
   average-bits budget.
 * :class:`SampleBits` -- per-sample widths (``compressed_vjp(fn, bits=SampleBits(...))``):
   a static number of samples per width, assigned in the step by each sample's
-  :func:`sample_sensitivity`; a tuple ``bits`` gives per-residual widths
+  :func:`sample_sensitivity` times its gradient-norm estimate (``sample_weight``, e.g.
+  :func:`output_grad_sqnorm`); a tuple ``bits`` gives per-residual widths
   (:func:`compressed_residuals` lists the residuals).
 * :mod:`jaxq.act.linen` -- :func:`~jaxq.act.linen.compressed_call` for Flax Linen modules.
 * :func:`compress` / :func:`decompress` -- the storage format of one tensor.
@@ -17,15 +18,16 @@
 
 from jaxq.act import linen
 from jaxq.act.adaptive import (AdaptiveBits, SampleBits, SampleCompressed, calc_precision,
-                               sample_sensitivity, sensitivity_from_gradients,
-                               sensitivity_from_probe)
+                               output_grad_sqnorm, sample_sensitivity,
+                               sensitivity_from_gradients, sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
 from jaxq.act.vjp import Residual, compressed_residuals, compressed_vjp, residual_nbytes
 
 __all__ = [
     "AdaptiveBits", "CompressedArray", "SampleBits", "SampleCompressed", "calc_precision",
-    "compress", "compressed_residuals", "compressed_vjp", "decompress", "linen", "policy",
+    "compress", "compressed_residuals", "compressed_vjp", "decompress", "linen",
+    "output_grad_sqnorm", "policy",
     "Residual", "residual_nbytes", "sample_sensitivity", "sensitivity_from_gradients",
     "sensitivity_from_probe",
 ]

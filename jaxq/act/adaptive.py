@@ -15,7 +15,9 @@ running estimate of ``C_l`` from the ``probe`` gradients of
 :func:`~jaxq.act.compressed_vjp` and re-allocates every ``interval`` steps.
 
 Per-sample widths (ActNN's per-sample bits) are :class:`SampleBits`: a static number of
-samples per width, the samples ranked inside the step by :func:`sample_sensitivity`.
+samples per width, the samples ranked inside the step by ``G_n R_n``, their gradient
+estimates (``sample_weight``, e.g. :func:`output_grad_sqnorm`) times
+:func:`sample_sensitivity`.
 Per-residual widths are a tuple ``bits`` of :func:`~jaxq.act.compressed_vjp` (one entry
 per residual of :func:`~jaxq.act.vjp.compressed_residuals`).
 
@@ -62,7 +64,8 @@ averaging 2 bits from (1, 2, 4) puts samples at 1 bit, and there the gradient er
 explodes; "per-sample 4": ``SampleBits({8: .25, 4: .25, 2: .5})`` against uniform 4 bits,
 3.7x the gradient error: the digits' (standardised) samples have similar ranges, and
 with equal sensitivities the convex ``1 / (2^b - 1)^2`` makes equal widths optimal.
-Per-sample widths pay off only when sample ranges differ widely (ActNN's setting).
+Ranked by range alone (no ``sample_weight``, as in these runs), per-sample widths pay off
+only when sample ranges differ widely; ranked by gradient estimates, see below.
 
 Why. The hypothesis that 1-bit residuals used non-linearly make the gradient *biased*
 does not hold here: :func:`~jaxq.act.vjp.compressed_residuals` finds JAX's backward
@@ -84,9 +87,49 @@ dy`` alone) do not compound: at 1 bit their gradient error roughly triples, as
 0.32). But they are only ~15% of a ViT's residual elements, so putting them at 1 bit
 pays for 4 bits on ~7%, and on the same TinyViT (5 seeds) that allocation ended at 92.25%
 against uniform 2-bit's 92.65% (float 93.45), with a higher gradient error (1.47 vs 1.05
-at the end): ``python benchmarks/exp_act_roles.py --diagnose``. In short, on this model
-every allocation averaging 2 bits from (1, 2, 4, 8) that we measured is at best level with
-uniform 2-bit; adaptive widths pay off at budgets between the widths (e.g. an average of 3:
+at the end): ``python benchmarks/exp_act_roles.py --diagnose``.
+
+Per-sample widths from gradient estimates. ActNN ranks the samples of a layer by ``G_n
+R_n``, ``G_n`` the sample's squared output-gradient norm kept per training example from its
+previous visit. Late in training most samples are fitted (on the TinyViT after 600 steps
+the median ``G_n`` is ~1e-5 of the largest), so their activations can take 1 bit and the
+few samples that carry the gradient 4. Measured with
+``python benchmarks/exp_act_sample_weight.py`` (TinyViT(dim=32, depth=2), digits, 600
+steps; ``G_n`` an EMA of :func:`output_grad_sqnorm`; "auto": fractions re-chosen every 50
+steps by ``SampleBits.from_sensitivity(G, 2, (1, 2, 4), batch_size=64)``, which gives
+uniform 2 bits while the ``G_n`` are alike and about {4: 22%, 2: 31%, 1: 47%} by the end;
+"fixed": {4: 1/4, 2: 1/4, 1: 1/2} throughout; all within uniform 2-bit's bytes):
+
+==========================  ==========  ==========  ========
+every Dense/Conv a region   test acc %  train loss  gerr end
+(10 seeds)
+==========================  ==========  ==========  ========
+float                       93.03       0.0248      0
+uniform 2                   92.83       0.0285      0.454
+auto, ranked by G_n R_n     93.03       0.0285      0.121
+fixed, ranked by G_n R_n    92.63       0.0314      0.118
+fixed, ranked by R_n        92.87       0.0395      1.038
+each block a region         93.45       0.0269      0
+(float; 5 seeds)
+uniform 2                   92.29       0.0533      1.03
+auto, ranked by G_n R_n     83.52       0.2712      50.7
+==========================  ==========  ==========  ========
+
+With every Dense/Conv layer its own region, each region saves only its input, which feeds
+``dW`` alone, so the noise adds up as the model assumes: "auto" has 3.8x less gradient
+error than uniform 2-bit at the end of every run, and ends at float's mean test accuracy
+(above uniform 2-bit on 5 seeds, level on 4, below on 1; the accuracy gap of uniform 2-bit
+in this setting, 0.2 points, is within the seed-to-seed spread). Fixed fractions cost
+accuracy early, when all ``G_n`` are alike; ranking by range alone doubles the error.
+With whole blocks as regions the 1-bit samples' attention maps, normalised values and
+GELU factors compound the noise (above), and per-sample widths at an average of 2 bits
+fail however they are ranked.
+
+In short: at an average of 2 bits, adaptive widths beat uniform 2-bit where the
+compressed residuals feed only weight gradients (per-layer regions, ActNN's setting), by
+per-sample widths from gradient estimates; where they sit on the cotangent path (block or
+model regions) every allocation we measured is at best level with uniform 2-bit. There,
+adaptive widths pay off at budgets between the widths (e.g. an average of 3:
 ``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56% against 95.56% at
 uniform 2 and 98.00% at uniform 4).
 
@@ -106,13 +149,27 @@ jit recompiles per allocation, i.e. at most every ``interval`` steps)::
             for name in regions}, sizes)
       grads = grad_fn(params, batch, ab.bits, key)  # sum_l bits_l n_l <= 2 sum_l n_l
       ...
+
+Per-sample widths (``g_est``: ``f32[num_examples]``, ones at first; ``idx``: the batch's
+example indices; ``qmodel`` with ``Rule(layers, act_compress=widths)``, jitted per
+``widths``, i.e. at most every ``interval`` steps)::
+
+    if step % interval == 0:
+      widths = SampleBits.from_sensitivity(g_est, 2, (1, 2, 4), batch_size=64)
+    def loss_fn(params):
+      with jaxq.act.linen.sample_weights(g_est[idx]):
+        logits = qmodel.apply({"params": params}, x, rngs={"jaxq": key})
+      return per_sample_loss(logits, y).mean(), logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    g_est = g_est.at[idx].set(0.5 * g_est[idx]
+                              + 0.5 * output_grad_sqnorm(per_sample_loss, logits, y))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -349,9 +406,14 @@ class SampleBits:
   ``fractions`` fixes it: for a batch of ``B`` samples, ``floor(f_b B)`` samples get ``b``
   bits for every width but the narrowest, which takes the rest (so ``sum_b n_b b <=
   avg_bits * B`` always holds). The *assignment* is dynamic, inside the step: the samples
-  of each residual are ranked by ``R_{l,n}`` (:func:`sample_sensitivity`; ``G_l`` is common
-  to the samples of a residual and does not change their order) and the most sensitive
-  get the widest codes. Each width's samples are gathered into one
+  of each residual are ranked by ``G_n R_{l,n}`` and the most sensitive get the widest
+  codes. ``R_{l,n}`` is :func:`sample_sensitivity`; ``G_n``, the sample's gradient-norm
+  estimate, is the ``sample_weight`` passed to the compressed function (ActNN keeps it
+  per training example from the example's previous visit; :func:`output_grad_sqnorm`
+  computes it from the model's outputs); without it samples are ranked by ``R_{l,n}``
+  alone. ``G_n`` is what makes per-sample widths pay off: late in training most samples
+  are fitted and their gradients nearly vanish, so their residuals can take 1 bit and the
+  few samples that carry the gradient 4 or 8. Each width's samples are gathered into one
   :class:`~jaxq.act.pack.CompressedArray`, stored with the permutation; decompression
   scatters them back (:class:`SampleCompressed`). Rounding stays stochastic and the
   ranking depends on the residual alone, so the gradient stays unbiased.
@@ -418,13 +480,46 @@ class SampleBits:
   @classmethod
   def from_sensitivity(cls, sensitivity, avg_bits: float,
                        choices: Sequence[int] = (1, 2, 4, 8), **kwargs) -> SampleBits:
-    """Fractions from a measured per-sample sensitivity profile (e.g.
-    :func:`sample_sensitivity` of one residual on a calibration batch): the widths
-    :func:`calc_precision` gives those samples under ``avg_bits``."""
+    """Fractions from a measured per-sample sensitivity profile: the widths
+    :func:`calc_precision` gives those samples under ``avg_bits``.
+
+    The profile may be :func:`sample_sensitivity` of one residual on a calibration batch,
+    or the gradient-norm estimates ``G_n`` of the whole training set (ActNN keeps them per
+    example): while they are alike this gives one width, and once most samples are
+    fitted, mixed widths. With ``batch_size`` (passed on to the constructor) the fractions
+    are whole samples of that batch (``SampleBits.counts``), so profiles that differ
+    a little give equal ``SampleBits`` and reuse a compiled step.
+    """
     s = np.asarray(sensitivity, np.float64).reshape(-1)
     bits = calc_precision(s, np.ones_like(s), avg_bits, choices)
     widths, n = np.unique(bits, return_counts=True)
-    return cls({int(b): float(k) / s.size for b, k in zip(widths, n)}, **kwargs)
+    out = cls({int(b): float(k) / s.size for b, k in zip(widths, n)}, **kwargs)
+    if out.batch_size is None:
+      return out
+    return cls({b: k / out.batch_size for b, k in out.counts(out.batch_size)}, **kwargs)
+
+
+def has_sample_bits(bits) -> bool:
+  """Whether a ``bits`` argument of :func:`~jaxq.act.compressed_vjp` (a width, a
+  :class:`SampleBits` or a per-residual tuple) stores some residual per sample."""
+  return any(isinstance(b, SampleBits) for b in (bits if isinstance(bits, tuple) else (bits,)))
+
+
+def output_grad_sqnorm(loss_fn: Callable[..., jax.Array], outputs: Any, *args) -> jax.Array:
+  """``G_n = |d loss_n / d outputs_n|^2``: each sample's squared gradient norm at the model
+  output (``f32[B]``), the per-sample gradient estimate ``sample_weight`` of
+  :class:`SampleBits`.
+
+  ``loss_fn(outputs, *args)`` returns the per-sample losses ``f32[B]`` (e.g.
+  ``optax.softmax_cross_entropy_with_integer_labels(logits, labels)``); sample ``n``'s loss
+  must depend only on row ``n`` of the outputs (leading axis: the batch). For softmax
+  cross-entropy, ``G_n = |softmax(z_n) - onehot(y_n)|^2``. Not differentiated.
+  """
+  outputs = jax.lax.stop_gradient(outputs)
+  grads = jax.grad(lambda o: jnp.sum(loss_fn(o, *args)))(outputs)
+  leaves = jax.tree_util.tree_leaves(grads)
+  return sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+             for g in leaves)
 
 
 def sample_sensitivity(x: jax.Array, group_size: int = 256) -> jax.Array:
@@ -471,15 +566,20 @@ def _perm_dtype(batch: int):
 
 
 def compress_samples(x: jax.Array, counts: Sequence[tuple[int, int]], group_size: int = 256,
-                     seed: jax.Array | None = None) -> SampleCompressed:
+                     seed: jax.Array | None = None,
+                     weight: jax.Array | None = None) -> SampleCompressed:
   """Stores ``x`` (leading axis: ``B = sum n_b`` samples) with ``n_b`` samples at ``b``
-  bits, the most sensitive (:func:`sample_sensitivity`) at the widest. ``counts`` as from
+  bits, the most sensitive (:func:`sample_sensitivity` times ``weight``, the samples'
+  gradient-norm estimates, when given) at the widest. ``counts`` as from
   :meth:`SampleBits.counts`; ``seed`` as in :func:`~jaxq.act.pack.compress` (one derived
   seed per width)."""
   batch = x.shape[0]
   if sum(n for _, n in counts) != batch:
     raise ValueError(f"counts {counts} must add up to the leading size {batch} of x")
-  order = jnp.argsort(-sample_sensitivity(x, group_size), stable=True)
+  key = sample_sensitivity(x, group_size)
+  if weight is not None:
+    key = key * weight
+  order = jnp.argsort(-key, stable=True)
   xs = jnp.take(x, order, axis=0)
   parts, start = [], 0
   for k, (b, n) in enumerate(counts):

@@ -25,6 +25,7 @@ the clone and runs its method body directly, so an interceptor that always answe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,9 +37,37 @@ import numpy as np
 from flax.core import lift
 from flax.linen import transforms as nn_transforms
 
+from jaxq.act.adaptive import has_sample_bits
 from jaxq.act.vjp import compressed_vjp
 
 _state = threading.local()
+
+
+@contextlib.contextmanager
+def sample_weights(weight: jax.Array):
+  """Per-sample gradient-norm estimates (``f32[B]``) for every :func:`compressed_call`
+  with :class:`~jaxq.act.SampleBits` widths inside the block that passes no
+  ``sample_weight`` itself, e.g. the regions of ``Rule(act_compress=SampleBits(...))``
+  in a ``quantize_model`` wrapper::
+
+    with jaxq.act.linen.sample_weights(g_est[idx]):
+      logits = qmodel.apply(variables, x, rngs={"jaxq": key})
+
+  Regions with a plain integer width ignore it. Enter it where the model is applied
+  (inside the jitted loss when ``weight`` is traced). Nests; the innermost wins.
+  """
+  stack = _weight_stack()
+  stack.append(weight)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+def _weight_stack() -> list:
+  if not hasattr(_state, "weights"):
+    _state.weights = []
+  return _state.weights
 
 
 def _plain_calls() -> set:
@@ -67,7 +96,7 @@ def _is_dynamic(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray))
 
 
-def _lifted_transform(body, *, bits, group_size, key, probe, act_positions):
+def _lifted_transform(body, *, bits, group_size, key, probe, sample_weight, act_positions):
   """``flax.core.lift``-level transform of ``body(scope, *dyn)`` under compressed_vjp."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *dyn):
@@ -80,7 +109,7 @@ def _lifted_transform(body, *, bits, group_size, key, probe, act_positions):
 
     g = compressed_vjp(f, bits=bits, group_size=group_size,
                        compress_args=tuple(2 + p for p in act_positions))
-    return g(params, others, *dyn, key=key, probe=probe)
+    return g(params, others, *dyn, key=key, probe=probe, sample_weight=sample_weight)
 
   return lift.pack(inner, ("params", True), ("params", True), (True,),
                    name="jaxq_compressed")
@@ -89,7 +118,8 @@ def _lifted_transform(body, *, bits, group_size, key, probe, act_positions):
 def compressed_call(module: nn.Module, method: str | Callable[..., Any],
                     args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
                     bits: Any, group_size: int = 256, key: jax.Array | None = None,
-                    probe: jax.Array | None = None) -> Any:
+                    probe: jax.Array | None = None,
+                    sample_weight: jax.Array | None = None) -> Any:
   """Calls ``method`` of the bound ``module`` with its whole computation compressed.
 
   Equivalent to ``getattr(module, method)(*args, **kwargs)`` in the forward pass
@@ -112,11 +142,16 @@ def compressed_call(module: nn.Module, method: str | Callable[..., Any],
     key: PRNG key for stochastic rounding; None rounds to nearest.
     probe: optional ``f32[3]`` whose gradient receives the statistics of
       :mod:`jaxq.act.adaptive` for this call.
+    sample_weight: with :class:`jaxq.act.SampleBits` widths, each sample's gradient-norm
+      estimate (``f32[B]``), as in :func:`jaxq.act.compressed_vjp`; default: the
+      innermost :func:`sample_weights` block's, if any.
   """
   if not isinstance(module, nn.Module) or module.scope is None:
     raise TypeError(f"module must be a bound flax.linen.Module, got {module!r}")
   fn = _resolve_method(module, method)
   kwargs = dict(kwargs or {})
+  if sample_weight is None and _weight_stack() and has_sample_bits(bits):
+    sample_weight = _weight_stack()[-1]
   plain = _plain_calls()
   if id(module) in plain:
     # The nested call of the clone this function itself issued: run the body.
@@ -143,7 +178,8 @@ def compressed_call(module: nn.Module, method: str | Callable[..., Any],
 
   def transform(core_fn):
     return _lifted_transform(core_fn, bits=bits, group_size=group_size, key=key,
-                             probe=probe, act_positions=act_positions)
+                             probe=probe, sample_weight=sample_weight,
+                             act_positions=act_positions)
 
   lifted = nn_transforms.decorator_lift_transform(transform, _jaxq_compressed_region,
                                                     multi_scope=False)

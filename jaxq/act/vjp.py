@@ -35,7 +35,8 @@ from jax.extend.core import Literal
 
 from jaxq import numerics
 from jaxq.act import pack
-from jaxq.act.adaptive import SampleBits, SampleCompressed, compress_samples, decompress_samples
+from jaxq.act.adaptive import (SampleBits, SampleCompressed, compress_samples,
+                               decompress_samples, has_sample_bits)
 
 #: ``checkpoint_name`` of the compressed residuals (codes, lo, scale).
 PACKED_NAME = "jaxq_act_packed"
@@ -204,23 +205,30 @@ def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2
       All other arguments (weights) are saved as they are.
 
   Returns:
-    ``g(*args, key=None, probe=None)`` returning ``fn(*args)`` bitwise. With a PRNG ``key``
-    the residuals are rounded stochastically (unbiased gradients); with ``key=None`` to
-    nearest. ``probe`` (optional ``f32[3]``, normally zeros) receives, as its gradient,
-    the statistics adaptive precision needs (see :mod:`jaxq.act.adaptive`):
-    ``[sum_g S * range_g^2, number of compressed elements, |cotangent|^2 / rows]``.
+    ``g(*args, key=None, probe=None, sample_weight=None)`` returning ``fn(*args)``
+    bitwise. With a PRNG ``key`` the residuals are rounded stochastically (unbiased
+    gradients); with ``key=None`` to nearest. ``probe`` (optional ``f32[3]``, normally
+    zeros) receives, as its gradient, the statistics adaptive precision needs (see
+    :mod:`jaxq.act.adaptive`): ``[sum_g S * range_g^2, number of compressed elements,
+    |cotangent|^2 / rows]``. ``sample_weight`` (``f32[B]``, only with
+    :class:`~jaxq.act.SampleBits` widths) is each sample's gradient-norm estimate
+    ``G_n`` (e.g. :func:`~jaxq.act.output_grad_sqnorm` from the sample's last visit):
+    samples are then ranked by ``G_n R_n`` instead of ``R_n``, ActNN's per-sample
+    sensitivity. It is not differentiated.
   """
   bits, group_size, compress_args = _validate(bits, group_size, compress_args)
 
   @functools.wraps(fn)
-  def g(*args, key=None, probe=None):
+  def g(*args, key=None, probe=None, sample_weight=None):
     if any(p >= len(args) for p in compress_args):
       raise ValueError(
           f"compress_args={compress_args} names a position >= the {len(args)} arguments "
           f"given to {getattr(fn, '__name__', fn)!r}")
     seed = None if key is None else numerics.seed_from_key(key)
-    return _call(fn, bits, group_size, compress_args, args, seed, probe,
-                 _batch_size(bits, args, compress_args))
+    batch = _batch_size(bits, args, compress_args)
+    if sample_weight is not None:
+      sample_weight = _check_sample_weight(sample_weight, bits, batch)
+    return _call(fn, bits, group_size, compress_args, args, seed, probe, batch, sample_weight)
 
   return g
 
@@ -376,7 +384,7 @@ def _batch_size(bits, args, compress_args) -> int | None:
     raise ValueError(f"SampleBits entries of bits name different batch sizes {explicit}")
   if explicit:
     return explicit.pop()
-  if not any(isinstance(b, SampleBits) for b in specs):
+  if not has_sample_bits(bits):
     return None
   for p in compress_args:
     for leaf in jax.tree_util.tree_leaves(args[p]):
@@ -385,11 +393,25 @@ def _batch_size(bits, args, compress_args) -> int | None:
   return None
 
 
-def _compress_leaf(leaf, spec, group_size, seed, batch):
+def _check_sample_weight(w, bits, batch) -> jax.Array:
+  if not has_sample_bits(bits):
+    raise ValueError("sample_weight ranks samples for per-sample widths; it needs bits to "
+                     f"be (or hold) a jaxq.act.SampleBits, got bits={bits!r}")
+  if batch is None:
+    raise ValueError("sample_weight needs the batch size: list the activation input in "
+                     "compress_args or set SampleBits.batch_size")
+  w = jnp.asarray(w)
+  if w.shape != (batch,) or not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"sample_weight must be a float array of shape ({batch},) (one weight "
+                     f"per sample of the batch), got {w.dtype}{list(w.shape)}")
+  return jax.lax.stop_gradient(w.astype(jnp.float32))
+
+
+def _compress_leaf(leaf, spec, group_size, seed, batch, weight=None):
   """One residual as CompressedArray (int ``spec``) or per sample (SampleBits)."""
   if isinstance(spec, SampleBits):
     if batch is not None and batch > 1 and leaf.ndim >= 2 and leaf.shape[0] == batch:
-      return compress_samples(leaf, spec.counts(batch), group_size, seed)
+      return compress_samples(leaf, spec.counts(batch), group_size, seed, weight)
     spec = spec.fallback
   return pack.compress(leaf, spec, group_size, seed)
 
@@ -402,23 +424,23 @@ def _parts(c) -> tuple[pack.CompressedArray, ...]:
   return c.parts if isinstance(c, SampleCompressed) else (c,)
 
 
-def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None):
+def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None, weight=None):
   plan_cell: dict[str, _Plan] = {}
 
   @jax.custom_vjp
-  def run(args, seed, probe):
-    del seed, probe
+  def run(args, seed, probe, weight):
+    del seed, probe, weight
     return fn(*args)
 
-  def fwd(args, seed, probe):
+  def fwd(args, seed, probe, weight):
     if not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(args)):
       # Eager call: ``jax.vjp`` on concrete arrays builds its closure differently (other
       # leaves, in another order) from the traced one that :func:`_closure_origins`
       # analyses; tracing the forward rule makes both the same, as under ``jit``.
-      return jax.jit(traced_fwd)(args, seed, probe)
-    return traced_fwd(args, seed, probe)
+      return jax.jit(traced_fwd)(args, seed, probe, weight)
+    return traced_fwd(args, seed, probe, weight)
 
-  def traced_fwd(args, seed, probe):
+  def traced_fwd(args, seed, probe, weight):
     del probe
     out, treedef, slots, compressed, kept = _select(fn, args, group_size, compress_args)
     plan_cell["plan"] = _Plan(treedef, slots)
@@ -430,7 +452,8 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None):
     specs = bits if isinstance(bits, tuple) else (bits,) * len(compressed)
     compressed = [
         _compress_leaf(l, b, group_size,
-                       None if seed is None else numerics.derive_seed(seed, j), batch)
+                       None if seed is None else numerics.derive_seed(seed, j), batch,
+                       weight)
         for j, (l, b) in enumerate(zip(compressed, specs))]
     # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
     # starts only once these are packed, and the float residuals die here.
@@ -449,10 +472,10 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None):
     ct_leaves = jax.tree_util.tree_leaves(ct)
     arg_cts = _lazy_backward(plan, compressed, kept, ct)
     probe_ct = None if probe is None else _stats(compressed, ct_leaves)
-    return tuple(arg_cts), None, probe_ct
+    return tuple(arg_cts), None, probe_ct, None
 
   run.defvjp(fwd, bwd)
-  return run(tuple(args), seed, probe)
+  return run(tuple(args), seed, probe, weight)
 
 
 def _after(c, x: jax.Array):
