@@ -20,7 +20,6 @@ float, and peak RSS of a process that runs only that variant (subprocess).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import subprocess
