@@ -64,15 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax.extend.core import Literal
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from _models import TinyViT, cross_entropy, load_digits_split  # noqa: E402
 
 from jaxq import act  # noqa: E402
 from jaxq.act import pack  # noqa: E402
 from jaxq.act.vjp import (  # noqa: E402  pylint: disable=protected-access
-    _backward_jaxpr, _call_jaxpr, _validate)
+    _backward_jaxpr, _reach, _validate)
 
 MODEL = TinyViT(dim=32, depth=2)
 
@@ -80,28 +78,6 @@ MODEL = TinyViT(dim=32, depth=2)
 # ------------------------------------------------------------------ role analysis
 #: The role names :func:`residual_roles` returns.
 ROLES = ("param", "shared", "cotangent")
-
-
-def _reach(jaxpr, in_masks: list[int]) -> list[int]:
-  """Bitmask of the inputs each output of ``jaxpr`` depends on, given each input's mask."""
-  mask: dict[Any, int] = {v: m for v, m in zip(jaxpr.invars, in_masks) if m}
-  get = lambda v: 0 if isinstance(v, Literal) else mask.get(v, 0)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    ms = [get(v) for v in eqn.invars]
-    if not any(ms):
-      continue
-    sub = _call_jaxpr(eqn)
-    if sub is not None:
-      outs = _reach(sub, ms)
-    else:
-      m = 0
-      for x in ms:
-        m |= x
-      outs = [m] * len(eqn.outvars)
-    for v, m in zip(eqn.outvars, outs):
-      if m:
-        mask[v] = m
-  return [get(v) for v in jaxpr.outvars]
 
 
 def _check_positions(positions, name: str, n_args: int) -> tuple[int, ...]:

@@ -246,6 +246,26 @@ def test_sample_bits_fallback_and_remat():
   np.testing.assert_array_equal(a, b)
 
 
+def test_per_sample_widths_only_for_weight_only_residuals():
+  """``x`` feeds only ``dW1``; ``tanh(x w1)`` (read by ``dW2`` and by the tanh derivative)
+  and the derivative factor scale the cotangent passed down: those stay per tensor."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  w1, w2 = jax.random.normal(k1, (32, 16)), jax.random.normal(k2, (16, 8))
+  x = jax.random.normal(k3, (64, 32))
+  fn = lambda w1, w2, x: jnp.sum(jnp.tanh(x @ w1) @ w2)  # noqa: E731
+  res = act.compressed_residuals(fn, w1, w2, x, group_size=16, compress_args=(2,))
+  assert [r.weight_only for r in res] == [True, False, False], res
+  # x as a weight (not in compress_args): its cotangent is a weight gradient too
+  assert [r.weight_only for r in act.compressed_residuals(fn, w1, w2, x, group_size=16)
+          ] == [True, True]
+  g = act.compressed_vjp(fn, SB, 16, compress_args=(2,))
+  _, res_tree = jax.vjp(lambda *a: g(*a, key=jax.random.key(1)), w1, w2, x)
+  perms = [l for l in jax.tree_util.tree_leaves(res_tree)
+           if l.dtype == jnp.uint8 and l.shape == (64,)]
+  assert len(perms) == 1  # only x is stored per sample
+  np.testing.assert_array_equal(g(w1, w2, x, key=jax.random.key(1)), fn(w1, w2, x))
+
+
 def test_per_residual_bits_tuple_and_linearity():
   args = _mlp_args()
   res = act.compressed_residuals(_mlp, *args, group_size=32, compress_args=(2,))

@@ -418,8 +418,15 @@ class SampleBits:
   scatters them back (:class:`SampleCompressed`). Rounding stays stochastic and the
   ranking depends on the residual alone, so the gradient stays unbiased.
 
-  Residuals that do not have ``batch_size`` rows on their leading axis (weights-sized
-  intermediates, flattened tokens, ...) are stored per tensor at ``fallback`` bits.
+  Per-sample widths apply to the residuals that feed only weight gradients (a Dense or
+  Conv layer's input, read by ``dW = x^T dy`` alone; ``Residual.weight_only`` of
+  :func:`~jaxq.act.compressed_residuals`), ActNN's setting. The others (attention
+  probabilities, normalised values, activation-function derivatives) scale the cotangent
+  passed to the layers below, so their rounding noise compounds along the backward pass,
+  and 1-bit codes there wreck the gradient however the samples are ranked (see the module
+  docstring); they, and residuals without ``batch_size`` rows on their leading axis
+  (weight-sized intermediates, flattened tokens, ...), are stored per tensor at
+  ``fallback`` bits.
 
   Attributes:
     fractions: ``{bits: fraction of the samples}`` (or pairs), fractions summing to 1,

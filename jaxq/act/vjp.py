@@ -325,14 +325,18 @@ def _degrees(jaxpr, in_deg: list[int]) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
-  """One residual :func:`compressed_vjp` compresses: ``shape``, ``dtype``, and whether the
+  """One residual :func:`compressed_vjp` compresses: ``shape``, ``dtype``, whether the
   backward pass is affine in it (``linear``): then independent unbiased rounding of it
   keeps the gradient unbiased at any width; a residual used non-linearly (LayerNorm's
   normalised values multiplied by themselves, softmax probabilities, activation-function
-  derivatives) gets a gradient bias of order ``Var(noise)``."""
+  derivatives) gets a gradient bias of order ``Var(noise)``; and whether it feeds only
+  weight gradients (``weight_only``, e.g. a Dense layer's input, read by ``dW = x^T dy``
+  alone), where its rounding noise adds to the gradient once instead of compounding along
+  the backward pass (:func:`_weight_only`)."""
   shape: tuple[int, ...]
   dtype: Any
   linear: bool
+  weight_only: bool
 
   @property
   def size(self) -> int:
@@ -347,13 +351,64 @@ def _apply_closure(treedef, slots, dec, kept, ct):
   return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
 
 
+def _closure_jaxpr(treedef, slots, comp, kept, out):
+  """The jaxpr of the rebuilt VJP closure over (compressed residuals, kept leaves, output
+  cotangent); outputs: the flat argument cotangents."""
+  ct = jax.tree_util.tree_map(jnp.zeros_like, out)
+  closure = functools.partial(_apply_closure, treedef, slots)
+  return jax.make_jaxpr(closure)(comp, kept, ct).jaxpr
+
+
 def _backward_jaxpr(fn, args, group_size, compress_args):
   """Inside a trace of ``fn(*args)``: the jaxpr of its backward pass over (compressed
   residuals, kept leaves, output cotangent), and the residuals to compress."""
   out, treedef, slots, comp, kept = _select(fn, args, group_size, compress_args)
-  ct = jax.tree_util.tree_map(jnp.zeros_like, out)
-  closure = functools.partial(_apply_closure, treedef, slots)
-  return jax.make_jaxpr(closure)(comp, kept, ct).jaxpr, comp
+  return _closure_jaxpr(treedef, slots, comp, kept, out), comp
+
+
+def _reach(jaxpr, in_masks: list[int]) -> list[int]:
+  """Bitmask of the inputs each output of ``jaxpr`` depends on, given each input's mask
+  (call-like equations followed input by input; any other equation makes each output
+  depend on all its inputs, so a dependence is never missed)."""
+  mask: dict[Any, int] = {v: m for v, m in zip(jaxpr.invars, in_masks) if m}
+  get = lambda v: 0 if isinstance(v, Literal) else mask.get(v, 0)  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ms = [get(v) for v in eqn.invars]
+    if not any(ms):
+      continue
+    sub = _call_jaxpr(eqn)
+    if sub is not None:
+      outs = _reach(sub, ms)
+    else:
+      m = 0
+      for x in ms:
+        m |= x
+      outs = [m] * len(eqn.outvars)
+    for v, m in zip(eqn.outvars, outs):
+      if m:
+        mask[v] = m
+  return [get(v) for v in jaxpr.outvars]
+
+
+def _weight_only(jaxpr, n_compressed: int, weight_outputs: Sequence[bool]) -> list[bool]:
+  """For each of the first ``n_compressed`` inputs of the backward ``jaxpr``: whether
+  every output it reaches is a weight cotangent (``weight_outputs[k]``). Such a residual
+  is multiplied into one weight gradient term; any other (attention probabilities,
+  normalised values, activation derivatives) scales the activation cotangent passed to
+  the layers below, so its rounding noise multiplies with theirs."""
+  outs = _reach(jaxpr, [1 << j if j < n_compressed else 0 for j in range(len(jaxpr.invars))])
+  if len(outs) != len(weight_outputs):
+    raise ValueError(f"the backward pass has {len(outs)} outputs, expected one per "
+                     f"argument leaf ({len(weight_outputs)})")
+  return [all(weight_outputs[k] for k, m in enumerate(outs) if m >> j & 1)
+          for j in range(n_compressed)]
+
+
+def _weight_outputs(args, compress_args) -> list[bool]:
+  """Per flat argument leaf: whether its cotangent is a weight gradient (the argument is
+  not an activation listed in ``compress_args``)."""
+  return [p not in compress_args for p, a in enumerate(args)
+          for _ in jax.tree_util.tree_leaves(a)]
 
 
 def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
@@ -367,9 +422,10 @@ def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
   def f(*a):
     jaxpr, comp = _backward_jaxpr(fn, a, group_size, compress_args)
     n_in = len(jaxpr.invars)
+    weight_only = _weight_only(jaxpr, len(comp), _weight_outputs(a, compress_args))
     for j, l in enumerate(comp):
       deg = max(_degrees(jaxpr, [int(i == j) for i in range(n_in)]), default=0)
-      cell.append(Residual(tuple(l.shape), l.dtype, deg <= 1))
+      cell.append(Residual(tuple(l.shape), l.dtype, deg <= 1, weight_only[j]))
     return 0
 
   jax.eval_shape(f, *args)
@@ -407,10 +463,12 @@ def _check_sample_weight(w, bits, batch) -> jax.Array:
   return jax.lax.stop_gradient(w.astype(jnp.float32))
 
 
-def _compress_leaf(leaf, spec, group_size, seed, batch, weight=None):
-  """One residual as CompressedArray (int ``spec``) or per sample (SampleBits)."""
+def _compress_leaf(leaf, spec, group_size, seed, batch, weight=None, weight_only=False):
+  """One residual as CompressedArray (int ``spec``) or per sample (SampleBits, for a
+  ``weight_only`` residual with the batch on its leading axis)."""
   if isinstance(spec, SampleBits):
-    if batch is not None and batch > 1 and leaf.ndim >= 2 and leaf.shape[0] == batch:
+    if (weight_only and batch is not None and batch > 1 and leaf.ndim >= 2
+        and leaf.shape[0] == batch):
       return compress_samples(leaf, spec.counts(batch), group_size, seed, weight)
     spec = spec.fallback
   return pack.compress(leaf, spec, group_size, seed)
@@ -450,11 +508,15 @@ def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None, we
           f"{len(compressed)} compressed residuals, shapes "
           f"{[tuple(l.shape) for l in compressed]}")
     specs = bits if isinstance(bits, tuple) else (bits,) * len(compressed)
+    weight_only = [False] * len(compressed)
+    if batch is not None and has_sample_bits(bits):
+      weight_only = _weight_only(_closure_jaxpr(treedef, slots, compressed, kept, out),
+                                 len(compressed), _weight_outputs(args, compress_args))
     compressed = [
         _compress_leaf(l, b, group_size,
                        None if seed is None else numerics.derive_seed(seed, j), batch,
-                       weight)
-        for j, (l, b) in enumerate(zip(compressed, specs))]
+                       weight, w_only)
+        for j, (l, b, w_only) in enumerate(zip(compressed, specs, weight_only))]
     # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
     # starts only once these are packed, and the float residuals die here.
     if compressed:
