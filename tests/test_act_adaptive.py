@@ -65,6 +65,7 @@ def test_sample_bits_counts_budget_and_validation():
   g = np.geomspace(1e-9, 1.0, 1000)
   sb = act.SampleBits.from_sensitivity(g, 2, choices=(1, 2, 4), batch_size=64)
   assert len(sb.fractions) == 3 and sb.avg_bits <= 2 and sb.batch_size == 64
+  assert sb.avg_bits < 2 and sb.fallback == 2  # the budget's width, not the average's
   assert all(abs(f * 64 - round(f * 64)) < 1e-9 for _, f in sb.fractions)
   assert act.SampleBits.from_sensitivity(g * (1 + 1e-3 * np.sin(g)), 2, choices=(1, 2, 4),
                                          batch_size=64) == sb

@@ -499,6 +499,9 @@ class SampleBits:
     """
     s = np.asarray(sensitivity, np.float64).reshape(-1)
     bits = calc_precision(s, np.ones_like(s), avg_bits, choices)
+    # The fallback follows the budget, not the realised average (which may fall below a
+    # width: 1.98 bits would otherwise put every non-per-sample residual at 1 bit).
+    kwargs.setdefault("fallback", max(b for b in VALID_BITS if b <= avg_bits + 1e-9))
     widths, n = np.unique(bits, return_counts=True)
     out = cls({int(b): float(k) / s.size for b, k in zip(widths, n)}, **kwargs)
     if out.batch_size is None:

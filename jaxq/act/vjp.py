@@ -190,9 +190,10 @@ def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2
   Args:
     fn: any JAX-traceable function of pytrees of arrays (a layer, a block, a model).
     bits: code width of the compressed residuals, one of 1, 2, 4, 8; or a
-      :class:`~jaxq.act.SampleBits` (per-sample widths: each sample of a residual with a
-      leading batch axis gets a width from its own sensitivity, a static number of
-      samples per width; other residuals ``SampleBits.fallback`` bits); or a tuple of
+      :class:`~jaxq.act.SampleBits` (per-sample widths: each sample of a residual that
+      has a leading batch axis and feeds only weight gradients gets a width from its own
+      sensitivity, a static number of samples per width; other residuals
+      ``SampleBits.fallback`` bits); or a tuple of
       those, one per compressed residual in the order of the VJP closure's leaves
       (per-residual widths; :func:`compressed_residuals` lists them), its length checked
       when ``g`` is traced.
