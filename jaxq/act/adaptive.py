@@ -111,8 +111,9 @@ fixed, ranked by G_n R_n    92.63       0.0314      0.118
 fixed, ranked by R_n        92.87       0.0395      1.038
 each block a region         93.45       0.0269      0
 (float; 5 seeds)
-uniform 2                   92.29       0.0533      1.03
-auto, ranked by G_n R_n     83.52       0.2712      50.7
+uniform 2                   92.29       0.0533      1.030
+auto, ranked by G_n R_n     92.52       0.0525      0.975
+fixed, ranked by G_n R_n    92.61       0.0569      0.856
 ==========================  ==========  ==========  ========
 
 With every Dense/Conv layer its own region, each region saves only its input, which feeds
@@ -121,17 +122,19 @@ error than uniform 2-bit at the end of every run, and ends at float's mean test 
 (above uniform 2-bit on 5 seeds, level on 4, below on 1; the accuracy gap of uniform 2-bit
 in this setting, 0.2 points, is within the seed-to-seed spread). Fixed fractions cost
 accuracy early, when all ``G_n`` are alike; ranking by range alone doubles the error.
-With whole blocks as regions the 1-bit samples' attention maps, normalised values and
-GELU factors compound the noise (above), and per-sample widths at an average of 2 bits
-fail however they are ranked.
+With whole blocks as regions, only the blocks' Dense inputs are stored per sample (see
+:class:`SampleBits`); the attention maps, normalised values and GELU factors stay at 2
+bits, since 1-bit codes on them compound (with them per sample too, "fixed" ended at
+61.7%). The gain there is small: ~5-15% less gradient error, above uniform 2-bit on 3 of
+5 seeds.
 
-In short: at an average of 2 bits, adaptive widths beat uniform 2-bit where the
-compressed residuals feed only weight gradients (per-layer regions, ActNN's setting), by
-per-sample widths from gradient estimates; where they sit on the cotangent path (block or
-model regions) every allocation we measured is at best level with uniform 2-bit. There,
-adaptive widths pay off at budgets between the widths (e.g. an average of 3:
-``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56% against 95.56% at
-uniform 2 and 98.00% at uniform 4).
+In short: at an average of 2 bits, per-sample widths from gradient estimates beat
+uniform 2-bit clearly where the compressed residuals feed only weight gradients
+(per-layer regions, ActNN's setting), and slightly in block regions; per-residual
+allocations that put cotangent-path residuals at 1 bit are at best level with uniform
+2-bit. Per-residual or per-block widths pay off at budgets between the widths (e.g. an
+average of 3: ``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56%
+against 95.56% at uniform 2 and 98.00% at uniform 4).
 
 Training loop (``regions``: names of the compressed modules; ``grad_fn(params, batch,
 bits, key)`` the loss gradient with region ``name`` run through
