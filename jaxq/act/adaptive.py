@@ -125,7 +125,7 @@ accuracy early, when all ``G_n`` are alike; ranking by range alone doubles the e
 With whole blocks as regions, only the blocks' Dense inputs are stored per sample (see
 :class:`SampleBits`); the attention maps, normalised values and GELU factors stay at 2
 bits, since 1-bit codes on them compound (with them per sample too, "fixed" ended at
-61.7%). The gain there is small: ~5-15% less gradient error, above uniform 2-bit on 3 of
+61.7%). The gain there is small: 5-17% less gradient error, above uniform 2-bit on 3 of
 5 seeds.
 
 In short: at an average of 2 bits, per-sample widths from gradient estimates beat
