@@ -90,24 +90,35 @@ def _call_jaxpr(eqn):
   return None
 
 
+def _propagate(jaxpr, in_vals: list, rule, absent) -> list:
+  """Forward data flow over ``jaxpr``: each variable's value, ``absent`` where nothing
+  reaches it. An equation with no present input is skipped; a call-like one (``pjit``,
+  ``checkpoint``, ...) is followed through its own jaxpr; any other gives
+  ``rule(eqn, input_values)``, one value per output. Returns the outputs' values."""
+  val: dict[Any, Any] = {v: x for v, x in zip(jaxpr.invars, in_vals) if x != absent}
+  get = lambda v: absent if isinstance(v, Literal) else val.get(v, absent)  # noqa: E731
+  for eqn in jaxpr.eqns:
+    xs = [get(v) for v in eqn.invars]
+    if all(x == absent for x in xs):
+      continue
+    sub = _call_jaxpr(eqn)
+    outs = _propagate(sub, xs, rule, absent) if sub is not None else rule(eqn, xs)
+    for v, x in zip(eqn.outvars, outs):
+      if x != absent:
+        val[v] = x
+  return [get(v) for v in jaxpr.outvars]
+
+
+def _origin_rule(eqn, origins: list[int | None]) -> list[int | None]:
+  if eqn.primitive.name in _VIEW_PRIMITIVES and len(eqn.invars) == 1:
+    return origins
+  return [None] * len(eqn.outvars)
+
+
 def _origins(jaxpr, in_origins: list[int | None]) -> list[int | None]:
   """Propagates "view of argument i" through a jaxpr (and the jaxprs of call-like
   equations such as ``pjit`` and ``checkpoint``); returns it for each output."""
-  origin: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, in_origins) if o is not None}
-  get = lambda v: None if isinstance(v, Literal) else origin.get(v)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _VIEW_PRIMITIVES and len(eqn.invars) == 1:
-      o = get(eqn.invars[0])
-      if o is not None:
-        origin[eqn.outvars[0]] = o
-      continue
-    sub = _call_jaxpr(eqn)
-    if sub is not None:
-      if any(get(v) is not None for v in eqn.invars):
-        for ov, o in zip(eqn.outvars, _origins(sub, [get(v) for v in eqn.invars])):
-          if o is not None:
-            origin[ov] = o
-  return [get(v) for v in jaxpr.outvars]
+  return _propagate(jaxpr, in_origins, _origin_rule, None)
 
 
 def _is_subsequence(small: tuple, big: tuple) -> bool:
@@ -294,34 +305,26 @@ _AFFINE = frozenset(_VIEW_PRIMITIVES | {
 _ONLY_FIRST_AFFINE = frozenset({"div", "dynamic_slice", "gather"})
 
 
+def _degree_rule(eqn, ds: list[int]) -> list[int]:
+  name = eqn.primitive.name
+  if name in _BILINEAR:
+    d = min(sum(ds), 2)
+  elif name == "select_n":
+    d = 2 if ds[0] else max(ds)
+  elif name in _ONLY_FIRST_AFFINE:
+    d = 2 if any(ds[1:]) else ds[0]
+  elif name in _AFFINE:
+    d = max(ds)
+  else:
+    d = 2
+  return [d] * len(eqn.outvars)
+
+
 def _degrees(jaxpr, in_deg: list[int]) -> list[int]:
   """Polynomial degree (0, 1, or 2 meaning ">= 2 / non-polynomial") of each output of
   ``jaxpr`` in one input, given the inputs' degrees; sub-jaxprs of call-like equations are
   followed, any other primitive with a dependent operand gives 2."""
-  deg: dict[Any, int] = {v: d for v, d in zip(jaxpr.invars, in_deg) if d}
-  get = lambda v: 0 if isinstance(v, Literal) else deg.get(v, 0)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    ds = [get(v) for v in eqn.invars]
-    if not any(ds):
-      continue
-    name = eqn.primitive.name
-    sub = _call_jaxpr(eqn)
-    if sub is not None:
-      outs = _degrees(sub, ds)
-    elif name in _BILINEAR:
-      outs = [min(sum(ds), 2)] * len(eqn.outvars)
-    elif name == "select_n":
-      outs = [2 if ds[0] else max(ds)] * len(eqn.outvars)
-    elif name in _ONLY_FIRST_AFFINE:
-      outs = [2 if any(ds[1:]) else ds[0]] * len(eqn.outvars)
-    elif name in _AFFINE:
-      outs = [max(ds)] * len(eqn.outvars)
-    else:
-      outs = [2] * len(eqn.outvars)
-    for v, d in zip(eqn.outvars, outs):
-      if d:
-        deg[v] = d
-  return [get(v) for v in jaxpr.outvars]
+  return _propagate(jaxpr, in_deg, _degree_rule, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,28 +370,18 @@ def _backward_jaxpr(fn, args, group_size, compress_args):
   return _closure_jaxpr(treedef, slots, comp, kept, out), comp
 
 
+def _mask_rule(eqn, masks: list[int]) -> list[int]:
+  m = 0
+  for x in masks:
+    m |= x
+  return [m] * len(eqn.outvars)
+
+
 def _reach(jaxpr, in_masks: list[int]) -> list[int]:
   """Bitmask of the inputs each output of ``jaxpr`` depends on, given each input's mask
   (call-like equations followed input by input; any other equation makes each output
   depend on all its inputs, so a dependence is never missed)."""
-  mask: dict[Any, int] = {v: m for v, m in zip(jaxpr.invars, in_masks) if m}
-  get = lambda v: 0 if isinstance(v, Literal) else mask.get(v, 0)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    ms = [get(v) for v in eqn.invars]
-    if not any(ms):
-      continue
-    sub = _call_jaxpr(eqn)
-    if sub is not None:
-      outs = _reach(sub, ms)
-    else:
-      m = 0
-      for x in ms:
-        m |= x
-      outs = [m] * len(eqn.outvars)
-    for v, m in zip(eqn.outvars, outs):
-      if m:
-        mask[v] = m
-  return [get(v) for v in jaxpr.outvars]
+  return _propagate(jaxpr, in_masks, _mask_rule, 0)
 
 
 def _weight_only(jaxpr, n_compressed: int, weight_outputs: Sequence[bool]) -> list[bool]:
