@@ -388,7 +388,7 @@ def test_equalize_pair_errors():
        "b": {"kernel": jnp.asarray(r.normal(size=(3, 3, 4, 6)), jnp.float32)},
        "c": {"kernel": jnp.asarray(r.normal(size=(3, 3, 6, 2)), jnp.float32)},
        "bn": {"bias": jnp.zeros(5)}, "ln": {"scale": jnp.ones(6)}}
-  with pytest.raises(ValueError, match=r"'a', 'b'.*must match.*reads 4 per group, so 6 channels"):
+  with pytest.raises(ValueError, match=r"'a', 'b'.*must match.*reads 4 per group, so 6"):
     fold.equalize(p, [("a", "b")])  # 6 channels, groups of 4
   with pytest.raises(ValueError, match="first layer of more than one pair"):
     fold.equalize(p, [("a", "c"), ("a", "c")])
@@ -465,7 +465,8 @@ def _unbalance(params, pairs, seed):
     layer["kernel"] = layer["kernel"] * c
     for owner in ((first,) if "bias" in layer else ()) + tuple(biases):
       _at(out, owner)["bias"] = _at(out, owner)["bias"] * c
-    _at(out, second)["kernel"] = _np_input_multiplier(_at(out, second)["kernel"], len(c), 1 / c)
+    k2 = _at(out, second)["kernel"]
+    _at(out, second)["kernel"] = _np_input_multiplier(k2, len(c), 1 / c)
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), out)
 
 
@@ -567,3 +568,71 @@ def test_find_equalization_pairs_refuses_unfolded_batchnorm():
   apply = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)
   with pytest.raises(ValueError, match="not a per-channel 'bias' parameter.*fold it first"):
     fold.find_equalization_pairs(apply, params, x)
+
+
+def test_fold_then_equalize_nnx_pure_dicts():
+  """NNX: the same functions on pure dicts (list entries keyed by int) and nnx.merge."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  rngs = nnx.Rngs(0)
+  bn = lambda: nnx.BatchNorm(8, use_running_average=True, rngs=rngs)
+  model = nnx.Sequential(
+      nnx.Conv(3, 8, (1, 1), use_bias=False, rngs=rngs), bn(), nnx.relu,
+      nnx.Conv(8, 8, (3, 3), feature_group_count=8, use_bias=False, rngs=rngs), bn(),
+      nnx.relu, nnx.Conv(8, 4, (1, 1), rngs=rngs))
+  graphdef, pstate, sstate = nnx.split(model, nnx.Param, nnx.BatchStat)
+  r = _rng(40)
+  draw = lambda tree, lo: jax.tree.map(
+      lambda a: jnp.asarray(r.uniform(lo, 2.0, a.shape), jnp.float32), nnx.to_pure_dict(tree))
+  params, stats = draw(pstate, -2.0), draw(sstate, 0.1)
+
+  @jax.jit
+  def apply(p, s, x):
+    ps, ss = jax.tree.map(lambda a: a, pstate), jax.tree.map(lambda a: a, sstate)
+    nnx.replace_by_pure_dict(ps, p)
+    nnx.replace_by_pure_dict(ss, s)
+    return nnx.merge(graphdef, ps, ss)(x)
+
+  x = jnp.asarray(r.normal(size=(2, 6, 6, 3)), jnp.float32)
+  ref = apply(params, stats, x)
+  fparams, fstats = fold.fold_batchnorm(params, stats, [("layers/0", "layers/1"),
+                                                        ("layers/3", "layers/4")])
+  pairs = fold.find_equalization_pairs(lambda p, x: apply(p, fstats, x), fparams, x)
+  assert [tuple(p) for p in pairs] == [("layers/0", "layers/3", ("layers/1",)),
+                                       ("layers/3", "layers/6", ("layers/4",))]
+  eparams = fold.equalize(fparams, pairs)
+  assert not np.allclose(eparams["layers"][3]["kernel"], fparams["layers"][3]["kernel"])
+  assert _rel_l2(apply(eparams, fstats, x), ref) < 1e-5
+
+
+def test_find_equalization_pairs_plain_functions():
+  """Any function of the params tree; outputs that also go elsewhere are not pairs."""
+  r = _rng(41)
+  p = {"a": {"kernel": r.normal(size=(4, 6)), "bias": r.normal(size=6)},
+       "b": {"kernel": r.normal(size=(6, 6))}, "c": {"kernel": r.normal(size=(6, 3))}}
+  p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  x = jnp.asarray(r.normal(size=(5, 4)), jnp.float32)
+  a = lambda q, x: x @ q["a"]["kernel"] + q["a"]["bias"]
+  find = lambda f: [tuple(e) for e in fold.find_equalization_pairs(f, p, x)]
+
+  def where_relu(q, x):
+    h = a(q, x)
+    return jnp.where(h > 0, h, 0.0) @ q["b"]["kernel"]
+
+  homogeneous = [
+      where_relu,
+      lambda q, x: (0.5 * nn.leaky_relu(a(q, x))) @ q["b"]["kernel"],
+      lambda q, x: jnp.maximum(a(q, x), 0.0).reshape(5, 1, 6).mean(1) @ q["b"]["kernel"],
+  ]
+  for f in homogeneous:
+    assert find(f) == [("a", "b", ())]
+    assert _rel_l2(f(fold.equalize(p, find(f)), x), f(p, x)) < 1e-5
+  not_pairs = [
+      lambda q, x: (nn.relu(a(q, x)) @ q["b"]["kernel"], a(q, x)),  # also an output
+      lambda q, x: nn.relu(a(q, x)) @ q["b"]["kernel"] + q["a"]["bias"].sum(),  # bias reused
+      lambda q, x: (nn.relu(a(q, x)) + x.sum(1, keepdims=True)) @ q["b"]["kernel"],  # a sum
+      lambda q, x: (nn.relu(a(q, x)) @ q["b"]["kernel"]) @ q["b"]["kernel"],  # shared kernel
+  ]
+  for f in not_pairs:
+    assert find(f) == []
+  chain = lambda q, x: nn.relu(nn.relu(a(q, x)) @ q["b"]["kernel"]) @ q["c"]["kernel"]
+  assert find(chain) == [("a", "b", ()), ("b", "c", ())]

@@ -66,7 +66,7 @@ def _max_abs(w: np.ndarray, keep: tuple[int, ...]) -> np.ndarray:
 
 
 def _groups(channels: int, w2: np.ndarray, names: str) -> int:
-  """Groups ``G`` of a layer 2 reading ``channels`` inputs with a ``(..., C / G, O)`` kernel."""
+  """Groups ``G`` of a layer 2 reading ``channels`` inputs: kernel ``(..., C / G, O)``."""
   per_group, out = w2.shape[-2], w2.shape[-1]
   groups = channels // per_group if per_group and channels % per_group == 0 else 0
   if groups < 1 or out % groups or (groups > 1 and w2.ndim < 3):

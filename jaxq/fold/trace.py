@@ -183,6 +183,9 @@ class _Walker:
         _REDUCE + _WINDOW:
       return keep if _keeps_channels(eqn, in_shape, out_shape) else taint(
           f"`{name}` moves or mixes its channels (e.g. a flatten before a Dense)")
+    if name == "concatenate":
+      return keep if not others and eqn.params["dimension"] != len(out_shape) - 1 else taint(
+          "`concatenate` joins it with other values or along its channels")
     if name in ("mul", "div"):
       if name == "div" and ins[1].kind in ("scaled", "sign"):
         return taint("divides by it")
@@ -197,8 +200,9 @@ class _Walker:
         return _DATA
       if others and all(l.zero for l in others):
         return keep
+      shapes = [v.aval.shape[-1:] for v in eqn.invars]
       if (len(others) == 1 and others[0].kind == "param" and others[0].per_channel
-          and others[0].leaf == "bias" and out_shape[-1:] == eqn.invars[0].aval.shape[-1:]):
+          and others[0].leaf == "bias" and len(set(shapes + [out_shape[-1:]])) == 1):
         self.biases[layer].append(others[0].layer)
         return keep
       return taint(f"`{name}` with a value that is not a per-channel 'bias' parameter (an "
@@ -299,22 +303,25 @@ def find_equalization_pairs(fn: Callable, params: Mapping, *args, unprovable: st
   for label in walker.walk(closed.jaxpr, labels, closed.consts):
     if label.kind in ("scaled", "sign"):
       walker.escapes[label.layer].append("is an output of the function")
+  leaves_used = {f"{l.layer}/{l.leaf}" for l in labels if l.kind == "param"}
   pairs, problems = [], []
   for layer, consumers in walker.consumers.items():
-    kernel = consumers[0][0]
-    shared = [walker.uses[f"{name}/{leaf}"] > 1 for name, leaf in
-              [(layer, "kernel"), (kernel, "kernel")] + [(b, "bias") for b in walker.biases[layer]]]
-    if walker.escapes[layer] or len(consumers) > 1 or any(shared):
-      continue  # its output (or a weight) also goes elsewhere: not a pair
+    kernel, added = consumers[0][0], walker.biases[layer]
+    weights = [f"{layer}/kernel", f"{kernel}/kernel"] + [f"{b}/bias" for b in added]
+    own_bias_elsewhere = (f"{layer}/bias" in leaves_used and layer not in added
+                          and walker.uses[f"{layer}/bias"] > 0)
+    if (walker.escapes[layer] or len(consumers) > 1 or own_bias_elsewhere
+        or any(walker.uses[w] > 1 for w in weights)):
+      continue  # its output (or a weight it scales) also goes elsewhere: not a pair
     if consumers[0][1]:
       problems.append(f"{layer!r} -> {kernel!r}: {consumers[0][1]}")
     else:
-      biases = tuple(dict.fromkeys(b for b in walker.biases[layer] if b != layer))
-      pairs.append(EqualizationPair(layer, kernel, biases))
+      pairs.append(EqualizationPair(layer, kernel,
+                                    tuple(dict.fromkeys(b for b in added if b != layer))))
   if problems and unprovable == "raise":
     raise ValueError(
         "cannot prove that equalizing these layer pairs keeps the function (pass "
-        "unprovable='skip' to leave them out; for ReLU6, replacing it by ReLU, as Nagel et "
-        "al. 2019 do for MobileNetV2, changes the float model and is your call):\n  "
+        "unprovable='skip' to leave them out; AIMET's CLE replaces ReLU6 by ReLU first, "
+        "which changes the float model: do that in the model if its accuracy holds):\n  "
         + "\n  ".join(problems))
   return pairs
