@@ -636,3 +636,26 @@ def test_find_equalization_pairs_plain_functions():
     assert find(f) == []
   chain = lambda q, x: nn.relu(nn.relu(a(q, x)) @ q["b"]["kernel"]) @ q["c"]["kernel"]
   assert find(chain) == [("a", "b", ()), ("b", "c", ())]
+
+
+def test_equalize_dtypes_and_degenerate_channels():
+  """bf16 kernels keep their dtype; dead, NaN and Inf channels keep scale 1 and stay local."""
+  r = _rng(42)
+  wa = _unbalanced(r, (1, 1, 3, 6))
+  wa[..., 1] = 0.0  # a dead channel
+  wa[0, 0, 0, 2] = np.nan
+  wb = np.asarray(r.normal(size=(3, 3, 1, 6)), np.float32)
+  wb[1, 1, 0, 4] = np.inf
+  wc = np.asarray(r.normal(size=(1, 1, 6, 2)), np.float32)
+  p = {"a": {"kernel": jnp.asarray(wa, jnp.bfloat16)}, "b": {"kernel": jnp.asarray(wb)},
+       "c": {"kernel": jnp.asarray(wc)}}
+  pe = fold.equalize(p, [("a", "b"), ("b", "c")])
+  wa_bf16 = np.asarray(p["a"]["kernel"], np.float32)
+  assert pe["a"]["kernel"].dtype == jnp.bfloat16 and pe["b"]["kernel"].dtype == jnp.float32
+  ka, kb = np.asarray(pe["a"]["kernel"], np.float32), np.asarray(pe["b"]["kernel"])
+  for ch in (1, 2, 4):  # unchanged (bf16 round trip aside)
+    np.testing.assert_array_equal(ka[..., ch], wa_bf16[..., ch])
+    np.testing.assert_array_equal(kb[..., ch], wb[..., ch])
+  ok = [0, 3, 5]
+  assert np.all(np.isfinite(ka[..., ok])) and np.all(np.isfinite(kb[..., ok]))
+  assert not np.allclose(kb[..., ok], wb[..., ok])
