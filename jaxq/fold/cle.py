@@ -17,8 +17,9 @@ read by the ``O / C`` outputs of its own group).
 **Two layers.** With ranges ``r1_i = max |W1[..., i]|`` and ``r2_i`` = max over the weights
 of W2 reading channel ``i``, ``s_i = sqrt(r1_i * r2_i) / r2_i`` (``= sqrt(r1_i / r2_i)``)
 makes both ``r1_i / s_i`` and ``r2_i * s_i`` equal to ``sqrt(r1_i r2_i)``: the paper's
-optimum of the summed per-channel precisions ``r_i / R`` (sec. 4.1, ``R`` the tensor
-range), i.e. small channels are not flushed to zero by a per-tensor quantizer.
+optimum of ``sum_i p1_i p2_i``, the products of the two layers' per-channel precisions
+``p_i = r_i / R`` (``R`` the tensor's range), so that a per-tensor quantizer does not flush
+small channels to zero.
 
 **Three layers** ``A -> B -> C`` with ``B`` depthwise (one output per input channel): channel
 ``i`` of A's output is channel ``i`` of B's output, so it is scaled twice: A by
