@@ -8,14 +8,16 @@ found) by ``s_i > 0`` divides channel ``i`` of the value by ``s_i``, while it pa
 per-channel ``"bias"`` params of shape ``(C,)`` added to it (recorded as L's biases);
 products and quotients by values that do not depend on L (BatchNorm scales, constants,
 other data); ``max``/``min`` with 0 and ``x >= 0``-style selects (ReLU, leaky ReLU);
-sums of values scaled with L; dtype casts; reshapes, transposes, pads, slices, pooling
-(``reduce_window``) and reductions that keep the channel axis last. ``(L, K)`` is a pair
-when the value reaches exactly one contraction, as its left operand, with a kernel
-``K`` (Conv ``lhs_spec``/``rhs_spec`` with features on the last and second to last axes,
-Dense ``x @ kernel``), and nowhere else: not the function's output, not a residual sum,
-not a loop. A value that still reaches a kernel after a non-homogeneous step (ReLU6's
-clip at 6, SiLU's ``x * sigmoid(x)``, an unfolded BatchNorm's ``x - mean`` with the
-statistics closed over, a flatten that spreads the channels) makes ``(L, K)`` unprovable.
+sums of values scaled with L; negation, ``abs`` and dtype casts; reshapes, transposes,
+zero pads, slices, concatenations, pooling (``reduce_window``) and reductions that keep
+the channel axis last. ``(L, K)`` is a pair when the value reaches exactly one
+contraction, as its left operand, with a kernel ``K`` (Conv ``lhs_spec``/``rhs_spec`` with
+features on the last and second to last axes, Dense ``x @ kernel``), and nowhere else: not
+the function's output, not a residual sum, not a loop. A value that still reaches a kernel
+after a non-homogeneous step (ReLU6's clip at 6, SiLU's ``x * sigmoid(x)``, an unfolded
+BatchNorm's ``x - mean``, a flatten that spreads the channels) makes ``(L, K)``
+unprovable. Arrays that ``fn`` closes over are constants of the trace and part of the
+proof (subtracting a running mean of zeros passes; a non-zero one does not).
 """
 
 from __future__ import annotations
