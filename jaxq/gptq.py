@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 
 from jaxq import numerics
 from jaxq import quantizer
@@ -163,8 +164,9 @@ def inverse_hessian_cholesky(h: np.ndarray) -> np.ndarray:
   except np.linalg.LinAlgError:
     raise ValueError("the damped Hessian is not positive definite: increase damping"
                      ) from None
-  lower_inv = scipy.linalg.solve_triangular(
-      lower, np.eye(h.shape[0]), lower=True, check_finite=False)
+  lower_inv, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+  if info:
+    raise ValueError("the damped Hessian is singular: increase damping")
   return np.ascontiguousarray(lower_inv[::-1, ::-1])
 
 
