@@ -176,57 +176,80 @@ def _group_qparams(rows: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arr
   return quantizer.qparams_from_range(lo, hi, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block", "dynamic_groups"))
-def _gptq_rows(w, u, scale_rows, zp_rows, spec: QuantSpec, block: int,
+def _lazy(w, u, s, z, chunk: int, round_chunk, on_chunk_start=None):
+  """Rounds the rows of ``w: (L, N)`` ``chunk`` rows at a time (lazy batch updates).
+
+  ``round_chunk(w_c, u_c, s_c, z_c) -> (err_c, codes_c, s_c, z_c)`` rounds one chunk
+  given its diagonal block of ``U`` (and may set its qparams); its errors then update all later rows with one product,
+  ``w[later] -= U[chunk, later]^T err_c``. ``on_chunk_start(w, s, z, i)`` may set the
+  qparams of rows from ``i`` on (dynamic groups) before the chunk is rounded.
+  Returns ``(err, codes, s, z)``.
+  """
+  rows, n = w.shape
+  later = jnp.arange(rows)[None, :]
+
+  def step(b, c):
+    w, err, codes, s, z = c
+    i = b * chunk
+    if on_chunk_start is not None:
+      s, z = on_chunk_start(w, s, z, i)
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i, chunk, 0)
+    err_c, codes_c, s_c, z_c = round_chunk(
+        take(w), jax.lax.dynamic_slice(u, (i, i), (chunk, chunk)), take(s), take(z))
+    u_rows = jnp.where(later >= i + chunk, take(u), 0.0)
+    w = w - jnp.matmul(u_rows.T, err_c, precision=jax.lax.Precision.HIGHEST)
+    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i, 0)
+    return w, put(err, err_c), put(codes, codes_c), put(s, s_c), put(z, z_c)
+
+  zeros = jnp.zeros((rows, n), w.dtype)
+  _, err, codes, s, z = jax.lax.fori_loop(0, rows // chunk, step, (w, zeros, zeros, s, z))
+  return err, codes, s, z
+
+
+def _gptq_rows(w, u, scale_rows, zp_rows, spec: QuantSpec, block: int, sub: int,
                dynamic_groups: bool):
   """The rounding loop on rows already permuted and padded to a multiple of ``block``.
 
+  Two levels of lazy updates: blocks of ``block`` rows update the rest of the kernel,
+  sub-blocks of ``sub`` rows the rest of their block, and rows the rest of their
+  sub-block (the row-level rank-1 updates dominate memory traffic otherwise).
   ``scale_rows`` / ``zp_rows`` are ``(K, N)`` row-expanded qparams; with
-  ``dynamic_groups`` those of each group are overwritten when the group starts.
-  Returns ``(codes, scale_rows, zp_rows)``.
+  ``dynamic_groups`` those of each group are set when the group starts (a group
+  starts on a sub-block and lies within its block). Returns ``(codes, scale_rows,
+  zp_rows)``.
   """
-  kp, n = w.shape
-  g = spec.group_size if dynamic_groups else block
-  later = jnp.arange(kp)
+  n = w.shape[1]
+  g = spec.group_size
 
-  def round_row(j, c):
-    w1, e1, q1, s1, z1, u1 = c
-    if dynamic_groups:
-      def new_group(sz):
-        s, z = _group_qparams(jax.lax.dynamic_slice_in_dim(w1, j, g, 0), spec)
-        s = jnp.broadcast_to(s, (g, n)).astype(sz[0].dtype)
-        z = jnp.broadcast_to(z, (g, n)).astype(sz[1].dtype)
-        return (jax.lax.dynamic_update_slice_in_dim(sz[0], s, j, 0),
-                jax.lax.dynamic_update_slice_in_dim(sz[1], z, j, 0))
-      s1, z1 = jax.lax.cond(j % g == 0, new_group, lambda sz: sz, (s1, z1))
-    wj, sj, zj = w1[j], s1[j], z1[j]
-    q = jnp.clip(jnp.round(wj / sj) + zj, spec.qmin, spec.qmax)
-    err = (wj - (q - zj) * sj) / u1[j, j]
-    coeff = jnp.where(jnp.arange(block) > j, u1[j], 0.0)
-    w1 = w1 - coeff[:, None] * err[None, :]
-    return w1, e1.at[j].set(err), q1.at[j].set(q), s1, z1, u1
+  def round_sub(w2, u2, s2, z2):
+    def round_row(j, c):
+      w2, err, codes = c
+      wj, sj, zj = w2[j], s2[j], z2[j]
+      q = jnp.clip(jnp.round(wj / sj) + zj, spec.qmin, spec.qmax)
+      e = (wj - (q - zj) * sj) / u2[j, j]
+      coeff = jnp.where(jnp.arange(sub) > j, u2[j], 0.0)
+      return w2 - coeff[:, None] * e[None, :], err.at[j].set(e), codes.at[j].set(q)
+    zeros = jnp.zeros_like(w2)
+    _, err, codes = jax.lax.fori_loop(0, sub, round_row, (w2, zeros, zeros))
+    return err, codes, s2, z2
 
-  def round_block(b, c):
-    w, codes, s_rows, z_rows = c
-    i1 = b * block
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i1, block, 0)
-    u1 = jax.lax.dynamic_slice(u, (i1, i1), (block, block))
-    init = (take(w), jnp.zeros((block, n), w.dtype), jnp.zeros((block, n), w.dtype),
-            take(s_rows), take(z_rows), u1)
-    _, e1, q1, s1, z1, _ = jax.lax.fori_loop(0, block, round_row, init)
-    u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block, 0)
-    u_rows = jnp.where(later[None, :] >= i1 + block, u_rows, 0.0)
-    w = w - jnp.matmul(u_rows.T, e1, precision=jax.lax.Precision.HIGHEST)
-    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i1, 0)
-    return w, put(codes, q1), put(s_rows, s1), put(z_rows, z1)
+  def group_start(w1, s1, z1, i):
+    def new_group(sz):
+      s, z = _group_qparams(jax.lax.dynamic_slice_in_dim(w1, i, g, 0), spec)
+      put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(
+          a, jnp.broadcast_to(v, (g, n)).astype(a.dtype), i, 0)
+      return put(sz[0], s), put(sz[1], z)
+    return jax.lax.cond(i % g == 0, new_group, lambda sz: sz, (s1, z1))
 
-  init = (w, jnp.zeros_like(w), scale_rows, zp_rows)
-  _, codes, scale_rows, zp_rows = jax.lax.fori_loop(0, kp // block, round_block, init)
+  def round_block(w1, u1, s1, z1):
+    return _lazy(w1, u1, s1, z1, sub, round_sub, group_start if dynamic_groups else None)
+
+  _, codes, scale_rows, zp_rows = _lazy(w, u, scale_rows, zp_rows, block, round_block)
   return codes, scale_rows, zp_rows
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block", "dynamic_groups"))
-def _gptq(w, u, scale_rows, zp_rows, perm, spec: QuantSpec, block: int,
+@functools.partial(jax.jit, static_argnames=("spec", "block", "sub", "dynamic_groups"))
+def _gptq(w, u, scale_rows, zp_rows, perm, spec: QuantSpec, block: int, sub: int,
           dynamic_groups: bool):
   """:func:`_gptq_rows` in the original row order: permutes and pads the rows, rounds,
   and returns the float32 GPTQ kernel and its row-expanded scales (float32)."""
@@ -235,7 +258,7 @@ def _gptq(w, u, scale_rows, zp_rows, perm, spec: QuantSpec, block: int,
   pad = lambda a, v: jnp.pad(a.astype(w.dtype)[perm], ((0, kp - k), (0, 0)),
                              constant_values=v)
   codes, s_rows, z_rows = _gptq_rows(pad(w, 0.0), u, pad(scale_rows, 1.0),
-                                     pad(zp_rows, 0.0), spec, block, dynamic_groups)
+                                     pad(zp_rows, 0.0), spec, block, sub, dynamic_groups)
   inv = jnp.argsort(perm)
   codes, s_rows, z_rows = codes[:k][inv], s_rows[:k][inv], z_rows[:k][inv]
   # float32 dequantized kernel: rounding it to a narrower dtype could move a code.
@@ -260,11 +283,17 @@ def _initial_qparams(w_in, w_live, spec: QuantSpec):
   return scale, zp, jnp.broadcast_to(scale, (k, n)), jnp.broadcast_to(zp, (k, n))
 
 
-def _block_size(k: int, spec: QuantSpec, block_size: int, dynamic_groups: bool) -> int:
+def _block_sizes(k: int, spec: QuantSpec, block_size: int, dynamic_groups: bool
+                 ) -> tuple[int, int]:
+  """``(block, sub)``: a block is a multiple of the group size with dynamic groups;
+  a sub-block is the largest power of two <= 32 dividing the block (and the group)."""
   if dynamic_groups:
-    g = spec.group_size
-    return g * max(1, block_size // g)
-  return min(block_size, k)
+    block = spec.group_size * max(1, block_size // spec.group_size)
+    unit = spec.group_size
+  else:
+    block = unit = min(block_size, k)
+  sub = next(p for p in (32, 16, 8, 4, 2, 1) if unit % p == 0 and block % p == 0)
+  return block, sub
 
 
 def gptq_quantize(
@@ -313,12 +342,12 @@ def gptq_quantize(
 
   dynamic_groups = spec.granularity == "group" and not act_order
   scale, zp, scale_rows, zp_rows = _initial_qparams(w_in, w_live, spec)
-  block = _block_size(k, spec, block_size, dynamic_groups)
+  block, sub = _block_sizes(k, spec, block_size, dynamic_groups)
   kp = -(-k // block) * block
   u = np.eye(kp)
   u[:k, :k] = inverse_hessian_cholesky(h[np.ix_(perm, perm)])
   w_hat, s_rows, z_rows = _gptq(w_live, jnp.asarray(u, dtype), scale_rows, zp_rows,
-                                 jnp.asarray(perm), spec, block, dynamic_groups)
+                                 jnp.asarray(perm), spec, block, sub, dynamic_groups)
   if spec.granularity == "group":
     scale = s_rows[::spec.group_size][:, None, :]
     zp = z_rows[::spec.group_size][:, None, :]

@@ -141,6 +141,16 @@ def _dequant(codes, q):
   return (codes - _rows(q.zero_point, q)) * _rows(q.scale, q)
 
 
+def test_bf16_kernel_keeps_its_dtype_and_the_float32_codes():
+  x, w = _layer(2, m=1024)
+  w16 = jnp.asarray(w, jnp.bfloat16)
+  h = _h(x[:512])
+  q16 = gptq.gptq_quantize(w16, h, SPECS[0])
+  q32 = gptq.gptq_quantize(w16.astype(jnp.float32), h, SPECS[0])
+  assert q16.dtype == jnp.bfloat16 and dequantize(q16).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(q16.int_values()), np.asarray(q32.int_values()))
+
+
 def test_hessian_running_update_is_pure_and_exact():
   x, _ = _layer(3, k=32, m=96)
   update = jax.jit(gptq.hessian_update)
