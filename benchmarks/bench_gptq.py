@@ -113,9 +113,10 @@ def timing(size):
 
 
 def accuracy(k):
-  print(f"\n## 2. held-back layer-output error, {k} x {k} layer, weight-only")
+  print(f"\n## 2. held-back layer-output error, {k} x {k} layer, weight-only, {4 * k} "
+        "calibration tokens")
   rng, mix, mags, w = layer(1, k, k)
-  x_cal = tokens(rng, 1024, k, mix, mags)  # GPTQ Hessian; AWQ fits on the first half
+  x_cal = tokens(rng, 4 * k, k, mix, mags)  # GPTQ Hessian; AWQ fits on the first half
   x_test = tokens(rng, 2048, k, mix, mags)
   h = hessian_of(x_cal)
   x_fit, x_eval = smoothing.split_tokens(jnp.asarray(x_cal), holdout=0.5)
@@ -152,13 +153,13 @@ def accuracy(k):
 def calibration_sweep(k):
   print(f"\n## 3. GPTQ W4 g32 / W3 error vs calibration tokens and damping ({k} x {k})")
   rng, mix, mags, w = layer(3, k, k)
-  x_all = tokens(rng, 1024, k, mix, mags)
+  x_all = tokens(rng, 4096, k, mix, mags)
   x_test = tokens(rng, 2048, k, mix, mags)
   for spec, name in ((W4G32, "W4 g32"), (W3, "W3")):
     print(f"\n{name}: RTN {rel_err(x_test, w, rtn(w, spec)):.2e}")
     print("| tokens | damping 0.001 | 0.01 | 0.1 | 0.3 |")
     print("|---|---|---|---|---|")
-    for m in (16, 64, 256, 1024):
+    for m in (16, 64, 256, 1024, 4096):
       h = hessian_of(x_all[:m])
       row = [rel_err(x_test, w, gptq_w(w, h, spec, damping=d))
              for d in (0.001, 0.01, 0.1, 0.3)]

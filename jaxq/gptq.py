@@ -25,8 +25,9 @@ Choices (the paper's, unless said otherwise):
 * act-order (``act_order=True``): rows in order of decreasing ``H_kk``;
 * dead inputs (``H_kk = 0``, never active on the calibration data): ``H_kk := 1`` and
   ``w_k := 0`` before rounding, as in the reference implementation;
-* lazy block updates: the rounding error of a block of ``block_size`` rows is applied to
-  the later rows with one matrix product per block;
+* lazy block updates: the rounding error of a block of ``block_size`` (128) rows is
+  applied to the later rows with one matrix product per block (and, inside a block,
+  per sub-block of 32 rows), which only reorders the same sums;
 * the inverse Hessian and its Cholesky factor are computed on the host in float64
   (:func:`inverse_hessian_cholesky`); the rounding loop runs in JAX in the kernel's
   compute dtype (float32, float64 under ``jax_enable_x64`` with a float64 kernel);
@@ -180,9 +181,10 @@ def _lazy(w, u, s, z, chunk: int, round_chunk, on_chunk_start=None):
   """Rounds the rows of ``w: (L, N)`` ``chunk`` rows at a time (lazy batch updates).
 
   ``round_chunk(w_c, u_c, s_c, z_c) -> (err_c, codes_c, s_c, z_c)`` rounds one chunk
-  given its diagonal block of ``U`` (and may set its qparams); its errors then update all later rows with one product,
-  ``w[later] -= U[chunk, later]^T err_c``. ``on_chunk_start(w, s, z, i)`` may set the
-  qparams of rows from ``i`` on (dynamic groups) before the chunk is rounded.
+  given its diagonal block of ``U`` (and may set its qparams); its errors then update
+  all later rows with one product, ``w[later] -= U[chunk, later]^T err_c``.
+  ``on_chunk_start(w, s, z, i)`` may set the qparams of rows from ``i`` on (dynamic
+  groups) before the chunk is rounded.
   Returns ``(err, codes, s, z)``.
   """
   rows, n = w.shape

@@ -95,8 +95,9 @@ _ID = lambda s: f"{s.bits}b-{s.granularity}-{'sym' if s.symmetric else 'asym'}"
 
 
 @pytest.mark.parametrize("spec,act_order", [
-    (SPECS[0], True), (SPECS[2], False), (SPECS[3], False), (SPECS[4], True)], ids=lambda v: _ID(v) if isinstance(
-        v, QuantSpec) else f"act_order={v}")
+    (SPECS[0], True), (SPECS[2], False), (SPECS[3], False), (SPECS[4], True)],
+                         ids=lambda v: _ID(v) if isinstance(v, QuantSpec)
+                         else f"act_order={v}")
 def test_codes_equal_float64_reference(spec, act_order):
   """In float64 (blocks of 32 rows, padding included) the codes are the reference's."""
   x, w = _layer(1, k=128 if spec.granularity == "group" else 112, dead=(5, 77))
@@ -110,7 +111,7 @@ def test_codes_equal_float64_reference(spec, act_order):
   np.testing.assert_array_equal(w_hat[[5, 77]], 0.0)  # dead inputs are zeroed
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=_ID)
+@pytest.mark.parametrize("spec", SPECS[:4], ids=_ID)  # 8 bits: float64 test above
 def test_float32_matches_reference_and_beats_rtn(spec):
   """float32 GPTQ: the reference's codes but for float ties, its error within 2%, and a
   lower held-back output error than round-to-nearest (same scales for per-channel)."""
