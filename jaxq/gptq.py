@@ -329,6 +329,8 @@ def gptq_quantize(
   if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"w must be a 2-D float (K, N) kernel; got shape {w.shape}, dtype "
                      f"{w.dtype}")
+  if not bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError("w has NaN or Inf entries: GPTQ would spread them over the kernel")
   k, n = w.shape
   if tuple(jnp.shape(hessian)) != (k, k):
     raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) for w of shape "

@@ -180,6 +180,7 @@ def test_damping_and_dead_inputs_follow_the_definition():
     (dict(damping=float("nan")), "damping"),
     (dict(w=np.zeros((4, 8, 2))), "w must be a 2-D"),
     (dict(hessian=np.eye(8)), "hessian must have shape"),
+    (dict(w=np.full((16, 8), np.inf, np.float32)), "w has NaN or Inf"),
     (dict(hessian=np.zeros((16, 16))), "hessian is all zero"),
     (dict(hessian=np.full((16, 16), np.nan)), "NaN"),
     (dict(spec=QuantSpec(8, granularity="tensor", dynamic=True)), "QuantSpec.dynamic"),

@@ -77,14 +77,15 @@ def test_without_quantization_smoothing_changes_nothing(alpha):
     assert float(err) < 1e-11
 
 
-def test_smoothquant_auto_fixes_outlier_channels_w8a8():
+def test_smoothquant_auto_fixes_outlier_channels_w8a8_per_tensor():
   x, w = _layer(3, outliers=((5, 100.0), (40, 50.0), (99, 20.0)))
   x_fit, x_eval = smoothing.split_tokens(jnp.asarray(x), holdout=0.5)
-  choice = smoothing.search_smoothquant(x_fit, x_eval, w, W8, A8)
+  choice = smoothing.search_smoothquant(x_fit, x_eval, w, W8.replace(granularity="tensor"),
+                                       A8)
   assert choice.alpha is not None
-  assert choice.error < 0.2 * choice.identity_error  # 9.5x lower here
+  assert choice.error < 0.2 * choice.identity_error
   s = np.asarray(choice.scale)
-  assert s[5] > 10 * np.median(s)  # the outlier channel is divided out
+  assert s[5] > 5 * np.median(s)  # the 100x channel is divided out most
 
 
 def test_identity_kept_when_scaling_is_not_better_on_held_back_tokens():
