@@ -230,7 +230,13 @@ def search_smoothquant(x_fit, x_eval, w, weight_spec: QuantSpec | None,
                        act_spec: QuantSpec | None, alphas=SMOOTHQUANT_ALPHAS
                        ) -> SmoothingChoice:
   """SmoothQuant "auto": the alpha minimising the held-back error of
-  ``quant(x / s) @ quant(s W)``; scales from ``max|x_fit|``; identity unless better."""
+  ``quant(x / s) @ quant(s W)``; scales from ``max|x_fit|``; identity unless better.
+
+  The weight is fake-quantized with its own min-max qparams; a static activation with
+  min-max qparams of ``x_fit / s`` (whatever ``act_spec.calibration`` says: the search
+  ranks scalings, the range setting proper is calibrate's job), a dynamic one per
+  token of ``x_eval / s``.
+  """
   w, alphas = _check_search(x_fit, x_eval, w, alphas)
   if weight_spec is None and act_spec is None:
     raise ValueError("smoothing needs a weight spec or an activation spec; both are None")
