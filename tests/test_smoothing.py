@@ -131,3 +131,26 @@ def test_awq_no_worse_than_round_to_nearest_on_unseen_tokens():
 def test_bad_input_raises_naming_the_field(call, field):
   with pytest.raises(ValueError, match=field):
     call()
+
+
+def _ref_fake_sym(v, amax, qmax):
+  s = np.maximum(np.float32(amax) / np.float32(qmax), np.finfo(np.float32).eps)
+  return np.clip(np.round(v / s), -qmax - 1, qmax) * s
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_scaled_output_error_matches_its_definition(dynamic):
+  """quant(x / s) @ quant(s W) against numpy: W per output channel, x per tensor from
+  the fit tokens (static) or per token of the evaluated ones (dynamic)."""
+  x, w = _layer(6, k=64, n=32, m=64, outliers=((7, 50.0),))
+  s = np.asarray(smoothing.smoothquant_scales(np.abs(x).max(0), w, 0.6))
+  act = A8.replace(dynamic=True, granularity="channel") if dynamic else A8
+  got = float(smoothing.scaled_output_error(x[:32], x[32:], w, s, W8, act))
+  xs_fit, xs = (x[:32] / s).astype(np.float32), (x[32:] / s).astype(np.float32)
+  sw = (s[:, None] * w).astype(np.float32)
+  wq = _ref_fake_sym(sw, np.abs(sw).max(0, keepdims=True), 127)
+  amax = np.abs(xs).max(1, keepdims=True) if dynamic else np.abs(xs_fit).max()
+  xq = _ref_fake_sym(xs, amax, 127)
+  y = x[32:].astype(np.float64) @ w
+  want = np.sum((xq.astype(np.float64) @ wq - y) ** 2) / np.sum(y ** 2)
+  np.testing.assert_allclose(got, want, rtol=1e-3)
