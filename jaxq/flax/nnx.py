@@ -16,7 +16,7 @@ fake-quantized (:func:`jaxq.quantizer.fake_quantize`): the kernel with ``rule.we
 the input activation with ``rule.act``. As in :mod:`jaxq.flax.linen`, quantization works
 on 2-D views: the activation as ``(M, K)`` (its contracted axes, for Conv its channels,
 last) and the kernel as ``(K, N)``; weight "channel" means one scale per output feature
-(``spec.axis`` is ignored), weight "group" groups ``group_size`` consecutive elements of
+(``spec.axis`` must name an output axis), weight "group" groups ``group_size`` consecutive elements of
 the innermost contracted kernel axis; activation "tensor" is one scale, "channel" one per
 input feature, "group" one per group of features, and ``dynamic=True`` ranges per row.
 

@@ -1,0 +1,109 @@
+"""One Rule, one meaning: quantize_params and quantize_model (Linen and NNX) quantize a
+layer's kernel identically, bit for bit, or all reject the rule naming the layer."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxq
+from jaxq import nnx as jnnx
+from jaxq.spec import QuantSpec, Rule
+
+W4C = QuantSpec(bits=4)
+W4G = QuantSpec(bits=4, granularity="group", group_size=2)
+W3T = QuantSpec(bits=3, granularity="tensor")
+
+
+class Holder(nn.Module):
+  """One Linen layer under the name "layer" (rules match "layer")."""
+
+  make: object
+
+  @nn.compact
+  def __call__(self, x):
+    return self.make(name="layer")(x)
+
+
+LINEN = {
+    "dense": (lambda name: nn.Dense(6, name=name), (3, 8)),
+    "conv": (lambda name: nn.Conv(6, (3, 3), padding="SAME", name=name), (2, 5, 5, 4)),
+    "dense_general_in": (lambda name: nn.DenseGeneral(6, axis=(-2, -1), name=name),
+                         (3, 2, 4)),
+    "dense_general_out": (lambda name: nn.DenseGeneral((2, 4), name=name), (3, 8)),
+    "einsum": (lambda name: nn.Einsum((4, 6), "btc,cd->btd", name=name), (2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("kind,spec", [
+    ("dense", W4G), ("conv", W4C), ("conv", W4G), ("dense_general_in", W4G),
+    ("dense_general_out", W4C), ("einsum", W4C), ("einsum", W3T)])
+def test_linen_quantize_model_equals_quantize_params(kind, spec):
+  make, shape = LINEN[kind]
+  model = Holder(make)
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = model.init(jax.random.key(1), x)["params"]
+  rules = [Rule("layer", weight=spec)]
+  qmodel = jaxq.quantize_model(model, rules)
+  got = jax.jit(qmodel.apply)({"params": params}, x)
+  want = jax.jit(model.apply)({"params": jax.jit(jaxq.quantize_params, static_argnums=1)(
+      params, tuple(rules))}, x)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(want, model.apply({"params": params}, x))
+
+
+class NnxHolder(nnx.Module):
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, x):
+    return self.layer(x)
+
+
+NNX = {
+    "linear": (lambda r: nnx.Linear(8, 6, rngs=r), (3, 8)),
+    "conv": (lambda r: nnx.Conv(4, 6, (3, 3), padding="SAME", rngs=r), (2, 5, 5, 4)),
+    "linear_general": (lambda r: nnx.LinearGeneral((2, 4), 6, axis=(-2, -1), rngs=r),
+                       (3, 2, 4)),
+    "einsum": (lambda r: nnx.Einsum("bhd,hdo->bo", (2, 4, 6), (6,), rngs=r), (3, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("kind,spec", [
+    ("linear", W4C), ("conv", W4G), ("linear_general", W4G), ("einsum", W4C)])
+def test_nnx_quantize_model_equals_quantize_params(kind, spec):
+  make, shape = NNX[kind]
+  model = NnxHolder(make(nnx.Rngs(1)))
+  x = jax.random.normal(jax.random.key(0), shape)
+  rules = [Rule("layer", weight=spec)]
+  qmodel = jnnx.quantize_model(model, rules)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  qparams = jaxq.quantize_params(params, rules)
+  ref = nnx.clone(model)
+  nnx.update(ref, qparams)
+  got = nnx.jit(lambda m, v: m(v))(qmodel, x)
+  np.testing.assert_array_equal(got, nnx.jit(lambda m, v: m(v))(ref, x))
+  assert not np.array_equal(got, model(x))
+
+
+def test_an_input_axis_is_rejected_by_every_api():
+  rules = [Rule("layer", weight=QuantSpec(axis=0))]
+  msg = r"layer.*QuantSpec.axis=0 is not an output axis.*\[1, -1\]"
+  model = Holder(LINEN["dense"][0])
+  x = jnp.ones((3, 8))
+  params = model.init(jax.random.key(1), x)["params"]
+  with pytest.raises(ValueError, match=msg):
+    jaxq.quantize_params(params, rules)
+  with pytest.raises(ValueError, match=msg):
+    jaxq.quantize_model(model, rules).apply({"params": params}, x)
+  with pytest.raises(ValueError, match=msg):
+    jnnx.quantize_model(NnxHolder(nnx.Linear(8, 6, rngs=nnx.Rngs(0))), rules)
+  # a Conv kernel (kh, kw, in, out): only the output channel can keep scales
+  conv_rules = [Rule("layer", weight=QuantSpec(granularity="group", group_size=2, axis=2))]
+  with pytest.raises(ValueError, match=r"layer.*QuantSpec.axis=2.*\[3, -1\]"):
+    jnnx.quantize_model(NnxHolder(nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0))), conv_rules)
