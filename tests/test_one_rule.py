@@ -107,3 +107,24 @@ def test_an_input_axis_is_rejected_by_every_api():
   conv_rules = [Rule("layer", weight=QuantSpec(granularity="group", group_size=2, axis=2))]
   with pytest.raises(ValueError, match=r"layer.*QuantSpec.axis=2.*\[3, -1\]"):
     jnnx.quantize_model(NnxHolder(nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0))), conv_rules)
+
+
+class OddKernel(nn.Module):
+  """A custom module with a 1-D param named "kernel", around a Dense "layer"."""
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param("kernel", nn.initializers.ones, (x.shape[-1],))
+    return nn.Dense(6, name="layer")(x * k)
+
+
+def test_convert_errors_name_the_layer():
+  model = OddKernel()
+  x = jnp.ones((2, 6))
+  v = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"layer ''.*'kernel' of shape \(6,\).*rank < 2"):
+    jaxq.convert(jaxq.quantize_model(model, [Rule(".*", weight=QuantSpec(8))]), v)
+  bad = jaxq.quantize_model(model, [Rule("layer", weight=QuantSpec(4, granularity="group",
+                                                                      group_size=4))])
+  with pytest.raises(ValueError, match=r"layer 'layer'.*group_size=4 does not divide"):
+    jaxq.convert(bad, v)

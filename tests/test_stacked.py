@@ -179,7 +179,7 @@ def test_nnx_scan_qat_grad_and_eval():
   q = jnnx.quantize_model(model, mixed_rules("layers/fc1", "layers/fc2", "layers/fc3"))
   fwd = nnx.jit(lambda m, x: m(x))
   train = fwd(q, X)
-  grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(q)
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(q)
   for layer in ("fc1", "fc2", "fc3"):
     gk = grads["layers"][layer]["kernel"].get_value()
     assert gk.shape[0] == L and all(np.any(np.asarray(gk[i]) != 0) for i in range(L))

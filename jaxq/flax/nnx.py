@@ -50,6 +50,11 @@ that has a ``"jaxq"`` stream; without one it rounds to nearest.
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
+
+Stacked layers (created by ``nnx.vmap``, run by ``nnx.scan``): a kernel with more axes
+than its layer contracts has that many leading stacking axes, and every jaxq variable of
+the layer (learned steps, observers, flags) gets them too, initialised per layer, so
+that ``nnx.scan`` hands each layer of the stack its own quantizer state.
 """
 
 from __future__ import annotations

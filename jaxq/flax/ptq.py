@@ -567,6 +567,27 @@ def _kernel_stack(path: str, kernel, rank: int | None, bias) -> int:
   return kernel.ndim - rank
 
 
+def _convert_kernel(path: str, spec: QuantSpec, kernel, bias, contract, learned: dict,
+                    stack: int) -> QArray:
+  """The QArray of one layer's (or, per layer, one stack's) kernel; errors name ``path``."""
+  if jnp.ndim(kernel) - stack < 2:
+    raise ValueError(
+        f"layer '{path}': its 'kernel' of shape {tuple(jnp.shape(kernel))} is not a "
+        "contraction kernel (rank < 2 per layer); exclude the module with "
+        "Rule(path=..., weight=None)")
+  if contract is None:
+    contract = _infer_contract(kernel[(0,) * stack],
+                               None if bias is None else bias[(0,) * stack])
+  try:
+    if spec.estimator in ("lsq", "pact") and learned:
+      return _per_layer(lambda w, l: _learned_kernel(w, spec, contract, l), stack)(
+          kernel, learned)
+    return _per_layer(lambda w: quantize_kernel(w, spec, contract), stack)(kernel)
+  except ValueError as e:
+    raise ValueError(f"layer '{path}' (kernel of shape {tuple(jnp.shape(kernel))}): {e}"
+                     ) from e
+
+
 def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
             ) -> tuple[ServingModel, dict]:
   """Converts a (calibrated) quantized model for serving: ``(serving_model, serving_vars)``.
@@ -607,16 +628,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
     if kernel is not None and not isinstance(kernel, QArray):
       stack = _kernel_stack(path, kernel, ranks.get(lp), node.get("bias"))
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
-      bias = node.get("bias")
-      contract = recorded.get(lp) or _infer_contract(
-          kernel[(0,) * stack], None if bias is None else bias[(0,) * stack])
       learned = {n: node[n] for n in _WEIGHT_NAMES if n in node}
-      if rule.weight.estimator in ("lsq", "pact") and learned:
-        q = _per_layer(lambda w, l: _learned_kernel(w, rule.weight, contract, l), stack)(
-            kernel, learned)
-      else:
-        q = _per_layer(lambda w: quantize_kernel(w, rule.weight, contract), stack)(kernel)
-      flat[lp + ("kernel",)] = q
+      flat[lp + ("kernel",)] = _convert_kernel(path, rule.weight, kernel, node.get("bias"),
+                                               recorded.get(lp), learned, stack)
     for n in _WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
