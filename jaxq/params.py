@@ -22,42 +22,34 @@ the leaf name, exactly as :func:`jaxq.flax.quantize_model` matches layer paths, 
 same rules drive both APIs. ``rules=None`` means :data:`DEFAULT_RULES`: int8, symmetric,
 per output channel.
 
-Roles. A matched rule's ``weight`` spec applies to the leaves of its module by name
-(:func:`leaf_role`), not by rank alone, so that stacked biases ``(L, out)`` and norm
-scales ``(L, D)`` stay untouched:
+Roles. A matched rule's ``weight`` spec applies to its module's leaves by name
+(:func:`leaf_role`), not by rank alone, so stacked biases ``(L, out)`` and norm scales
+``(L, D)`` stay float: ``"kernel"`` (Flax layout ``(..., in, out)``) and ``"embedding"``
+(``(vocab, dim)``) are always quantized (rank < 2 raises ValueError naming the leaf);
+``"bias"``, ``"scale"`` and jaxq's own ``jaxq_*`` never; any other name (Haiku ``"w"``,
+Equinox ``"weight"``) when its rank is >= 2, with ``spec`` applied to the leaf as it is.
 
-* ``"kernel"``: a contraction kernel in Flax's layout ``(..., in, out)``, always
-  quantized (rank >= 2 required, else ValueError naming the leaf);
-* ``"embedding"``: an ``Embed`` table ``(vocab, dim)``, always quantized (rank >= 2);
-* ``"bias"``, ``"scale"`` (biases, norm scales) and jaxq's own ``jaxq_*`` entries:
-  never quantized;
-* any other name (Haiku ``"w"``, Equinox ``"weight"``, ...): quantized when its rank is
-  >= 2, with ``spec`` applied to the leaf as it is.
-
-Kernels: one semantics with :func:`jaxq.flax.quantize_model` (Linen and NNX). A kernel's
-output axes are its last axis, or its last ``bias.ndim`` axes when its module's
-``"bias"`` has the kernel's trailing shape (``DenseGeneral(features=(H, D))``); every
-axis before them is contracted. On the 2-D view ``(K, N)`` (contracted axes flattened
+Kernels: one semantics with :func:`jaxq.flax.quantize_model` (Linen and NNX), bit for
+bit. A kernel's output axes are its last axis, or its last ``bias.ndim`` axes when its
+module's ``"bias"`` is the kernel's trailing shape (``DenseGeneral(features=(H, D))``);
+the axes before them are contracted. On the view ``(K, N)`` (contracted axes flattened
 into rows, output axes into columns) "channel" keeps one scale per output feature and
-"group" one per output feature and group of ``group_size`` consecutive elements of the
-innermost input axis (axis ``-2`` of a Dense/Conv kernel, which it must divide): for a
-Conv kernel ``(kh, kw, in, out)`` a group holds ``group_size`` input channels at one
-``(kh, kw)``. ``spec.axis`` must name an output axis (default -1); a contracted (input)
-axis raises ValueError in both APIs, since a layer keeps its scales per output feature.
-(A bias-free kernel with several output axes is taken to have one here, while the Flax
-wrappers, which see the layer's contraction, keep all of them.)
+"group" one per output feature and ``group_size`` consecutive elements of the innermost
+input axis (axis -2 of a Dense/Conv kernel, which it must divide; for a Conv kernel
+``(kh, kw, in, out)`` a group is ``group_size`` input channels at one ``(kh, kw)``).
+``spec.axis`` must name an output axis (default -1): a contracted axis raises ValueError
+in both APIs. (A bias-free kernel with several output axes is taken to have one here,
+while the Flax wrappers, which see the contraction, keep them all.) Other leaves keep
+``spec.axis``; "group" groups axis -1 of an embedding (contracted by ``Embed.attend``;
+``QuantSpec(granularity="group", axis=0, ...)`` for one scale per row and group) and axis
+-2 of any other leaf.
 
-Other leaves are quantized in their own layout: "channel" keeps ``spec.axis``; "group"
-groups the feature axis ``-1`` of an embedding (contracted by ``Embed.attend``; use
-``QuantSpec(granularity="group", axis=0, ...)`` for one scale per row and group) and
-axis ``-2`` of any other leaf.
-
-Stacked layers. Layers stacked by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` hold their
-params with a leading stacking axis (``kernel (L, in, out)``, ``bias (L, out)``).
-``stacked=`` (a regex, ``re.fullmatch`` against the module path as ``Rule.path``) names
-the modules whose leaves carry one: each layer of the stack is then quantized on its own
-(per-layer scales; the stacking axis is never pooled), as the layer's own call quantizes
-it inside the scan, and their qstate entries carry the stacking axis too.
+Stacked layers (``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``: ``kernel (L, in, out)``,
+``bias (L, out)``). ``stacked=``, a regex (``re.fullmatch`` on the module path, as
+``Rule.path``), names the modules whose leaves have a leading stacking axis: each layer is
+quantized on its own (per-layer scales, as its call inside the scan does) and its qstate
+has the stacking axis too. A kernel that looks stacked (a bias ``(L, out)`` it starts with
+but does not end in) without ``stacked=`` gives a UserWarning.
 
 Learnable state. ``estimator="lsq"`` (LSQ, Esser et al. 2020; LSQ+ when asymmetric,
 Bhalgat et al. 2020) and ``estimator="pact"`` (Choi et al. 2018) need ``qstate``, made by
@@ -72,6 +64,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -171,12 +164,6 @@ def _learnable(spec: QuantSpec | None) -> bool:
   return spec is not None and spec.scheme == "uniform" and spec.estimator in ("lsq", "pact")
 
 
-def _state_keys(spec: QuantSpec) -> tuple[str, ...]:
-  if spec.estimator == "pact":
-    return ("alpha",)
-  return ("scale",) if spec.symmetric else ("scale", "zero_point")
-
-
 def init_weight_state(w: jax.Array, spec: QuantSpec, group_axis: int) -> dict[str, jax.Array]:
   """Initial learnable state of one weight (or activation) quantizer, as plain arrays.
 
@@ -243,6 +230,14 @@ def _output_axes(kernel_shape, bias_shape) -> int:
   return 1
 
 
+def _looks_stacked(kernel_shape, bias_shape) -> bool:
+  """A bias ``(L, out)`` that the kernel ``(L, ..., out)`` starts with but does not end in."""
+  return (bias_shape is not None and len(bias_shape) >= 2
+          and _output_axes(kernel_shape, bias_shape) == 1
+          and kernel_shape[-1] == bias_shape[-1]
+          and kernel_shape[:len(bias_shape) - 1] == tuple(bias_shape[:-1]))
+
+
 def _matched_leaves(params: PyTree, rules: tuple[Rule, ...], stacked: str | None = None):
   """``(flat, treedef, leaves)``: the flattened tree and every quantized :class:`_Leaf`."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -280,6 +275,12 @@ def _matched_leaves(params: PyTree, rules: tuple[Rule, ...], stacked: str | None
       bias = shapes.get(keys[:-1] + ("bias",))
       n_out = _output_axes(tuple(jnp.shape(leaf))[stack:],
                            None if bias is None else bias[stack:])
+      if not stack and _looks_stacked(tuple(jnp.shape(leaf)), bias):
+        warnings.warn(
+            f"weight '{where}' of shape {tuple(jnp.shape(leaf))} with a bias of shape "
+            f"{bias} looks like a stacked layer (nn.scan / nnx.vmap): its leading axis is "
+            f"pooled into its scales unless quantize_params gets stacked= matching "
+            f"'{module_path}'", UserWarning, stacklevel=3)
     out.append(_Leaf(i, keys, module_path, keys[-1], leaf, rule.weight, stack, n_out))
   return flat, treedef, out
 

@@ -29,31 +29,56 @@ class Holder(nn.Module):
     return self.make(name="layer")(x)
 
 
+class Layers(nn.Module):
+  """Every Linen layer kind side by side, each called on its own input."""
+
+  @nn.compact
+  def __call__(self, xs):
+    return {name: make(name=name)(xs[name]) for name, (make, _) in LINEN.items()}
+
+
 LINEN = {
     "dense": (lambda name: nn.Dense(6, name=name), (3, 8)),
     "conv": (lambda name: nn.Conv(6, (3, 3), padding="SAME", name=name), (2, 5, 5, 4)),
+    "conv_g": (lambda name: nn.Conv(6, (3, 3), padding="SAME", name=name), (2, 5, 5, 4)),
     "dense_general_in": (lambda name: nn.DenseGeneral(6, axis=(-2, -1), name=name),
                          (3, 2, 4)),
     "dense_general_out": (lambda name: nn.DenseGeneral((2, 4), name=name), (3, 8)),
     "einsum": (lambda name: nn.Einsum((4, 6), "btc,cd->btd", name=name), (2, 3, 4)),
+    "einsum_t": (lambda name: nn.Einsum((4, 6), "btc,cd->btd", name=name), (2, 3, 4)),
 }
+# Channel, group and tensor specs over the layer kinds.
+LINEN_RULES = [Rule("dense|conv_g|dense_general_in", weight=W4G),
+               Rule("einsum_t", weight=W3T), Rule(".*", weight=W4C)]
 
 
-@pytest.mark.parametrize("kind,spec", [
-    ("dense", W4G), ("conv", W4C), ("conv", W4G), ("dense_general_in", W4G),
-    ("dense_general_out", W4C), ("einsum", W4C), ("einsum", W3T)])
-def test_linen_quantize_model_equals_quantize_params(kind, spec):
-  make, shape = LINEN[kind]
-  model = Holder(make)
-  x = jax.random.normal(jax.random.key(0), shape)
-  params = model.init(jax.random.key(1), x)["params"]
-  rules = [Rule("layer", weight=spec)]
-  qmodel = jaxq.quantize_model(model, rules)
-  got = jax.jit(qmodel.apply)({"params": params}, x)
-  want = jax.jit(model.apply)({"params": jax.jit(jaxq.quantize_params, static_argnums=1)(
-      params, tuple(rules))}, x)
-  np.testing.assert_array_equal(got, want)
-  assert not np.array_equal(want, model.apply({"params": params}, x))
+def _inputs(table):
+  keys = jax.random.split(jax.random.key(0), len(table))
+  return {name: jax.random.normal(k, shape) for k, (name, (_, shape)) in
+          zip(keys, table.items())}
+
+
+def test_linen_quantize_model_equals_quantize_params():
+  model = Layers()
+  xs = _inputs(LINEN)
+  params = jax.jit(model.init)(jax.random.key(1), xs)["params"]
+  got = jax.jit(jaxq.quantize_model(model, LINEN_RULES).apply)({"params": params}, xs)
+  qparams = jax.jit(lambda p: jaxq.quantize_params(p, LINEN_RULES))(params)
+  apply = jax.jit(model.apply)
+  want, ref = apply({"params": qparams}, xs), apply({"params": params}, xs)
+  for name in LINEN:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not np.array_equal(want[name], ref[name]), name
+
+
+class NnxLayers(nnx.Module):
+
+  def __init__(self, rngs):
+    for name, (make, _) in NNX.items():
+      setattr(self, name, make(rngs))
+
+  def __call__(self, xs):
+    return {name: getattr(self, name)(xs[name]) for name in NNX}
 
 
 class NnxHolder(nnx.Module):
@@ -72,23 +97,21 @@ NNX = {
                        (3, 2, 4)),
     "einsum": (lambda r: nnx.Einsum("bhd,hdo->bo", (2, 4, 6), (6,), rngs=r), (3, 2, 4)),
 }
+NNX_RULES = [Rule("conv|linear_general", weight=W4G), Rule(".*", weight=W4C)]
 
 
-@pytest.mark.parametrize("kind,spec", [
-    ("linear", W4C), ("conv", W4G), ("linear_general", W4G), ("einsum", W4C)])
-def test_nnx_quantize_model_equals_quantize_params(kind, spec):
-  make, shape = NNX[kind]
-  model = NnxHolder(make(nnx.Rngs(1)))
-  x = jax.random.normal(jax.random.key(0), shape)
-  rules = [Rule("layer", weight=spec)]
-  qmodel = jnnx.quantize_model(model, rules)
+def test_nnx_quantize_model_equals_quantize_params():
+  model = nnx.jit(lambda: NnxLayers(nnx.Rngs(1)))()
+  xs = _inputs(NNX)
+  qmodel = jnnx.quantize_model(model, NNX_RULES)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  qparams = jaxq.quantize_params(params, rules)
   ref = nnx.clone(model)
-  nnx.update(ref, qparams)
-  got = nnx.jit(lambda m, v: m(v))(qmodel, x)
-  np.testing.assert_array_equal(got, nnx.jit(lambda m, v: m(v))(ref, x))
-  assert not np.array_equal(got, model(x))
+  nnx.update(ref, jax.jit(lambda p: jaxq.quantize_params(p, NNX_RULES))(params))
+  fwd = nnx.jit(lambda m, v: m(v))
+  got, want, unquantized = fwd(qmodel, xs), fwd(ref, xs), fwd(model, xs)
+  for name in NNX:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not np.array_equal(got[name], unquantized[name]), name
 
 
 def test_an_input_axis_is_rejected_by_every_api():
@@ -96,7 +119,7 @@ def test_an_input_axis_is_rejected_by_every_api():
   msg = r"layer.*QuantSpec.axis=0 is not an output axis.*\[1, -1\]"
   model = Holder(LINEN["dense"][0])
   x = jnp.ones((3, 8))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   with pytest.raises(ValueError, match=msg):
     jaxq.quantize_params(params, rules)
   with pytest.raises(ValueError, match=msg):
@@ -121,7 +144,7 @@ class OddKernel(nn.Module):
 def test_convert_errors_name_the_layer():
   model = OddKernel()
   x = jnp.ones((2, 6))
-  v = model.init(jax.random.key(0), x)
+  v = jax.jit(model.init)(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"layer ''.*'kernel' of shape \(6,\).*rank < 2"):
     jaxq.convert(jaxq.quantize_model(model, [Rule(".*", weight=QuantSpec(8))]), v)
   bad = jaxq.quantize_model(model, [Rule("layer", weight=QuantSpec(4, granularity="group",

@@ -151,7 +151,8 @@ def test_roles_by_name_stacked_biases_and_scales_untouched():
     one = quantize_params({"d": {"kernel": w[i]}})["d"]["kernel"]
     np.testing.assert_array_equal(q["layers"]["Dense_0"]["kernel"][i], one)
   # biases and norm scales stay float without stacked= too (by name, not rank)
-  q2 = jax.jit(quantize_params)(p)
+  with pytest.warns(UserWarning, match=r"'layers/Dense_0/kernel'.*stacked"):
+    q2 = jax.jit(quantize_params)(p)
   np.testing.assert_array_equal(q2["layers"]["LayerNorm_0"]["scale"],
                                 p["layers"]["LayerNorm_0"]["scale"])
   np.testing.assert_array_equal(q2["layers"]["Dense_0"]["bias"], p["layers"]["Dense_0"]["bias"])

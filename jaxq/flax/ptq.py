@@ -76,8 +76,8 @@ from jaxq.flax.paths import module_path
 from jaxq.params import tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
-           "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE", "ACT_ZERO_POINT",
-           "normalize_batch"]
+           "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
+           "ACT_ZERO_POINT", "normalize_batch"]
 
 CALIBRATE_MODE = "ptq_calibrate"
 SERVE_MODE = "ptq_serve"
@@ -516,8 +516,9 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     for part in path.split("/"):
       node = node.setdefault(part, {})
     # Stacked like the kernel, so that nn.scan / nn.vmap can slice them as quant_stats.
-    kernel = (tree_get(others.get("params", {}), path.split("/")) or {}).get("kernel")
-    lead = tuple(np.shape(meta.unbox(kernel)))[:max(np.ndim(meta.unbox(kernel)) - rank, 0)]
+    kernel = meta.unbox((tree_get(others.get("params", {}), path.split("/")) or {}).get(
+        "kernel"))
+    lead = tuple(np.shape(kernel))[:max(np.ndim(kernel) - rank, 0)]
     node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
     node[KERNEL_RANK] = jnp.full(lead, rank, jnp.int32)
   return {**others, QUANT_STATS: _merge(old, stats)}
@@ -608,10 +609,11 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
   stats = variables.get(QUANT_STATS, {})
   flat = traverse_util.flatten_dict(params, keep_empty_nodes=False)
   flat_stats = traverse_util.flatten_dict(stats)
-  ranks = {k[:-1]: np.asarray(v) for k, v in flat_stats.items() if k[-1] == KERNEL_RANK}
+  # Both are stacked like their layer: every layer of a stack has the same layout.
   recorded = {k[:-1]: tuple(int(a) for a in np.asarray(v).reshape(-1, np.shape(v)[-1])[0])
               for k, v in flat_stats.items() if k[-1] == KERNEL_AXES}
-  ranks = {k: int(v.reshape(-1)[0]) for k, v in ranks.items()}
+  ranks = {k[:-1]: int(np.asarray(v).reshape(-1)[0])
+           for k, v in flat_stats.items() if k[-1] == KERNEL_RANK}
   layers = sorted({k[:-1] for k in flat if k[-1] == "kernel"} | set(recorded))
   for lp in layers:
     path = "/".join(lp)
