@@ -104,7 +104,7 @@ def test_linen_scan_qat_calibrate_convert_serve_export(scan_model):
     assert isinstance(kq, jaxq.QArray) and kq.values.shape[0] == kq.scale.shape[0] == L
   served = jax.jit(sm.apply)(sv, X)
   np.testing.assert_allclose(served, qat, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(served, m.apply(v, X), atol=1e-4)
+  assert not np.allclose(served, jax.jit(m.apply)(v, X), atol=1e-4)
   exported = jaxq.export.export_serving(sm, sv, X)
   np.testing.assert_array_equal(exported.call(sv, X), served)
 
@@ -128,8 +128,8 @@ def test_linen_scan_sensitivity_one_path_at_a_time(scan_model):
   only = [Rule("layers/Dense_1", weight=QuantSpec(4))]
   sim = jaxq.quantize_model(m, only, mode=ptq.SIM_MODE)
   stats = ptq.calibrate(sim, v, [X])["quant_stats"]
-  y = sim.apply({**v, "quant_stats": stats}, X)
-  ref = m.apply(v, X)
+  y = jax.jit(sim.apply)({**v, "quant_stats": stats}, X)
+  ref = jax.jit(m.apply)(v, X)
   snr = 10 * np.log10(np.sum(np.square(ref)) / np.sum(np.square(y - ref)))
   np.testing.assert_allclose(rep.row("layers/Dense_1", None).snr_db, snr, rtol=1e-4)
   assert rep.row("layers/Dense_0", None).snr_db != rep.row("layers/Dense_1", None).snr_db
@@ -139,7 +139,8 @@ def test_linen_vmap_stack_serves_as_trained():
   m = VmapStack()
   v = jax.jit(m.init)(jax.random.key(0), X)
   q, vc, (sm, sv) = _qat_calibrate_convert(m, v, [Rule(".*", **W4G_A8)])
-  np.testing.assert_allclose(sm.apply(sv, X), q.apply(vc, X), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(sm.apply)(sv, X), jax.jit(q.apply)(vc, X), rtol=1e-5,
+                             atol=1e-5)
 
 
 class NnxBlock(nnx.Module):
