@@ -141,6 +141,12 @@ def test_linen_vmap_stack_serves_as_trained():
   q, vc, (sm, sv) = _qat_calibrate_convert(m, v, [Rule(".*", **W4G_A8)])
   np.testing.assert_allclose(jax.jit(sm.apply)(sv, X), jax.jit(q.apply)(vc, X), rtol=1e-5,
                              atol=1e-5)
+  # weight-only without calibration: the stacking axis read off the stacked bias (L, out)
+  wq = jaxq.quantize_model(m, [Rule(".*", weight=W4G_A8["weight"])])
+  sm, sv = jaxq.convert(wq, v)
+  assert sv["params"]["members"]["kernel"].scale.shape == (L, 3, 1, 4)
+  np.testing.assert_allclose(jax.jit(sm.apply)(sv, X), jax.jit(wq.apply)(v, X), rtol=1e-5,
+                             atol=1e-5)
 
 
 class NnxBlock(nnx.Module):

@@ -626,12 +626,12 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
     kernel = node.get("kernel")
     if isinstance(kernel, meta.AxisMetadata):
       kernel = kernel.unbox()
-    stack = 0
+    bias, stack = meta.unbox(node.get("bias")), 0
     if kernel is not None and not isinstance(kernel, QArray):
-      stack = _kernel_stack(path, kernel, ranks.get(lp), node.get("bias"))
+      stack = _kernel_stack(path, kernel, ranks.get(lp), bias)
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
       learned = {n: node[n] for n in _WEIGHT_NAMES if n in node}
-      flat[lp + ("kernel",)] = _convert_kernel(path, rule.weight, kernel, node.get("bias"),
+      flat[lp + ("kernel",)] = _convert_kernel(path, rule.weight, kernel, bias,
                                                recorded.get(lp), learned, stack)
     for n in _WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
