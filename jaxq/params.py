@@ -302,8 +302,7 @@ def _kernel_quantizer(lf: _Leaf):
   contract = tuple(range(len(shape) - n_out))
   check_weight_axis(spec, lf.module_path, shape, contract)
   _check_group(spec, lf, len(contract) - 1)
-  k = math.prod(shape[:-n_out])
-  view = (k, math.prod(shape[-n_out:]))
+  view = (math.prod(shape[:-n_out]), math.prod(shape[-n_out:]))
   vspec = spec if spec.granularity == "tensor" else spec.replace(axis=-1)
   vstat = quantizer.stat_shape(view, vspec, 0)
   if spec.granularity == "tensor":
