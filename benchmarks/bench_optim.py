@@ -2,11 +2,11 @@
 
 A ~25M-parameter model: ``--layers`` Dense kernels of ``--width x 4*--width`` and
 ``4*--width x --width`` (a transformer MLP stack) with biases. One "step" is the jitted
-optimizer update plus ``optax.apply_updates`` (gradients given, state donated, as in a
-train step). All optimizers run in ONE process, interleaved round-robin (machine load
+optimizer update plus ``optax.apply_updates`` (gradients given; params and state
+donated, as in a train step, unless ``--no-donate``). All optimizers run in ONE process, interleaved round-robin (machine load
 affects them alike); the median time of each is printed with its ratio to optax.adamw.
 
-  python benchmarks/bench_optim.py [--width 1024] [--layers 3] [--rounds 15]
+  python benchmarks/bench_optim.py [--width 1024] [--layers 3] [--rounds 15] [--no-donate]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main(argv=None):
   p.add_argument("--width", type=int, default=1024)
   p.add_argument("--layers", type=int, default=3)
   p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--donate", action=argparse.BooleanOptionalAction, default=True,
+                 help="donate params and optimizer state to the jitted step")
   args = p.parse_args(argv)
   params = make_params(args.width, args.layers)
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape) * 1e-3,
@@ -58,7 +60,7 @@ def main(argv=None):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
+    fn = jax.jit(step, donate_argnums=(0, 1) if args.donate else ())
     p_copy = jax.tree.map(jnp.copy, params)
     state = tx.init(p_copy)
     p_copy, state = fn(p_copy, state, grads)  # compile + warm up
@@ -75,7 +77,7 @@ def main(argv=None):
   base_t = np.median(runs["optax.adamw"][3])
   base_b = runs["optax.adamw"][4]
   print(f"{n / 1e6:.1f}M parameters, {args.rounds} interleaved rounds, "
-        f"{jax.devices()[0].platform}")
+        f"{'donated' if args.donate else 'not donated'}, {jax.devices()[0].platform}")
   print("| optimizer | state (MiB) | vs optax | step (ms, median) | vs optax |")
   print("|---|---:|---:|---:|---:|")
   for name, run in runs.items():
