@@ -6,7 +6,8 @@ optimizer update plus ``optax.apply_updates`` (gradients given; params and state
 donated, as in a train step, unless ``--no-donate``). All optimizers run in ONE process, interleaved round-robin (machine load
 affects them alike); the median time of each is printed with its ratio to optax.adamw.
 
-  python benchmarks/bench_optim.py [--width 1024] [--layers 3] [--rounds 15] [--no-donate]
+  python benchmarks/bench_optim.py [--width 1024] [--layers 3] [--rounds 15]
+  python benchmarks/bench_optim.py --no-donate
 """
 
 from __future__ import annotations

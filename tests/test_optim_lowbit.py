@@ -46,9 +46,9 @@ def test_code_encodes_to_nearest_value(code):
                       np.exp(rng.uniform(-30, 0, 4000)) * sign,
                       table, [0.0, 1.0, -0.0] + ([-1.0] if code.signed else [])])
   y = y.astype(np.float32)
-  q = np.asarray(code.encode(jnp.asarray(y)))
+  q = np.asarray(jax.jit(code.encode)(jnp.asarray(y)))
   assert q.dtype == np.uint8 and q.max() < code.levels
-  got = np.asarray(code.decode(jnp.asarray(q)), np.float64)
+  got = np.asarray(jax.jit(code.decode)(jnp.asarray(q)), np.float64)
   best = np.abs(y[:, None].astype(np.float64) - table[None]).min(axis=1)
   excess = np.abs(got - y) - best  # ties and float32 rounding of y aside: 0
   assert np.all(excess <= 1e-7 * np.abs(y)), (y[excess.argmax()], excess.max())
@@ -63,7 +63,7 @@ def test_blockwise_round_trip_against_numpy(shape, code):
   """quantize / dequantize equal a numpy reference: flattened blocks of 256, absmax."""
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
   x.reshape(-1)[:256] = 0.0  # an all-zero block
-  q, s = blockwise.quantize(jnp.asarray(x), code, 256)
+  q, s = jax.jit(blockwise.quantize, static_argnums=(1, 2))(jnp.asarray(x), code, 256)
   assert q.shape == blockwise.codes_shape(shape, code.bits) and q.dtype == jnp.uint8
   assert s.shape == blockwise.scales_shape(shape, 256)
   flat = np.pad(x.ravel(), (0, -x.size % 256)).reshape(-1, 256)
@@ -72,7 +72,8 @@ def test_blockwise_round_trip_against_numpy(shape, code):
   table = np.asarray(codes.decode_table(code), np.float64)
   y = flat / np.where(ref_scales > 0, ref_scales, 1.0)[:, None]
   nearest = table[np.abs(y[..., None] - table).argmin(-1)] * ref_scales[:, None]
-  got = np.asarray(blockwise.dequantize(q, s, code, shape, 256))
+  got = np.asarray(jax.jit(blockwise.dequantize, static_argnums=(2, 3, 4))(q, s, code,
+                                                                          shape, 256))
   np.testing.assert_allclose(got.ravel(), nearest.ravel()[:x.size], rtol=1e-6, atol=1e-7)
 
 

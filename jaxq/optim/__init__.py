@@ -9,9 +9,9 @@
 from jaxq.optim import blockwise, codes
 from jaxq.optim.lowbit_adam import (DEFAULT_CODES, MIN_QUANTIZED_SIZE,
                                     ScaleByLowBitAdamState, adamw, scale_by_lowbit_adam)
-from jaxq.optim.quant_params import (FLOAT_LABEL, QSTATE_KEY, QUANT_LABEL, RESERVED_PREFIX,
-                                     decay_mask, is_quant_param, quant_aware,
-                                     split_quant_params)
+from jaxq.optim.quant_params import (FLOAT_LABEL, QSTATE_KEY, QUANT_LABEL,
+                                     RESERVED_PREFIX, decay_mask, is_quant_param,
+                                     quant_aware, split_quant_params)
 
 __all__ = [
     "QUANT_LABEL", "FLOAT_LABEL", "RESERVED_PREFIX", "QSTATE_KEY", "is_quant_param",

@@ -11,7 +11,8 @@ one zero-padded), each with its own scale ``s_b = max_{i in b} |x_i|`` (Dettmers
   reshaped) and ``(ceil(n / block_size),)`` otherwise.
 
 Both keep the array's leading axes, so codes (always) and scales (when the blocks are
-row-aligned) can be sharded like the array itself (:func:`jaxq.sharding.opt_state_shardings`).
+row-aligned) can be sharded like the array itself
+(:func:`jaxq.sharding.opt_state_shardings`).
 ``dequantize(*quantize(x))`` is elementwise except for the per-block max, which XLA fuses
 with the producer of ``x``.
 """

@@ -100,7 +100,10 @@ def exponent(bits: int, exp_bits: int, *, signed: bool) -> Code:
   # next magnitude up is (e_max, 1), or (e_max - 1, 0) without mantissa bits.
   zero = e_max << man_bits
   above_zero = zero + 1 if man_bits else zero - 1
-  smallest_nonzero = 2.0 ** -e_max * (1 + 2.0 ** -man_bits) if man_bits else 2.0 ** (1 - e_max)
+  if man_bits:
+    smallest_nonzero = 2.0 ** -e_max * (1 + 2.0 ** -man_bits)
+  else:
+    smallest_nonzero = 2.0 ** (1 - e_max)
 
   def encode_magnitude(a):
     a = jnp.minimum(a * top, top)
@@ -110,8 +113,8 @@ def exponent(bits: int, exp_bits: int, *, signed: bool) -> Code:
     f = (rounded >> shift) & man_mask
     code = jnp.where(e > e_max, zero, (jnp.minimum(e, e_max) << man_bits) | f)
     if signed:  # nearest of 0 and the smallest nonzero magnitude
-      code = jnp.where(code == zero, jnp.where(a < smallest_nonzero / 2, zero, above_zero),
-                       code)
+      nearest = jnp.where(a < smallest_nonzero / 2, zero, above_zero)
+      code = jnp.where(code == zero, nearest, code)
     return code
 
   def decode_magnitude(code):

@@ -94,7 +94,8 @@ def _check_config(state_bits, block_size, first_code, second_code) -> tuple[Code
   default_first, default_second = DEFAULT_CODES[state_bits]
   first = default_first if first_code is None else first_code
   second = default_second if second_code is None else second_code
-  for field, code, signed in (("first_code", first, True), ("second_code", second, False)):
+  for field, code, signed in (("first_code", first, True),
+                              ("second_code", second, False)):
     if code.bits != state_bits or code.signed != signed:
       raise ValueError(f"{field} must be a {'signed' if signed else 'unsigned'} "
                        f"{state_bits}-bit Code (state_bits={state_bits}); got "
@@ -122,7 +123,8 @@ def scale_by_lowbit_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
       def codes_of(p):
         if not _quantized(p):
           return jnp.zeros_like(p)
-        return blockwise.quantize(jnp.zeros(jnp.shape(p), jnp.float32), code, block_size)[0]
+        zeros = jnp.zeros(jnp.shape(p), jnp.float32)
+        return blockwise.quantize(zeros, code, block_size)[0]
 
       def scales_of(p):
         if not _quantized(p):
@@ -141,8 +143,8 @@ def scale_by_lowbit_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
     bias_corrections = (1 - b1 ** count, 1 - b2 ** count)
     leaves, treedef = jax.tree.flatten(updates)
     parts = [treedef.flatten_up_to(t) for t in state[1:]]
-    out = [_update_leaf(g, *moments, bias_corrections=bias_corrections, b1=b1, b2=b2, eps=eps,
-                        first=first, second=second, block_size=block_size)
+    out = [_update_leaf(g, *moments, bias_corrections=bias_corrections, b1=b1, b2=b2,
+                        eps=eps, first=first, second=second, block_size=block_size)
            for g, *moments in zip(leaves, *parts)]
     new_updates, *new_moments = list(zip(*out)) or [()] * 5
     unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
