@@ -5,6 +5,7 @@
     python examples/vit_qat.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --patch 4 --dim 192 --depth 12 --heads 3 --epochs 100
     python examples/vit_qat.py --eval-only --checkpoint runs/vit_qat/checkpoints/w8a8
+    python examples/vit_qat.py --modes fp32 --optimizer adamw4   # 4-bit AdamW states
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python examples/vit_qat.py --modes w8a8 --mesh data=4,model=2   # a device mesh
 
