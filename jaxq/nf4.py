@@ -1,17 +1,18 @@
 """NormalFloat-4 (NF4): QLoRA's 4-bit codebook with per-group absmax scaling.
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", Sec. 3
-(4-bit NormalFloat, Double Quantization) and Appendix E.
+(4-bit NormalFloat, Double Quantization); the levels are printed in its appendix.
 
 Levels. NF4 is a quantile quantizer for zero-mean normal weights with an exact zero.
-With ``Phi^-1`` the standard normal quantile function and ``delta = 0.9677083`` (so that
-the extreme levels are the quantiles ``0.5 +- (delta - 0.5)``, not the infinite 0/1
-quantiles), the 8 positive levels are ``Phi^-1(p)`` at the 8 points
-``p = delta, ..., 0.5`` (exclusive) of ``linspace(delta, 0.5, 9)``, the 7 negative ones
-are ``-Phi^-1(p)`` at the 7 points of ``linspace(delta, 0.5, 8)`` (exclusive of 0.5),
-and the two halves share one exact zero; all 16 are divided by ``Phi^-1(delta)`` so they
-span ``[-1, 1]``. Code ``c`` (0..15) stands for the ``c``-th smallest level
-(code 0 = -1, code 7 = 0, code 15 = 1), as in bitsandbytes.
+With ``Phi^-1`` the standard normal quantile function and
+``delta = 1 - (1/30 + 1/32) / 2 = 0.9677083`` (the outermost quantile probability, the
+mean of those of 15 and 16 equal-mass bins, so the extreme levels stay finite), the 8
+positive levels are ``Phi^-1(p)`` for the first 8 points ``p`` of
+``linspace(delta, 0.5, 9)`` and the 7 negative ones ``-Phi^-1(p)`` for the first 7 of
+``linspace(delta, 0.5, 8)`` (``p = 0.5``, the zero, is dropped from both and added once);
+all 16 are divided by ``Phi^-1(delta)`` so they span ``[-1, 1]``. Code ``c`` (0..15)
+stands for the ``c``-th smallest level (code 0 = -1, code 7 = 0, code 15 = 1), as in
+bitsandbytes.
 
 Quantization of a ``(K, N)`` kernel view ``w`` along its contraction axis: the
 ``group_size`` consecutive elements ``w[i*g:(i+1)*g, n]`` share
@@ -61,7 +62,7 @@ from scipy.special import ndtri
 from jaxq import numerics
 from jaxq.qarray import pack_bits, unpack_bits
 
-#: Probability of the largest NF4 quantile (QLoRA Appendix E).
+#: Probability of the largest NF4 quantile: ``1 - (1/30 + 1/32) / 2``.
 NF4_OFFSET = 0.9677083
 
 
@@ -101,12 +102,17 @@ class DoubleQuantAbsmax(NamedTuple):
   mean: jax.Array
 
 
-def check_nf4_fields(bits, granularity, group_size, owner: str = "QuantSpec") -> None:
+def check_nf4_fields(bits, granularity, group_size, signed=True, symmetric=True,
+                     owner: str = "QuantSpec") -> None:
   """Raises ValueError unless the fields describe NF4: 4 bits, "group", a group size.
 
   NF4 is signed and symmetric by definition; its absmax is taken per group along the
   contraction axis, so it needs ``granularity="group"`` and a positive ``group_size``.
   """
+  for name, value in (("signed", signed), ("symmetric", symmetric)):
+    if value is not True:
+      raise ValueError(f"{owner}.{name} must be True for scheme='nf4' (a signed, "
+                       f"symmetric codebook); got {value!r}")
   if bits != 4 or isinstance(bits, bool):
     raise ValueError(f"{owner}.bits must be 4 for scheme='nf4' (16 NF4 levels); "
                      f"got {bits!r}")
@@ -121,7 +127,8 @@ def check_nf4_fields(bits, granularity, group_size, owner: str = "QuantSpec") ->
 def _check_view(shape, group_size, axis, name: str = "w") -> int:
   """Validates a 2-D kernel view and its grouping; returns the grouped axis (0 or 1)."""
   if len(shape) != 2:
-    raise ValueError(f"{name} must be a 2-D (K, N) kernel view for NF4; got shape {tuple(shape)}")
+    raise ValueError(f"{name} must be a 2-D (K, N) kernel view for NF4; got shape "
+                     f"{tuple(shape)}")
   if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (-2, -1, 0, 1):
     raise ValueError(f"axis must be the contraction axis of the 2-D view, one of "
                      f"0, 1, -1, -2; got {axis!r}")

@@ -9,7 +9,7 @@ from jaxq import nf4
 from jaxq.qarray import dequantize, pack_bits, quantize, unpack_bits
 from jaxq.spec import QuantSpec
 
-# The NF4 code table as printed in the QLoRA paper (Appendix E) / bitsandbytes.
+# The NF4 code table as printed in the QLoRA paper's appendix and in bitsandbytes.
 PUBLISHED = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -33,6 +33,7 @@ def _reference(w, group_size):
 
 
 def test_levels_equal_published_table():
+  assert abs(nf4.NF4_OFFSET - (1 - (1 / 30 + 1 / 32) / 2)) < 1e-7
   np.testing.assert_allclose(nf4.NF4_LEVELS, PUBLISHED, rtol=0, atol=2e-7)
   assert nf4.NF4_LEVELS.dtype == np.float32
   assert (nf4.NF4_LEVELS[0], nf4.NF4_LEVELS[7], nf4.NF4_LEVELS[15]) == (-1.0, 0.0, 1.0)
@@ -185,9 +186,8 @@ def test_double_quant_recovers_absmax_within_half_a_step():
   ok = ~np.isnan(want)
   assert np.all(np.abs(got - want)[ok] <= step[ok] / 2 * (1 + 1e-5) + 1e-7)
   w_hat = nf4.nf4_dequantize(packed_dq, dq, w.shape, 64)
-  np.testing.assert_allclose(
-      w_hat, nf4.nf4_dequantize(packed, jnp.asarray(got).reshape(absmax.shape), w.shape, 64),
-      rtol=0, atol=0)
+  recovered = jnp.asarray(got).reshape(absmax.shape)
+  np.testing.assert_array_equal(w_hat, nf4.nf4_dequantize(packed, recovered, w.shape, 64))
 
 
 def test_bad_input_names_the_field():
@@ -220,4 +220,8 @@ def test_bad_input_names_the_field():
     nf4.check_nf4_fields(4, "channel", None)
   with pytest.raises(ValueError, match=r"QuantSpec\.group_size must be a positive int"):
     nf4.check_nf4_fields(4, "group", None)
+  with pytest.raises(ValueError, match=r"QuantSpec\.symmetric must be True"):
+    nf4.check_nf4_fields(4, "group", 64, symmetric=False)
+  with pytest.raises(ValueError, match=r"layer\.signed must be True"):
+    nf4.check_nf4_fields(4, "group", 64, signed=False, owner="layer")
   nf4.check_nf4_fields(4, "group", 64)
