@@ -38,6 +38,8 @@ A8_DYN = QuantSpec(8, granularity="tensor", dynamic=True)
 
 
 class Mlp(nn.Module):
+  """Dense_1 (16 -> 16, relu) then Dense_0 (16 -> 8): Flax names the outer call first."""
+
   @nn.compact
   def __call__(self, x):
     return nn.Dense(8)(nn.relu(nn.Dense(16)(x)))
@@ -69,7 +71,7 @@ def test_nan_propagates_through_int8_training(int8, where):
     x = x.at[2, 3].set(jnp.nan).at[4, 0].set(jnp.inf)
   else:
     v = jax.tree_util.tree_map(lambda a: a, v)
-    v["params"]["Dense_1"]["kernel"] = v["params"]["Dense_1"]["kernel"].at[5, 2].set(jnp.nan)
+    v["params"]["Dense_0"]["kernel"] = v["params"]["Dense_0"]["kernel"].at[5, 2].set(jnp.nan)
   rules = [Rule(".*", weight=W8, act=A8)]
   ref = quantize_model(m, rules, int8="off")
   q = quantize_model(m, rules, int8=int8)
@@ -97,7 +99,9 @@ def test_nan_propagates_through_serving(act, weight):
   xh = x.at[2, 3].set(jnp.nan).at[4, 0].set(jnp.inf).at[0, 1].set(-jnp.inf)
   y_served = np.asarray(_apply(sm, sv, xh))
   y_sim = np.asarray(_apply(quantize_model(m, rules, mode=ptq.SIM_MODE), cv, xh))
-  np.testing.assert_array_equal(np.isnan(y_served).any(1), [0, 0, 1, 0, 0, 0])
+  assert np.isnan(y_served[2]).all()
+  if act is not None:  # quantized inputs saturate +-Inf: only the NaN row is NaN
+    np.testing.assert_array_equal(np.isnan(y_served).any(1), [0, 0, 1, 0, 0, 0])
   np.testing.assert_array_equal(np.isnan(y_served), np.isnan(y_sim))
   np.testing.assert_allclose(np.nan_to_num(y_served), np.nan_to_num(y_sim), rtol=1e-5,
                              atol=1e-5)
@@ -108,7 +112,7 @@ def test_nan_weight_is_served_as_nan():
   m = Mlp()
   x = _x()
   v = m.init(jax.random.key(1), x)
-  v["params"]["Dense_1"]["kernel"] = v["params"]["Dense_1"]["kernel"].at[5, 2].set(jnp.nan)
+  v["params"]["Dense_0"]["kernel"] = v["params"]["Dense_0"]["kernel"].at[5, 2].set(jnp.nan)
   for rules in ([Rule(".*", weight=W8, act=A8_DYN)], [Rule(".*", weight=W4G)],
                 [Rule(".*", weight=QuantSpec(8, granularity="tensor"), act=A8_DYN)]):
     q = quantize_model(m, rules, int8="off")
