@@ -162,20 +162,28 @@ _SPECS = {
 }
 
 
-@pytest.mark.parametrize("spec", list(_SPECS))
-@pytest.mark.parametrize("name", list(_MODELS))
+_CASES = ([("mlp", s) for s in _SPECS]
+          + [("convnet", s) for s in ("w4-group", "w8a8-ema", "w4a8-asym")]
+          + [("tinycnn", s) for s in ("w8", "w8a8-dynamic")]
+          + [("tinyvit", s) for s in ("w4-tensor", "w8a8-ema")])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _observe(qmodel, variables, x):
+  return qmodel.apply(variables, x, mutable=["quant_stats"])[1]
+
+
+@pytest.mark.parametrize("name,spec", _CASES)
 def test_served_model_is_the_qat_model(name, spec):
   """``convert`` (defaults) serves what QAT computes, given the same statistics: the
   activation observers QAT filled (mutable "quant_stats") feed both."""
   make, shape = _MODELS[name]
   model = make()
   x = _x(shape, seed=2)
-  v = model.init(jax.random.key(0), x)
+  v = jax.jit(model.init)(jax.random.key(0), x)
   qmodel = quantize_model(model, _SPECS[spec])
-  if "quant_stats" in jax.tree_util.tree_map(lambda a: a, v) or any(
-      r.act is not None and not r.act.dynamic for r in qmodel.rules):
-    _, stats = qmodel.apply(v, x, mutable=["quant_stats"])
-    v = {**v, **stats}
+  if any(r.act is not None and not r.act.dynamic for r in qmodel.rules):
+    v = {**v, **_observe(qmodel, v, x)}
   y_qat = np.asarray(_apply(qmodel, v, x), np.float64)
   sm, sv = ptq.convert(qmodel, v)
   y = np.asarray(_apply(sm, sv, x), np.float64)
@@ -324,3 +332,46 @@ def test_lifted_transform_without_quant_stats_says_so():
   qmodel = quantize_model(m, [Rule(".*", weight=W8, act=A8)])
   with pytest.raises(ValueError, match="VmapDense_0.*variable_axes.*quant_stats"):
     ptq.calibrate(qmodel, v, [x])
+
+
+# --------------------------------------------------------------------------------------
+# Done when: every path agrees, on random specs, shapes and non-finite inputs
+# --------------------------------------------------------------------------------------
+
+_WEIGHT_SPECS = (W8, QuantSpec(8, granularity="tensor"), W4G,
+                 QuantSpec(4, granularity="group", group_size=8, symmetric=False))
+_ACT_SPECS = (None, A8, A8_DYN, QuantSpec(8, granularity="tensor", symmetric=False))
+
+
+@settings(max_examples=12, deadline=None)
+@given(weight=st.sampled_from(_WEIGHT_SPECS), act=st.sampled_from(_ACT_SPECS),
+       m=st.sampled_from([1, 5]), k=st.sampled_from([8, 16]), n=st.sampled_from([3, 8]),
+       holes=st.lists(st.tuples(st.integers(0, 79), st.sampled_from([np.nan, np.inf,
+                                                                     -np.inf])),
+                      max_size=3),
+       seed=st.integers(0, 3))
+def test_all_paths_agree(weight, act, m, k, n, holes, seed):
+  """QAT fake quant, the int8 training forward, calibrated fake quant ("ptq_sim") and
+  the served model give the same output, NaN pattern included."""
+  x = np.array(_x((m, k), seed))
+  for i, value in holes:
+    x.flat[i % x.size] = value
+  x = jnp.asarray(x)
+  layer = nn.Dense(n)
+  v = layer.init(jax.random.key(seed), x[:1] * 0)
+  rules = [Rule(".*", weight=weight, act=act)]
+  qat = quantize_model(layer, rules, int8="off")
+  cv = v
+  if act is not None and not act.dynamic:
+    if not np.isfinite(np.asarray(x)).any():
+      return
+    cv = ptq.calibrate(qat, v, [x])  # the range QAT's min-max takes from this x
+  sm, sv = ptq.convert(qat, cv)
+  outs = [_apply(qat, v, x), _apply(quantize_model(layer, rules), v, x),
+          _apply(quantize_model(layer, rules, mode=ptq.SIM_MODE), cv, x), _apply(sm, sv, x)]
+  ref = np.asarray(outs[0])
+  tol = 1e-5 * max(1.0, float(np.max(np.abs(np.nan_to_num(ref, posinf=0, neginf=0)))))
+  for out in outs[1:]:
+    out = np.asarray(out)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=tol)

@@ -220,7 +220,7 @@ def _quantize_kernel(w, spec: QuantSpec, contract, fmt, finite: bool):
   if not finite:  # NaN scales where a slice (a "tensor" spec: an output column) has a NaN
     nan_axes = tuple(contract) if spec.granularity == "tensor" else axes
     scale = jnp.where(jnp.any(jnp.isnan(view), axis=nan_axes, keepdims=True), jnp.nan, scale)
-  zp = q.zero_point if fmt is None else jnp.zeros((), q.zero_point.dtype)
+  zp = q.zero_point if not spec.symmetric else jnp.zeros((), q.zero_point.dtype)
   return QArray(q.values, scale, zp, spec=q.spec, shape=q.shape, dtype=q.dtype,
                 group_axis=q.group_axis), ok
 
