@@ -162,10 +162,9 @@ _SPECS = {
 }
 
 
-_CASES = ([("mlp", s) for s in _SPECS]
-          + [("convnet", s) for s in ("w4-group", "w8a8-ema", "w4a8-asym")]
-          + [("tinycnn", s) for s in ("w8", "w8a8-dynamic")]
-          + [("tinyvit", s) for s in ("w4-tensor", "w8a8-ema")])
+_CASES = ([("mlp", s) for s in ("w8", "w4-group", "w4-tensor", "w8a8-ema")]
+          + [("convnet", s) for s in ("w8a8-dynamic", "w4a8-asym")]
+          + [("tinycnn", "w8"), ("tinyvit", "w8a8-ema")])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -295,6 +294,10 @@ def test_export_serving_static_keyword_arguments():
   v = m.init(jax.random.key(0), x, train=False)
   sm, sv = ptq.convert(quantize_model(m, [Rule(".*", weight=W8)]), v)
   exp = jexport.export_serving(sm, sv, x, train=False)
+  # calibrate takes static keyword arguments too (compiled once, with them fixed).
+  static = quantize_model(m, [Rule(".*", weight=W8, act=A8)])
+  cv = ptq.calibrate(static, v, [x], train=False)
+  assert cv["quant_stats"]["Dense_0"]["jaxq_act"]["n"] == 1
   loaded = jexport.load_serving(exp.serialize())
   np.testing.assert_array_equal(loaded.call(sv, x), sm.apply(sv, x, train=False))
 
@@ -343,7 +346,7 @@ _WEIGHT_SPECS = (W8, QuantSpec(8, granularity="tensor"), W4G,
 _ACT_SPECS = (None, A8, A8_DYN, QuantSpec(8, granularity="tensor", symmetric=False))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(weight=st.sampled_from(_WEIGHT_SPECS), act=st.sampled_from(_ACT_SPECS),
        m=st.sampled_from([1, 5]), k=st.sampled_from([8, 16]), n=st.sampled_from([3, 8]),
        holes=st.lists(st.tuples(st.integers(0, 79), st.sampled_from([np.nan, np.inf,

@@ -588,8 +588,9 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     if stats is None:
       _RECORD.axes = recorded
       try:
-        shapes = jax.eval_shape(functools.partial(_calibration_run, cal), others, {}, args,
-                                arrays, static)
+        shapes = jax.eval_shape(
+            functools.partial(_calibration_run, cal, static_kwargs=static), others, {},
+            args, arrays)
       finally:
         _RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
