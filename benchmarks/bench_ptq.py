@@ -3,6 +3,10 @@
 For a ViT trained on scikit-learn's digits in this run, reports test accuracy, the bytes
 of the serving parameters (all of them, and the quantized kernels alone) and the serving
 latency (jitted ``apply`` on a batch, median of ``--iters`` timed calls after warm-up).
+Each quantized model is also served with ``convert(..., compact_scales=True)`` (float16 /
+float8 weight scales): its rows add the share of served kernel weights that differ from
+the exact (float32-scale) conversion, which reproduces the QAT weights, and the relative
+L2 distance of its test logits to the exact conversion's.
 
   PYTHONPATH=. python benchmarks/bench_ptq.py [--dim 64] [--steps 300] [--batch 256]
 """
@@ -23,7 +27,7 @@ from _models import TinyViT, load_digits_split, train  # noqa: E402  pylint: dis
 
 from jaxq.flax import ptq  # noqa: E402
 from jaxq.flax.linen import quantize_model  # noqa: E402
-from jaxq.qarray import QArray  # noqa: E402
+from jaxq.qarray import QArray, dequantize  # noqa: E402
 from jaxq.spec import QuantSpec, Rule  # noqa: E402
 
 
@@ -45,6 +49,17 @@ def _kernel_bytes(params):
     if "kernel" in jax.tree_util.keystr(path):
       total += leaf.nbytes if isinstance(leaf, QArray) else leaf.size * leaf.dtype.itemsize
   return total
+
+
+def _changed_weights(exact, compact) -> float:
+  """Share of served kernel weights (dequantized) that differ between two conversions."""
+  qs = lambda t: [l for l in jax.tree_util.tree_leaves(  # noqa: E731
+      t, is_leaf=lambda x: isinstance(x, QArray)) if isinstance(l, QArray)]
+  diff = total = 0
+  for qe, qc in zip(qs(exact), qs(compact)):
+    diff += int(jnp.sum(dequantize(qe) != dequantize(qc)))
+    total += qe.size
+  return diff / total
 
 
 def main():
@@ -69,28 +84,40 @@ def main():
   w8 = Rule(".*", weight=QuantSpec(8), act=QuantSpec(8, granularity="tensor"))
   w4 = [Rule("embed", weight=QuantSpec(8)),
         Rule(".*", weight=QuantSpec(4, granularity="group", group_size=32))]
-  configs = [("float", None), ("W8A8 static", [w8]), ("W4 g32 weight-only", w4)]
+  configs = [("float", None, False), ("W8A8 static", [w8], False),
+             ("W8A8 static, compact scales", [w8], True),
+             ("W4 g32 weight-only", w4, False),
+             ("W4 g32 weight-only, compact scales", w4, True)]
   rows = []
-  for name, rules in configs:
+  exact = None
+  for name, rules, compact in configs:
     if rules is None:
       sm, sv = model, v
     else:
       qmodel = quantize_model(model, rules)
       cv = ptq.calibrate(qmodel, v, cal)
-      sm, sv = ptq.convert(qmodel, cv)
+      sm, sv = ptq.convert(qmodel, cv, compact_scales=compact)
     fn = jax.jit(sm.apply)
-    acc = float(jnp.mean(jnp.argmax(fn(sv, xte), -1) == yte) * 100)
+    logits = fn(sv, xte)
+    acc = float(jnp.mean(jnp.argmax(logits, -1) == yte) * 100)
+    changed = err = None
+    if compact:
+      changed = _changed_weights(exact[1], sv["params"])
+      err = float(jnp.linalg.norm(logits - exact[0]) / jnp.linalg.norm(exact[0]))
+    elif rules is not None:
+      exact = (logits, sv["params"])
     rows.append((name, acc, ptq.serving_nbytes(sv["params"]), _kernel_bytes(sv["params"]),
-                 _latency(fn, sv, xb, iters=a.iters)))
+                 _latency(fn, sv, xb, iters=a.iters), changed, err))
   f_total, f_kern = rows[0][2], rows[0][3]
   print(f"\nTinyViT(dim={a.dim}, depth={a.depth}) on digits; latency: batch {a.batch}, "
         f"median of {a.iters}")
   print("| model | test acc (%) | serving params (bytes) | kernels (bytes) | kernels vs "
-        "float | latency (ms) |")
-  print("|---|---|---|---|---|---|")
-  for name, acc, tot, kern, ms in rows:
+        "float | latency (ms) | weights changed | logits rel. L2 vs exact |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, acc, tot, kern, ms, changed, err in rows:
+    extra = "| | |" if changed is None else f"| {changed:.1%} | {err:.2e} |"
     print(f"| {name} | {acc:.2f} | {tot} ({tot / f_total:.1%}) | {kern} | "
-          f"{kern / f_kern:.1%} | {ms:.2f} |")
+          f"{kern / f_kern:.1%} | {ms:.2f} {extra}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 
 from jaxq import qarray  # noqa: F401  (registers QArray with jax.export)
+from jaxq.flax.ptq import split_static_kwargs
 
 __all__ = ["export_serving", "load_serving"]
 
@@ -30,11 +31,14 @@ def export_serving(serving_model, serving_variables, *args,
 
   The exported function takes ``(serving_variables, *args, **kwargs)`` with the shapes
   and dtypes of the examples (``jax.ShapeDtypeStruct``s, symbolic shapes included, may
-  stand for arrays). ``platforms`` (e.g. ``("cpu", "cuda")``) defaults to the current
-  backend. Serialize with ``.serialize()``; reload with :func:`load_serving`.
+  stand for arrays). Keyword arguments that are Python scalars, strings or None (e.g.
+  ``train=False``) are static: fixed in the exported function, not passed to ``call``.
+  ``platforms`` (e.g. ``("cpu", "cuda")``) defaults to the current backend. Serialize
+  with ``.serialize()``; reload with :func:`load_serving`.
   """
-  fn = jax.jit(lambda v, *a, **k: serving_model.apply(v, *a, **k))
-  return jax.export.export(fn, platforms=platforms)(serving_variables, *args, **kwargs)
+  static, arrays = split_static_kwargs(kwargs)
+  fn = jax.jit(lambda v, *a, **k: serving_model.apply(v, *a, **k, **dict(static)))
+  return jax.export.export(fn, platforms=platforms)(serving_variables, *args, **arrays)
 
 
 def load_serving(data: bytes | bytearray) -> jax.export.Exported:

@@ -39,13 +39,6 @@ def mixed_rules(first: str, second: str, third: str) -> list[Rule]:
           Rule(third, **LSQ), Rule(".*", weight=QuantSpec(8), act=A8_EMA)]
 
 
-@pytest.fixture(autouse=True)
-def _float32_scales(monkeypatch):
-  # Serving must reproduce QAT exactly: keep float32 weight scales (issue 17, item 2, makes
-  # this convert's default; drop this once it has).
-  monkeypatch.setattr(ptq, "_scale_format", lambda spec, compact: None, raising=False)
-
-
 class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _):

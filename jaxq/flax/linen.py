@@ -110,7 +110,7 @@ from jaxq.flax.paths import module_path
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
     "INT8_MODES", "LayerCall", "Contraction", "QUANT_STATS", "RNG_STREAM",
-    "RESERVED_NAMES", "layer_paths",
+    "RESERVED_NAMES", "layer_paths", "nan_scale",
 ]
 
 QUANT_STATS = "quant_stats"
@@ -279,6 +279,18 @@ def _in_range(v, scale):
   return (r >= -128) & (r <= 127)
 
 
+def nan_scale(scale: jax.Array, v: jax.Array, axis: int) -> jax.Array:
+  """``scale`` (one per row of ``v`` for ``axis=1``, per column for ``axis=0``) made NaN
+  where that row / column of ``v`` holds a NaN.
+
+  The integer operands cannot carry a NaN; fake quantization propagates it to every
+  output that uses the element (its row of ``x @ w`` for an activation, its column for
+  a weight), which is what a NaN in the dequantizing epilogue's scale gives: one
+  reduction per operand, fused with its quantization.
+  """
+  return jnp.where(jnp.any(jnp.isnan(v), axis=axis), jnp.nan, scale)
+
+
 def _grad_noise(seed, index, shape):
   if seed is None:
     return None
@@ -294,17 +306,19 @@ def _w8a8_fwd(x2, w2, sx, sw, seed, cfg):
   mask_x, mask_w, _ = cfg
   m, n = x2.shape[0], w2.shape[1]
   xq, wq = _to_int8(x2, sx), _to_int8(w2, sw)
-  a_scale = jnp.broadcast_to(sx, (m, 1)).reshape(m)
-  b_scale = jnp.broadcast_to(sw, (1, n)).reshape(n)
+  a_scale = nan_scale(jnp.broadcast_to(sx, (m, 1)).reshape(m), x2, 1)
+  b_scale = nan_scale(jnp.broadcast_to(sw, (1, n)).reshape(n), w2, 0)
   y = kernels.int8_matmul(xq, wq, a_scale, b_scale, out_dtype=jnp.float32).astype(x2.dtype)
   mx = _in_range(x2, sx) if mask_x else None
   mw = _in_range(w2, sw) if mask_w else None
-  return y, (xq, wq, sx, sw, mx, mw, seed, jnp.zeros((0,), w2.dtype))
+  # The backward uses the NaN-carrying scales too: NaN gradients where fake quant has them.
+  scales = (a_scale[:, None], b_scale[None, :], jnp.zeros_like(sx), jnp.zeros_like(sw))
+  return y, (xq, wq, scales, mx, mw, seed, jnp.zeros((0,), w2.dtype))
 
 
 def _w8a8_bwd(cfg, res, g):
   _, _, bwd_int8 = cfg
-  xq, wq, sx, sw, mx, mw, seed, w_dtype = res
+  xq, wq, (sx, sw, dsx, dsw), mx, mw, seed, w_dtype = res
   k = xq.shape[1]
   g2 = g.astype(jnp.float32)
   if bwd_int8:
@@ -329,8 +343,7 @@ def _w8a8_bwd(cfg, res, g):
   if mw is not None:
     dw = jnp.where(mw, dw, 0.0)
   seed_ct = None if seed is None else np.zeros(seed.shape, jax.dtypes.float0)
-  return (dx.astype(g.dtype), dw.astype(w_dtype.dtype), jnp.zeros_like(sx),
-          jnp.zeros_like(sw), seed_ct)
+  return dx.astype(g.dtype), dw.astype(w_dtype.dtype), dsx, dsw, seed_ct
 
 
 _w8a8.defvjp(_w8a8_fwd, _w8a8_bwd)
@@ -362,6 +375,8 @@ def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wk
 def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands)."""
   wspec, aspec = call.rule.weight, call.rule.act
+  if op.lhs.size == 0:  # an empty batch: nothing to quantize, an empty result
+    return op.compute(op.lhs, op.rhs)
   wspec_v = (None if wspec is None
              else weight_view_spec(wspec, call.path, op.rhs.shape, op.rhs_contract))
   aspec_v = None if aspec is None else act_view_spec(aspec, call.path, op.lhs_contract_size())

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -144,6 +145,7 @@ SCALE_FORMATS = {
 
 
 def _scale_format(spec: QuantSpec, compact: bool) -> str | None:
+  """The compact scale format of ``spec`` (None: float32 scales, the trained values)."""
   if not compact or not spec.symmetric:
     return None
   return "float8" if spec.bits <= 4 else "float16"
@@ -161,7 +163,7 @@ def round_up_scale(scale: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
   return jnp.where(ok, up, s), ok
 
 
-def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = True
+def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = False
                     ) -> QArray:
   """``w`` (a kernel) as a :class:`QArray` of its own shape for a contraction over ``contract``.
 
@@ -171,16 +173,26 @@ def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = 
   from ``spec.calibration`` (min-max; "mse": MSE-optimal clipping,
   :func:`jaxq.calibration.mse_range`; "percentile"; "ema" is min-max for one tensor).
 
-  ``compact`` (symmetric specs): scales are rounded up to float16 (5..8 bits) or to the
-  8-bit float e4m3b11 (<= 4 bits: 4 + 8/32 bits per weight with groups of 32) and, for a
-  concrete ``w`` whose scales all fit, stored in that dtype, with a scalar zero point.
+  The scales are float32 by default: the QArray dequantizes to exactly the weights
+  that QAT fake-quantizes with the same spec. ``compact=True`` (symmetric specs) rounds
+  them up to float16 (5..8 bits) or to the 8-bit float e4m3b11 (<= 4 bits: 4 + 8/32 bits
+  per weight with groups of 32) and, for a concrete ``w`` whose scales all fit, stores
+  them in that dtype, with a scalar zero point: fewer bytes, but the served weights then
+  differ from the trained ones (benchmarks/RESULTS.md, "Compact weight scales").
+
+  A NaN in ``w`` makes the scale of its slice NaN (a "tensor" spec then keeps one scale
+  per output feature), so the dequantized kernel is NaN in every output column that
+  fake quantization makes NaN.
   """
   if spec.scheme != "uniform":
     raise ValueError(f"weight QuantSpec.scheme must be 'uniform'; got {spec.scheme!r}")
   w = jnp.asarray(w)
   contract = _check_axes(w.shape, contract)
   fmt = _scale_format(spec, compact)
-  q, ok = _quantize_kernel(w, spec, contract, fmt)
+  # One non-finite check per concrete kernel; the quantizer compiled for a finite kernel
+  # then takes plain min / max (as QAT does for finite weights) and tracks no NaN.
+  finite = not isinstance(w, jax.core.Tracer) and bool(_all_finite(w))
+  q, ok = _quantize_kernel(w, spec, contract, fmt, finite)
   if fmt is None:
     return q
   stored = q.scale
@@ -190,22 +202,38 @@ def quantize_kernel(w: jax.Array, spec: QuantSpec, contract, *, compact: bool = 
                 group_axis=q.group_axis)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _quantize_kernel(w, spec: QuantSpec, contract, fmt):
+@jax.jit
+def _all_finite(w):
+  return jnp.all(jnp.isfinite(w))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_kernel(w, spec: QuantSpec, contract, fmt, finite: bool):
   axes, ga = _kernel_reduction(w.shape, spec, contract)
   st_spec = spec.replace(estimator="ste") if spec.estimator == "pact" else spec
   view = quantizer.quant_view(w.astype(jnp.float32), spec, ga)
-  stat = tuple(1 if a in axes else d for a, d in enumerate(view.shape))
-  st = calibration.observer_init(st_spec, stat)
-  st = calibration.observer_update(st, view, st_spec, axes)
-  scale, zp = calibration.observer_qparams(st, st_spec)
+  if spec.calibration in ("minmax", "ema"):  # the range of one tensor, as in QAT
+    lo, hi = ((jnp.min(view, axes, keepdims=True), jnp.max(view, axes, keepdims=True))
+              if finite else numerics.minmax(view, axes))
+    scale, zp = quantizer.qparams_from_range(lo, hi, st_spec)
+  else:
+    stat = tuple(1 if a in axes else d for a, d in enumerate(view.shape))
+    st = calibration.observer_init(st_spec, stat)
+    st = calibration.observer_update(st, view, st_spec, axes)
+    scale, zp = calibration.observer_qparams(st, st_spec)
   spec_n = spec.replace(rounding="nearest")
-  if fmt is None:
-    return quantize_with(w, spec_n, scale, zp, group_axis=ga), jnp.ones((), bool)
-  scale, ok = round_up_scale(scale, fmt)
-  q = quantize_with(w, spec_n, scale, None, group_axis=ga)
-  return QArray(q.values, scale, jnp.zeros((), q.zero_point.dtype), spec=q.spec,
-                shape=q.shape, dtype=q.dtype, group_axis=q.group_axis), ok
+  ok = jnp.ones((), bool)
+  if fmt is not None:
+    scale, ok = round_up_scale(scale, fmt)
+    zp = None
+  q = quantize_with(w, spec_n, scale, zp, group_axis=ga)
+  scale = q.scale
+  if not finite:  # NaN scales where a slice (a "tensor" spec: an output column) has a NaN
+    nan_axes = tuple(contract) if spec.granularity == "tensor" else axes
+    scale = jnp.where(jnp.any(jnp.isnan(view), axis=nan_axes, keepdims=True), jnp.nan, scale)
+  zp = q.zero_point if not spec.symmetric else jnp.zeros((), q.zero_point.dtype)
+  return QArray(q.values, scale, zp, spec=q.spec, shape=q.shape, dtype=q.dtype,
+                group_axis=q.group_axis), ok
 
 
 def _learned_kernel(w, spec: QuantSpec, contract, learned: dict) -> QArray:
@@ -278,6 +306,8 @@ def quantized_contraction(call: LayerCall, op: Contraction, qw: QArray | None,
   and static activation ``act_qparams`` ({"scale", "zero_point"}; None when the
   activation spec is dynamic, non-uniform or absent)."""
   aspec = call.rule.act
+  if op.lhs.size == 0:  # an empty batch: an empty result of the right shape
+    return op.compute(op.lhs, jnp.zeros(op.rhs.shape, op.rhs.dtype))
   x2, x_unview = op.lhs_matrix()
   aview = None
   if aspec is not None:
@@ -300,7 +330,9 @@ def quantized_contraction(call: LayerCall, op: Contraction, qw: QArray | None,
     zx = jnp.broadcast_to(jnp.asarray(zx, jnp.float32).reshape(-1, 1), (m, 1))
     xq = jnp.clip(jnp.round(x2.astype(jnp.float32) / sx) + zx, aspec.qmin, aspec.qmax)
     xq = jnp.where(jnp.isnan(x2), zx, xq).astype(jnp.int8)
-    y = kernels.int8_matmul(xq, b_q, sx[:, 0], b_scale, out_dtype=jnp.float32)
+    # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).
+    a_scale = qlinen.nan_scale(sx[:, 0], x2, 1)
+    y = kernels.int8_matmul(xq, b_q, a_scale, b_scale, out_dtype=jnp.float32)
     if not aspec.symmetric:  # (xq - zx) @ b_q = xq @ b_q - zx * colsum(b_q)
       colsum = jnp.sum(b_q.astype(jnp.int32), axis=0).astype(jnp.float32)
       y = y - (zx * sx) * (colsum * b_scale)[None, :]
@@ -461,6 +493,68 @@ def _unfreeze(tree):
   return tree
 
 
+def split_static_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
+  """``(static, arrays)``: keyword arguments that are Python scalars / strings / None
+  (flags such as ``train=False``, hashable: a jit static argument) and the others."""
+  static = tuple(sorted((k, v) for k, v in kwargs.items()
+                        if v is None or isinstance(v, (bool, int, float, str))))
+  names = {k for k, _ in static}
+  return static, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def _is_empty(args, kwargs) -> bool:
+  """Whether a batch holds an array with no elements (e.g. a zero-length final batch)."""
+  return any(jnp.size(a) == 0 for a in jax.tree_util.tree_leaves((args, kwargs))
+             if hasattr(a, "shape"))
+
+
+def _path_keys(path: str) -> tuple[str, ...]:
+  """The variable-tree keys of a "/"-joined layer path ("" is the root: the model is
+  the layer)."""
+  return tuple(path.split("/")) if path else ()
+
+
+def _calibration_run(cal, others, stats, args, array_kwargs, static_kwargs):
+  _, new = cal.apply({**others, QUANT_STATS: stats}, *args, mutable=[QUANT_STATS],
+                     **array_kwargs, **dict(static_kwargs))
+  return _unfreeze(new.get(QUANT_STATS, {}))
+
+
+#: One compiled calibration step per (model, static kwargs, shapes), reused across calls.
+_calibration_step = jax.jit(_calibration_run, static_argnums=(0, 5))
+
+
+def _check_observers(qmodel: QuantizedModel, stats, recorded) -> None:
+  """Every layer calibration reached with a static activation spec has an observer that
+  saw finite values; raises ValueError naming the layers otherwise."""
+  missing, empty = [], []
+  for path in recorded:
+    rule = match_rule(qmodel.rules, path)
+    if rule is None or rule.act is None or rule.act.dynamic:
+      continue
+    st = tree_get(stats, _path_keys(path) + (qlinen.ACT_STATS,))
+    if st is None:
+      missing.append(path)
+    elif not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
+      empty.append(path)
+  if missing:
+    raise ValueError(
+        f"calibration reached layer(s) {', '.join(repr(p) for p in missing)} but their "
+        f"activation observers ('{QUANT_STATS}' variables) did not come back: the layers "
+        "run inside a lifted transform (nn.vmap, nn.scan, nn.remat, ...) whose "
+        f"variable_axes do not include '{QUANT_STATS}'; add it, e.g. "
+        f"variable_axes={{'params': 0, '{QUANT_STATS}': 0}} (or broadcast it)")
+  if empty:
+    raise ValueError(_no_finite(empty))
+
+
+def _no_finite(paths) -> str:
+  return (f"calibration saw no finite activation values at layer(s) "
+          f"{', '.join(repr(p) for p in paths)} (every batch was NaN/Inf there, for the "
+          "whole tensor or some of its channels): their ranges would be empty and the "
+          "served layer garbage; calibrate on data that reaches them with finite values")
+
+
 def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Iterable,
               *, reset: bool = True, **apply_kwargs) -> dict:
   """Fills the activation observers of ``qmodel`` from ``batches``; returns new variables.
@@ -470,7 +564,8 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     variables: the model's variables ("params", and any other collections).
     batches: an iterable of positional-argument tuples (a bare array counts as a 1-tuple;
       a dict is taken as keyword arguments), each applied as
-      ``qmodel.apply(variables, *batch)`` with the float model's numerics.
+      ``qmodel.apply(variables, *batch)`` with the float model's numerics. A batch with
+      an empty array (a zero-length final batch) contributes nothing.
     reset: start every observer empty (default) rather than from the statistics already in
       ``variables["quant_stats"]``.
     **apply_kwargs: keyword arguments passed to every call (e.g. ``train=False``).
@@ -479,44 +574,52 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     ``variables`` with "quant_stats" holding, per matched layer, the activation observer
     ``jaxq_act`` (every ``QuantSpec.calibration``: min-max, EMA, percentile, MSE search),
     the kernel's contraction axes ``jaxq_kernel_axes``, and for LayerNorms with a PTF rule
-    the ``jaxq_ptf`` observer. One jitted step serves all batches (of one shape).
+    the ``jaxq_ptf`` observer. One compiled step serves all batches of one shape, and
+    later calls with the same model and shapes.
+
+  Raises:
+    ValueError: no non-empty batch; an observer that saw no finite value (naming the
+      layers); observers lost by a lifted transform that does not map "quant_stats".
   """
   qmodel = _check_qmodel(qmodel)
   cal = qmodel.clone(mode=CALIBRATE_MODE)
   variables = _unfreeze(dict(variables))
   others = {k: v for k, v in variables.items() if k != QUANT_STATS}
-
-  def run(stats, batch_args, batch_kwargs):
-    _, new = cal.apply({**others, QUANT_STATS: stats}, *batch_args, mutable=[QUANT_STATS],
-                       **batch_kwargs, **apply_kwargs)
-    return _unfreeze(new.get(QUANT_STATS, {}))
-
-  step = jax.jit(run)
+  try:
+    step = functools.partial(_calibration_step, cal)
+    hash(cal)
+  except TypeError:  # a model with unhashable attributes: compiled for this call only
+    step = jax.jit(functools.partial(_calibration_run, cal), static_argnums=(4,))
   stats = None
   recorded: dict[str, tuple[tuple[int, ...], int]] = {}
-  n = 0
   for batch in batches:
     args, kwargs = normalize_batch(batch)
+    if _is_empty(args, kwargs):
+      continue
+    static, arrays = split_static_kwargs({**kwargs, **apply_kwargs})
     if stats is None:
       _RECORD.axes = recorded
       try:
-        shapes = jax.eval_shape(run, {}, args, kwargs)
+        shapes = jax.eval_shape(
+            functools.partial(_calibration_run, cal, static_kwargs=static), others, {},
+            args, arrays)
       finally:
         _RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       if not reset:
         stats = _merge(stats, _unfreeze(variables.get(QUANT_STATS, {})))
-    stats = step(stats, args, kwargs)
-    n += 1
-  if n == 0:
-    raise ValueError("batches is empty: calibration needs at least one batch")
+    stats = step(others, stats, args, arrays, static)
+  if stats is None:
+    raise ValueError("batches is empty (or every batch is): calibration needs at least "
+                     "one non-empty batch")
+  _check_observers(qmodel, stats, recorded)
   old = {} if reset else _unfreeze(variables.get(QUANT_STATS, {}))
   for path, (axes, rank) in recorded.items():
     node = stats
-    for part in path.split("/"):
+    for part in _path_keys(path):
       node = node.setdefault(part, {})
     # Stacked like the kernel, so that nn.scan / nn.vmap can slice them as quant_stats.
-    kernel = meta.unbox((tree_get(others.get("params", {}), path.split("/")) or {}).get(
+    kernel = meta.unbox((tree_get(others.get("params", {}), _path_keys(path)) or {}).get(
         "kernel"))
     lead = tuple(np.shape(kernel))[:max(np.ndim(kernel) - rank, 0)]
     node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
@@ -569,7 +672,7 @@ def _kernel_stack(path: str, kernel, rank: int | None, bias) -> int:
 
 
 def _convert_kernel(path: str, spec: QuantSpec, kernel, bias, contract, learned: dict,
-                    stack: int) -> QArray:
+                    stack: int, compact: bool) -> QArray:
   """The QArray of one layer's (or, per layer, one stack's) kernel; errors name ``path``."""
   if jnp.ndim(kernel) - stack < 2:
     raise ValueError(
@@ -583,14 +686,15 @@ def _convert_kernel(path: str, spec: QuantSpec, kernel, bias, contract, learned:
     if spec.estimator in ("lsq", "pact") and learned:
       return _per_layer(lambda w, l: _learned_kernel(w, spec, contract, l), stack)(
           kernel, learned)
-    return _per_layer(lambda w: quantize_kernel(w, spec, contract), stack)(kernel)
+    return _per_layer(lambda w: quantize_kernel(w, spec, contract, compact=compact),
+                      stack)(kernel)
   except ValueError as e:
     raise ValueError(f"layer '{path}' (kernel of shape {tuple(jnp.shape(kernel))}): {e}"
                      ) from e
 
 
-def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
-            ) -> tuple[ServingModel, dict]:
+def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
+            compact_scales: bool = False) -> tuple[ServingModel, dict]:
   """Converts a (calibrated) quantized model for serving: ``(serving_model, serving_vars)``.
 
   Every kernel of a layer that a rule with a weight spec matches becomes a
@@ -600,6 +704,18 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
   statistics become ``jaxq_ptf_*`` (:mod:`jaxq.flax.fqvit`). "quant_stats" and learned
   weight steps are dropped. ``serving_model.apply(serving_vars, *args, **kwargs)`` takes
   the original model's arguments.
+
+  By default the served kernels dequantize to exactly the weights that QAT computes with
+  the same spec (float32 scales), so the served model is the trained model.
+  ``compact_scales=True`` stores symmetric weight scales as float16 (5..8 bits) or
+  float8 e4m3b11 (<= 4 bits), rounded up (:func:`quantize_kernel`): smaller, at the
+  cost measured in benchmarks/RESULTS.md ("Compact weight scales").
+
+  Raises:
+    ValueError: a layer with a static activation spec that calibration never reached or
+      whose observer saw no finite value (naming the layers). Layers without static
+      activations that calibration did not reach are quantized with the layout inferred
+      from their kernel and bias shapes, with a ``UserWarning`` naming them.
   """
   qmodel = _check_qmodel(qmodel)
   variables = _unfreeze(dict(variables))
@@ -615,13 +731,17 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
   ranks = {k[:-1]: int(np.asarray(v).reshape(-1)[0])
            for k, v in flat_stats.items() if k[-1] == KERNEL_RANK}
   layers = sorted({k[:-1] for k in flat if k[-1] == "kernel"} | set(recorded))
+  unreached, uncalibrated = [], []
   for lp in layers:
     path = "/".join(lp)
     rule = match_rule(qmodel.rules, path)
     if rule is None or (rule.weight is None and rule.act is None):
       continue
     if recorded and lp not in recorded:
-      continue  # calibration saw no quantized layer call here
+      if _static_act(rule.act):
+        uncalibrated.append(path)
+        continue
+      unreached.append(path)
     node = tree_get(params, lp) or {}
     kernel = node.get("kernel")
     if isinstance(kernel, meta.AxisMetadata):
@@ -632,7 +752,8 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
       learned = {n: node[n] for n in _WEIGHT_NAMES if n in node}
       flat[lp + ("kernel",)] = _convert_kernel(path, rule.weight, kernel, bias,
-                                               recorded.get(lp), learned, stack)
+                                               recorded.get(lp), learned, stack,
+                                               compact_scales)
     for n in _WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
@@ -640,12 +761,25 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
       st = tree_get(stats, lp + (qlinen.ACT_STATS,))
       if st is None:
         raise ValueError(_uncalibrated(path))
+      if not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
+        raise ValueError(_no_finite([path]))
       scale, zp = _per_layer(lambda s: calibration.observer_qparams(s, aspec), stack)(st)
       flat[lp + (ACT_SCALE,)] = scale
       flat[lp + (ACT_ZERO_POINT,)] = zp
     elif _static_act(aspec) and aspec.estimator == "lsq" and lp + (ACT_SCALE,) in flat \
         and aspec.symmetric:
       flat[lp + (ACT_ZERO_POINT,)] = jnp.zeros_like(flat[lp + (ACT_SCALE,)])
+  if uncalibrated:
+    raise ValueError(
+        f"calibration never reached layer(s) {', '.join(repr(p) for p in uncalibrated)}, "
+        "whose static activation specs need calibrated ranges: calibrate with inputs "
+        "(and keyword arguments) that call them, or exclude them with "
+        "Rule(path, weight=None, act=None)")
+  if unreached:
+    warnings.warn(
+        f"calibration never reached layer(s) {', '.join(repr(p) for p in unreached)}: "
+        "their kernels are quantized with the layout inferred from the kernel and bias "
+        "shapes", UserWarning, stacklevel=2)
   flat.update(fqvit.convert_params(qmodel.rules, params, stats))
   serving = {k: v for k, v in variables.items() if k != QUANT_STATS}
   serving["params"] = traverse_util.unflatten_dict(flat)
@@ -731,4 +865,5 @@ def serving_nbytes(tree) -> int:
 
 
 __all__ += ["serving_nbytes", "serve_handler", "sim_handler", "calibrate_handler",
+            "split_static_kwargs",
             "quantized_contraction", "SELECT", "round_up_scale", "SCALE_FORMATS"]
