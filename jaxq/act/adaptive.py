@@ -23,118 +23,12 @@ per residual of :func:`~jaxq.act.vjp.compressed_residuals`).
 
 The probe's ``C_l`` sees only the region's output cotangent, so it underrates a region
 whose internal residuals (attention maps, LayerNorm's normalised values) feed large
-gradients. :func:`sensitivity_from_gradients` measures ``C_l`` instead (GACT): the mean
-squared change of the parameter gradient when only region ``l`` is compressed, here at 1
-bit. Measured on a 2-block ViT on digits (regions: LayerNorms, attention, MLP of each
-block), it ranks the first attention region 5-40x as sensitive as the others, but at an
-average of 2 bits the allocation it implies (attention 4 bits, second MLP and LayerNorm 1
-bit) did not end closer to float than uniform 2-bit (2-seed mean test accuracy 93.65 vs
-93.54, float 94.99; final training loss 0.084 vs 0.053): the 1-bit regions cost more than
-``C_l / (2^b - 1)^2`` predicts. Treat adaptive widths at an average of 2 bits as
-experimental.
-
-Per residual and per sample (whole TinyViT(dim=32, depth=2) under one
-:func:`~jaxq.act.compressed_vjp`, input compressed too, 44 residuals; batch 64, 600 Adam
-steps, cosine lr 3e-3; seeds 0-4 (per-sample and 4-bit: 0-2); "gerr" =
-``|g - g_exact| / |g_exact|`` on 64 training images, mean of 4 keys, at initialisation
-and at the end; bytes from :func:`~jaxq.act.vjp.residual_nbytes`):
-
-=============  ==========  ==========  ======  ========  ==========
-variant        test acc %  train loss  gerr 0  gerr end  bytes
-=============  ==========  ==========  ======  ========  ==========
-float          93.45       0.0269      0       0         7,335,004
-uniform 2      92.65       0.0534      0.425   1.08        634,076
-per-residual   92.29       0.0485      0.351   0.86        631,004
-in-context     92.03       0.0507      0.435   1.00        631,004
-per-sample     60.50       1.0776      126     44.6        636,892
-uniform 4      94.51       0.0235      0.072   0.19      1,085,660
-per-sample 4   93.99       0.0260      0.271   0.63      1,088,476
-=============  ==========  ==========  ======  ========  ==========
-
-(per-seed accuracy float 94.21/95.77/91.98/92.65/92.65, uniform 2
-95.32/93.54/90.42/91.76/92.20, per-residual 93.54/92.87/90.20/92.43/92.43; float over
-seeds 0-2: 93.99.) "per-residual": :func:`calc_precision` over the 44 residuals with
-``C_i`` = 9 x the measured gradient variance when only residual ``i`` is stored at 2 bits
-(others at 8), choices (1, 2, 4): 6 residuals at 4 bits, 8 at 1. "in-context": the same
-budget spent greedily on the measured change of the gradient error when residual ``i``
-alone goes from 2 to 1 or 4 bits with all others at 2. Per-residual lowers the gradient
-error by ~20% and the final loss by ~9%, but not the test accuracy: no robust gain over
-uniform 2-bit. "per-sample": ``SampleBits({4: .25, 2: .25, 1: .5})``; any allocation
-averaging 2 bits from (1, 2, 4) puts samples at 1 bit, and there the gradient error
-explodes; "per-sample 4": ``SampleBits({8: .25, 4: .25, 2: .5})`` against uniform 4 bits,
-3.7x the gradient error: the digits' (standardised) samples have similar ranges, and
-with equal sensitivities the convex ``1 / (2^b - 1)^2`` makes equal widths optimal.
-Ranked by range alone (no ``sample_weight``, as in these runs), per-sample widths pay off
-only when sample ranges differ widely; ranked by gradient estimates, see below.
-
-Why. The hypothesis that 1-bit residuals used non-linearly make the gradient *biased*
-does not hold here: :func:`~jaxq.act.vjp.compressed_residuals` finds JAX's backward
-affine in every residual but the softmax probabilities (linearisation splits each
-non-linear derivative into separately saved factors, and those are rounded
-independently, so their products stay unbiased), and the measured squared bias of each
-residual at 1 bit (64 keys, the ``var / 64`` of the mean subtracted) is below 10% of
-its variance, mostly within the estimate's noise. What breaks 1 bit is variance
-*compounding*: a residual on the cotangent path (activation-function derivative factors,
-attention probabilities, normalised values) multiplies the noisy cotangent coming from
-the layers above, so relative variances multiply along the backward pass (uniform 1-bit
-over the whole ViT: gradient error ~1e5) instead of adding as ``sum_l C_l / (2^b -
-1)^2`` assumes; measured one residual at a time they all look harmless (1-bit variance
-0.0004-0.4 of ``|g|^2`` each).
-
-Residuals that feed only one parameter cotangent (a Dense input ``x``, read by ``dW = x^T
-dy`` alone) do not compound: at 1 bit their gradient error roughly triples, as
-``1 / (2^b - 1)^2`` predicts (0.36 vs 0.11 at 2 bits; cotangent-path residuals: 3742 vs
-0.32). But they are only ~15% of a ViT's residual elements, so putting them at 1 bit
-pays for 4 bits on ~7%, and on the same TinyViT (5 seeds) that allocation ended at 92.25%
-against uniform 2-bit's 92.65% (float 93.45), with a higher gradient error (1.47 vs 1.05
-at the end): ``python benchmarks/exp_act_roles.py --diagnose``.
-
-Per-sample widths from gradient estimates. ActNN ranks the samples of a layer by ``G_n
-R_n``, ``G_n`` the sample's squared output-gradient norm kept per training example from its
-previous visit. Late in training most samples are fitted (on the TinyViT after 600 steps
-the median ``G_n`` is ~1e-5 of the largest), so their activations can take 1 bit and the
-few samples that carry the gradient 4. Measured with
-``python benchmarks/exp_act_sample_weight.py`` (TinyViT(dim=32, depth=2), digits, 600
-steps; ``G_n`` an EMA of :func:`output_grad_sqnorm`; "auto": fractions re-chosen every 50
-steps by ``SampleBits.from_sensitivity(G, 2, (1, 2, 4), batch_size=64)``, which gives
-uniform 2 bits while the ``G_n`` are alike and about {4: 22%, 2: 31%, 1: 47%} by the end;
-"fixed": {4: 1/4, 2: 1/4, 1: 1/2} throughout; all within uniform 2-bit's bytes):
-
-==========================  ==========  ==========  ========
-every Dense/Conv a region   test acc %  train loss  gerr end
-(10 seeds)
-==========================  ==========  ==========  ========
-float                       93.03       0.0248      0
-uniform 2                   92.83       0.0285      0.454
-auto, ranked by G_n R_n     93.03       0.0285      0.121
-fixed, ranked by G_n R_n    92.63       0.0314      0.118
-fixed, ranked by R_n        92.87       0.0395      1.038
-each block a region         93.45       0.0269      0
-(float; 5 seeds)
-uniform 2                   92.29       0.0533      1.030
-auto, ranked by G_n R_n     92.52       0.0525      0.975
-fixed, ranked by G_n R_n    92.61       0.0569      0.856
-==========================  ==========  ==========  ========
-
-With every Dense/Conv layer its own region, each region saves only its input, which feeds
-``dW`` alone, so the noise adds up as the model assumes: "auto" has 3.8x less gradient
-error than uniform 2-bit at the end of every run, and ends at float's mean test accuracy
-(above uniform 2-bit on 5 seeds, level on 4, below on 1; the accuracy gap of uniform 2-bit
-in this setting, 0.2 points, is within the seed-to-seed spread). Fixed fractions cost
-accuracy early, when all ``G_n`` are alike; ranking by range alone doubles the error.
-With whole blocks as regions, only the blocks' Dense inputs are stored per sample (see
-:class:`SampleBits`); the attention maps, normalised values and GELU factors stay at 2
-bits, since 1-bit codes on them compound (with them per sample too, "fixed" ended at
-61.7%). The gain there is small: 5-17% less gradient error, above uniform 2-bit on 3 of
-5 seeds.
-
-In short: at an average of 2 bits, per-sample widths from gradient estimates beat
-uniform 2-bit clearly where the compressed residuals feed only weight gradients
-(per-layer regions, ActNN's setting), and slightly in block regions; per-residual
-allocations that put cotangent-path residuals at 1 bit are at best level with uniform
-2-bit. Per-residual or per-block widths pay off at budgets between the widths (e.g. an
-average of 3: ``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56%
-against 95.56% at uniform 2 and 98.00% at uniform 4).
+gradients; :func:`sensitivity_from_gradients` measures ``C_l`` instead (GACT): the mean
+squared change of the parameter gradient when only region ``l`` is compressed. The model
+assumes that the noise of the regions adds up; it does for residuals that feed only weight
+gradients (``Residual.weight_only``, ActNN's per-layer setting), not for residuals on the
+cotangent path, whose relative variances multiply along the backward pass. Measurements
+(which allocations pay off, per seed): ``docs/act.md``.
 
 Training loop (``regions``: names of the compressed modules; ``grad_fn(params, batch,
 bits, key)`` the loss gradient with region ``name`` run through
