@@ -387,3 +387,19 @@ def test_layernorm_mixed_scale_rows(bits, bound):
   so the error is that of uniform rows (before: 2.4 at 4 bits against 0.021)."""
   mixed, uniform = _layernorm_dx_error(bits, True), _layernorm_dx_error(bits, False)
   assert mixed < bound and mixed < 1.5 * uniform + 1e-3, (mixed, uniform)
+
+
+def test_fn_traced_once_per_jit_grad():
+  """The analysis and the forward pass come from one trace of fn (was 2 when a weight
+  was cast inside fn, plus re-traces of the VJP closure)."""
+  calls = []
+
+  def fn(w, x):
+    calls.append(1)
+    return jnp.tanh(x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16))
+
+  g = act.compressed_vjp(fn, bits=2, compress_args=(1,))
+  w, x = jnp.ones((32, 32)), jnp.ones((8, 32))
+  jax.jit(jax.grad(lambda w, x: g(w, x, key=jax.random.key(0)).astype(jnp.float32).sum()))(
+      w, x)
+  assert len(calls) == 1
