@@ -171,6 +171,10 @@ def measure(variant, batch, steps, bits=None):
   }
 
 
+#: Trace + compile seconds of each (variant, batch) compiled by :func:`step_memory`.
+COMPILE_S: dict = {}
+
+
 def step_memory(variant, batch, bits=None) -> int:
   """Arguments + temporaries of the compiled step at ``batch`` (compiled, not run)."""
   params = jax.eval_shape(lambda: init(jax.random.key(0), batch))
@@ -179,7 +183,9 @@ def step_memory(variant, batch, bits=None) -> int:
   tx = optax.adamw(1e-3)
   opt = jax.eval_shape(tx.init, params)
   step = make_step(block_fns(variant, bits), tx)
+  t = time.perf_counter()
   mem = step.lower(params, opt, x, y, jax.random.key(1)).compile().memory_analysis()
+  COMPILE_S.setdefault((variant, batch), time.perf_counter() - t)
   return int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
 
 
@@ -220,10 +226,14 @@ def fit(variants, batch, steps):
     for v, b in rows:
       per_ex[v].append(step_seconds(v, b, steps) / b)
   f = min(per_ex["float"])
-  print(f"{'variant':10s} {'batch':>6s} {'x float':>8s} {'ms/example':>11s} {'x float':>8s}")
+  c = COMPILE_S[("float", batch)]
+  print(f"{'variant':10s} {'batch':>6s} {'x float':>8s} {'ms/example':>11s} {'x float':>8s} "
+        f"{'compile s':>10s} {'x float':>8s}   (compile: trace + compile at batch {batch})")
   for v, b in rows:
     t = min(per_ex[v])
-    print(f"{v:10s} {b:6d} {b / batch:8.2f} {t * 1e3:11.3f} {t / f:8.2f}")
+    cv = COMPILE_S[(v, batch)]
+    print(f"{v:10s} {b:6d} {b / batch:8.2f} {t * 1e3:11.3f} {t / f:8.2f} {cv:10.1f} "
+          f"{cv / c:8.2f}")
 
 
 def main():

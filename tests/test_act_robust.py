@@ -403,3 +403,46 @@ def test_fn_traced_once_per_jit_grad():
   jax.jit(jax.grad(lambda w, x: g(w, x, key=jax.random.key(0)).astype(jnp.float32).sum()))(
       w, x)
   assert len(calls) == 1
+
+
+class _CompressedBlock(nn.Module):
+  bits: int | None = None
+
+  def body(self, h):
+    return jnp.tanh(nn.Dense(h.shape[-1])(h))
+
+  @nn.compact
+  def __call__(self, h, _):
+    if self.bits is None:
+      return self.body(h), None
+    return act.linen.compressed_call(self, _CompressedBlock.body, (h,), bits=self.bits,
+                                     key=self.make_rng("jaxq")), None
+
+
+class _CompressedStack(nn.Module):
+  bits: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_CompressedBlock, variable_axes={"params": 0}, length=3,
+                    split_rngs={"params": True, "jaxq": True})
+    return stack(self.bits)(x, None)[0]
+
+
+def test_linen_compressed_block_inside_nn_scan():
+  x = jax.random.normal(jax.random.key(1), (16, 32))
+  params = _CompressedStack().init(jax.random.key(2), x)["params"]
+  ct = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(p, key=None):
+    out = _CompressedStack(None if key is None else 2).apply(
+        {"params": p}, x, rngs=None if key is None else {"jaxq": key})
+    return jnp.sum(out * ct), out
+
+  (_, out), exact = jax.value_and_grad(loss, has_aux=True)(params)
+  run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  np.testing.assert_array_equal(run(params, jax.random.key(0))[0][1], out)
+  per_key = [run(params, k)[1] for k in jax.random.split(jax.random.key(4), N_KEYS)]
+  mean = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *per_key)
+  single = float(np.mean([rel_err(g, exact) for g in per_key]))
+  assert 0 < rel_err(mean, exact) < 0.45 * single

@@ -19,12 +19,13 @@
 """
 
 from jaxq.act import flow, linen, residuals
-from jaxq.act.adaptive import (AdaptiveBits, SampleBits, SampleCompressed, calc_precision,
-                               output_grad_sqnorm, sample_sensitivity,
+from jaxq.act.adaptive import (AdaptiveBits, SampleBits, calc_precision,
                                sensitivity_from_gradients, sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
 from jaxq.act.residuals import Residual
+from jaxq.act.samples import (SampleCompressed, output_grad_sqnorm,
+                               sample_sensitivity)
 from jaxq.act.vjp import compressed_residuals, compressed_vjp, residual_nbytes
 
 __all__ = [

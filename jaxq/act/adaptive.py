@@ -16,8 +16,8 @@ running estimate of ``C_l`` from the ``probe`` gradients of
 
 Per-sample widths (ActNN's per-sample bits) are :class:`SampleBits`: a static number of
 samples per width, the samples ranked inside the step by ``G_n R_n``, their gradient
-estimates (``sample_weight``, e.g. :func:`output_grad_sqnorm`) times
-:func:`sample_sensitivity`.
+estimates (``sample_weight``, e.g. :func:`~jaxq.act.samples.output_grad_sqnorm`) times
+:func:`~jaxq.act.samples.sample_sensitivity`.
 Per-residual widths are a tuple ``bits`` of :func:`~jaxq.act.compressed_vjp` (one entry
 per residual of :func:`~jaxq.act.vjp.compressed_residuals`).
 
@@ -66,15 +66,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq import numerics
-from jaxq.act import pack
 from jaxq.act.pack import VALID_BITS, check_bits
 
 #: Length of the ``probe`` vector of :func:`~jaxq.act.compressed_vjp`.
@@ -304,15 +302,15 @@ class SampleBits:
   bits for every width but the narrowest, which takes the rest (so ``sum_b n_b b <=
   avg_bits * B`` always holds). The *assignment* is dynamic, inside the step: the samples
   of each residual are ranked by ``G_n R_{l,n}`` and the most sensitive get the widest
-  codes. ``R_{l,n}`` is :func:`sample_sensitivity`; ``G_n``, the sample's gradient-norm
+  codes. ``R_{l,n}`` is :func:`~jaxq.act.samples.sample_sensitivity`; ``G_n``, the sample's gradient-norm
   estimate, is the ``sample_weight`` passed to the compressed function (ActNN keeps it
-  per training example from the example's previous visit; :func:`output_grad_sqnorm`
+  per training example from the example's previous visit; :func:`~jaxq.act.samples.output_grad_sqnorm`
   computes it from the model's outputs); without it samples are ranked by ``R_{l,n}``
   alone. ``G_n`` is what makes per-sample widths pay off: late in training most samples
   are fitted and their gradients nearly vanish, so their residuals can take 1 bit and the
   few samples that carry the gradient 4 or 8. Each width's samples are gathered into one
   :class:`~jaxq.act.pack.CompressedArray`, stored with the permutation; decompression
-  scatters them back (:class:`SampleCompressed`). Rounding stays stochastic and the
+  scatters them back (:class:`~jaxq.act.samples.SampleCompressed`). Rounding stays stochastic and the
   ranking depends on the residual alone, so the gradient stays unbiased.
 
   Per-sample widths apply to the residuals that feed only weight gradients (a Dense or
@@ -387,7 +385,7 @@ class SampleBits:
     """Fractions from a measured per-sample sensitivity profile: the widths
     :func:`calc_precision` gives those samples under ``avg_bits``.
 
-    The profile may be :func:`sample_sensitivity` of one residual on a calibration batch,
+    The profile may be :func:`~jaxq.act.samples.sample_sensitivity` of one residual on a calibration batch,
     or the gradient-norm estimates ``G_n`` of the whole training set (ActNN keeps them per
     example): while they are alike this gives one width, and once most samples are
     fitted, mixed widths. With ``batch_size`` (passed on to the constructor) the fractions
@@ -410,95 +408,3 @@ def has_sample_bits(bits) -> bool:
   """Whether a ``bits`` argument of :func:`~jaxq.act.compressed_vjp` (a width, a
   :class:`SampleBits` or a per-residual tuple) stores some residual per sample."""
   return any(isinstance(b, SampleBits) for b in (bits if isinstance(bits, tuple) else (bits,)))
-
-
-def output_grad_sqnorm(loss_fn: Callable[..., jax.Array], outputs: Any, *args) -> jax.Array:
-  """``G_n = |d loss_n / d outputs_n|^2``: each sample's squared gradient norm at the model
-  output (``f32[B]``), the per-sample gradient estimate ``sample_weight`` of
-  :class:`SampleBits`.
-
-  ``loss_fn(outputs, *args)`` returns the per-sample losses ``f32[B]`` (e.g.
-  ``optax.softmax_cross_entropy_with_integer_labels(logits, labels)``); sample ``n``'s loss
-  must depend only on row ``n`` of the outputs (leading axis: the batch). For softmax
-  cross-entropy, ``G_n = |softmax(z_n) - onehot(y_n)|^2``. Not differentiated.
-  """
-  outputs = jax.lax.stop_gradient(outputs)
-  grads = jax.grad(lambda o: jnp.sum(loss_fn(o, *args)))(outputs)
-  leaves = jax.tree_util.tree_leaves(grads)
-  return sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
-             for g in leaves)
-
-
-def sample_sensitivity(x: jax.Array, group_size: int = 256) -> jax.Array:
-  """``R_n = sum_g S range_g^2`` over the groups of each sample ``x[n]`` (``f32[B]``).
-
-  Groups are ``group_size`` consecutive elements of the flattened sample, the last one
-  edge-padded (as :func:`~jaxq.act.pack.compress` pads). NaN/Inf elements are ignored.
-  """
-  b = x.shape[0]
-  xr = x.reshape(b, -1).astype(jnp.float32)
-  pad = -xr.shape[1] % group_size
-  if pad:
-    xr = jnp.pad(xr, ((0, 0), (0, pad)), mode="edge")
-  xg = xr.reshape(b, -1, group_size)
-  fin = jnp.isfinite(xg)
-  hi = jnp.max(jnp.where(fin, xg, -jnp.inf), axis=2)
-  lo = jnp.min(jnp.where(fin, xg, jnp.inf), axis=2)
-  r = jnp.where(hi >= lo, hi - lo, 0.0)
-  return jnp.sum(r * r, axis=1) * group_size
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SampleCompressed:
-  """A residual stored per sample: ``parts[k]`` holds the samples ``perm[o_k:o_k + n_k]``
-  (``o_k`` the running offset) at ``parts[k].bits`` bits.
-
-  Leaves: ``parts`` (CompressedArrays), ``perm`` (``uint8``/``uint16``/``int32[B]``: the
-  samples in order of decreasing sensitivity). Static: ``shape``, ``dtype``.
-  """
-
-  parts: tuple
-  perm: jax.Array
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  dtype: Any = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def nbytes(self) -> int:
-    return sum(p.nbytes for p in self.parts) + int(self.perm.size * self.perm.dtype.itemsize)
-
-
-def _perm_dtype(batch: int):
-  return jnp.uint8 if batch <= 256 else jnp.uint16 if batch <= 65536 else jnp.int32
-
-
-def compress_samples(x: jax.Array, counts: Sequence[tuple[int, int]], group_size: int = 256,
-                     seed: jax.Array | None = None,
-                     weight: jax.Array | None = None) -> SampleCompressed:
-  """Stores ``x`` (leading axis: ``B = sum n_b`` samples) with ``n_b`` samples at ``b``
-  bits, the most sensitive (:func:`sample_sensitivity` times ``weight``, the samples'
-  gradient-norm estimates, when given) at the widest. ``counts`` as from
-  :meth:`SampleBits.counts`; ``seed`` as in :func:`~jaxq.act.pack.compress` (one derived
-  seed per width)."""
-  batch = x.shape[0]
-  if sum(n for _, n in counts) != batch:
-    raise ValueError(f"counts {counts} must add up to the leading size {batch} of x")
-  key = sample_sensitivity(x, group_size)
-  if weight is not None:
-    key = key * weight
-  order = jnp.argsort(-key, stable=True)
-  xs = jnp.take(x, order, axis=0)
-  parts, start = [], 0
-  for k, (b, n) in enumerate(counts):
-    s = None if seed is None else numerics.derive_seed(seed, k)
-    parts.append(pack.compress(xs[start:start + n], b, group_size, s))
-    start += n
-  return SampleCompressed(tuple(parts), order.astype(_perm_dtype(batch)), tuple(x.shape),
-                          x.dtype)
-
-
-def decompress_samples(c: SampleCompressed) -> jax.Array:
-  """Inverse of :func:`compress_samples` up to quantization error."""
-  xs = jnp.concatenate([pack.decompress(p) for p in c.parts], axis=0)
-  return jnp.zeros(c.shape, c.dtype).at[c.perm.astype(jnp.int32)].set(
-      xs, unique_indices=True)

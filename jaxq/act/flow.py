@@ -31,8 +31,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 #: Call-like primitives: one body whose inputs and outputs are the equation's.
 CALLS = frozenset({
     "pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map",
-    "custom_lin_call"})
+    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map"})
 
 #: Primitives that only move, reshape or re-type data of their first operand (the other
 #: operands being indices): a value reached from one input through these alone is a view

@@ -30,8 +30,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxq import numerics
 from jaxq.act import flow, pack
-from jaxq.act.adaptive import (SampleBits, SampleCompressed, compress_samples,
-                               decompress_samples, has_sample_bits)
+from jaxq.act.adaptive import SampleBits, has_sample_bits
+from jaxq.act.samples import SampleCompressed, compress_samples, decompress_samples
 from jaxq.act.interpret import eval_lazily
 from jaxq.act.residuals import (Forward, Residual, backward_jaxpr, describe, is_float,
                                 run_forward, trace_forward, weight_only)
