@@ -248,11 +248,11 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
                        weight, wo)
         for j, (k, b, wo) in enumerate(zip(comp_idx, specs, w_only))]
     kept = [res[k] for k in kept_idx]
-    # fn's output depends (by an exact - (+0)) on every packed residual: the next layer
-    # then starts only once all are packed, and the float residuals die here.
+    # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
+    # starts only once these are packed, and the float residuals die here.
     if compressed:
-      nan = sum(jnp.isnan(p.lo[0]).astype(jnp.float32) for c in compressed for p in _parts(c))
-      dep = jnp.minimum(nan, 0.0)
+      dep = jnp.minimum(jnp.isnan(_parts(compressed[-1])[-1].lo[0]).astype(jnp.float32),
+                        0.0)
       out_leaves = [o - dep.astype(o.dtype) if is_float(o) else o for o in out_leaves]
     compressed = checkpoint_name(compressed, PACKED_NAME)
     kept = checkpoint_name(kept, KEPT_NAME)
@@ -274,7 +274,7 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
 def _stats(compressed, ct_leaves) -> jax.Array:
   """``[sum_g S range_g^2, n compressed, |ct|^2 / rows]`` for :mod:`jaxq.act.adaptive`."""
   parts = [p for c in compressed for p in _parts(c)]
-  sr2 = sum((jnp.sum(((2.0**c.bits - 1) / jnp.abs(c.scale)) ** 2) * c.packed.shape[1] * 8 // c.bits
+  sr2 = sum((jnp.sum(((2.0**c.bits - 1) / c.scale) ** 2) * c.packed.shape[1] * 8 // c.bits
              for c in parts), jnp.float32(0))
   n = float(sum(int(np.prod(c.shape)) for c in compressed))
   fl = [c for c in ct_leaves if is_float(c)]
