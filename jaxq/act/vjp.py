@@ -95,12 +95,16 @@ def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2
       those, one per compressed residual in the order of the VJP closure's leaves
       (per-residual widths; :func:`compressed_residuals` lists them), its length checked
       when ``g`` is traced.
-    group_size: elements sharing one ``(lo, scale)``; a multiple of ``8 // bits`` for
-      every width used.
-      Residuals are flattened (keeping the leading axis when its rows hold whole groups)
-      and edge-padded to whole groups.
+    group_size: at most this many elements share one ``(lo, scale)``; a multiple of
+      ``8 // bits`` for every width used. Groups never span two rows of a residual (its
+      last axis, see :mod:`jaxq.act.pack`): rows of very different scale (a blank image
+      patch's token next to an ordinary one) are quantized in their own ranges.
     compress_args: positions of fn's arguments that are activations (e.g. the input ``x``
       of a single Dense layer) and are saved compressed when the backward pass needs them.
+      Residuals computed from them are compressed; residuals computed from the other
+      arguments alone (weights, casts or slices of them, fake-quantized weights) are not.
+      With none listed, every argument counts as an activation for what is computed from
+      it, but views of arguments (casts, reshapes, slices) are still kept exact.
       All other arguments (weights) are saved as they are.
 
   Returns:
