@@ -11,10 +11,16 @@ one AdamW step = forward + backward + update. Variants:
 
 Printed per variant: residual bytes (what the backward pass keeps: leaves of the VJP
 closure, parameters and inputs excluded), compiled temp bytes
-(``jit(step).lower(...).compile().memory_analysis()``), median step time as a ratio to
-float, and peak RSS of a process that runs only that variant (subprocess).
+(``jit(step).lower(...).compile().memory_analysis()``), trace + compile seconds, median
+step time as a ratio to float, and peak RSS of a process that runs only that variant
+(subprocess).
 
-    python benchmarks/bench_act_memory.py [--steps 10] [--batch 64]
+``--fit`` instead finds, per variant, the largest batch whose compiled step memory
+(arguments + temporaries, from ``memory_analysis()``; compiled, not run) fits in the
+float step's at ``--batch``, and times a step at that batch per example against float's:
+
+    python benchmarks/bench_act_memory.py [--steps 10] [--batch 64] [--depth 6]
+    python benchmarks/bench_act_memory.py --fit [--depth 12] [--variants float jaxq-2]
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import optax
 
 from jaxq import act
 
-DIM, DEPTH, HEADS, MLP, PATCH, IMG, CLASSES = 192, 6, 3, 768, 4, 32, 10
+DIM, HEADS, MLP, PATCH, IMG, CLASSES = 192, 3, 768, 4, 32, 10
+DEPTH = 6  # set by --depth
 VARIANTS = ("float", "jaxq-8", "jaxq-4", "jaxq-2", "adaptive", "remat")
 
 
@@ -143,7 +150,11 @@ def measure(variant, batch, steps, bits=None):
   tx = optax.adamw(1e-3)
   opt = tx.init(params)
   step = make_step(fns, tx)
-  compiled = step.lower(params, opt, x, y, jax.random.key(1)).compile()
+  t0 = time.perf_counter()
+  lowered = step.lower(params, opt, x, y, jax.random.key(1))
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
   mem = compiled.memory_analysis()
   times = []
   for i in range(steps + 2):
@@ -154,9 +165,75 @@ def measure(variant, batch, steps, bits=None):
   return {
       "variant": variant, "bits": bits, "residual_bytes": int(res),
       "temp_bytes": int(mem.temp_size_in_bytes),
+      "trace_s": t1 - t0, "compile_s": t2 - t1,
       "step_s": float(np.median(times[2:])),
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
+
+
+#: Trace + compile seconds of each (variant, batch) compiled by :func:`step_memory`.
+COMPILE_S: dict = {}
+
+
+def step_memory(variant, batch, bits=None) -> int:
+  """Arguments + temporaries of the compiled step at ``batch`` (compiled, not run)."""
+  params = jax.eval_shape(lambda: init(jax.random.key(0), batch))
+  x = jax.ShapeDtypeStruct((batch, IMG, IMG, 3), jnp.float32)
+  y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  tx = optax.adamw(1e-3)
+  opt = jax.eval_shape(tx.init, params)
+  step = make_step(block_fns(variant, bits), tx)
+  t = time.perf_counter()
+  mem = step.lower(params, opt, x, y, jax.random.key(1)).compile().memory_analysis()
+  COMPILE_S.setdefault((variant, batch), time.perf_counter() - t)
+  return int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
+
+
+def largest_batch(variant, budget, start) -> int:
+  """Largest batch (multiple of 8) whose :func:`step_memory` is at most ``budget``."""
+  lo, hi = start, start
+  while step_memory(variant, hi) <= budget:
+    lo, hi = hi, hi * 2
+  while hi - lo > 8:
+    mid = (lo + hi) // 16 * 8
+    lo, hi = (mid, hi) if step_memory(variant, mid) <= budget else (lo, mid)
+  return lo
+
+
+def step_seconds(variant, batch, steps) -> float:
+  params = init(jax.random.key(0), batch)
+  x, y = data(batch)
+  tx = optax.adamw(1e-3)
+  opt = tx.init(params)
+  step = make_step(block_fns(variant), tx)
+  times = []
+  for i in range(steps + 2):
+    t = time.perf_counter()
+    params, opt, loss = step(params, opt, x, y, jax.random.key(i))
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times[2:]))
+
+
+def fit(variants, batch, steps):
+  """Batch at the float step's memory, and step time per example (interleaved)."""
+  budget = step_memory("float", batch)
+  print(f"float step memory at batch {batch}: {budget / 2**20:.1f} MB (arguments + temp)")
+  rows = [("float", batch)] + [(v, largest_batch(v, budget, batch))
+                               for v in variants if v != "float"]
+  per_ex = {v: [] for v, _ in rows}
+  for _ in range(2):  # interleaved rounds: the machine's load drifts
+    for v, b in rows:
+      per_ex[v].append(step_seconds(v, b, steps) / b)
+  f = min(per_ex["float"])
+  c = COMPILE_S[("float", batch)]
+  print(f"{'variant':10s} {'batch':>6s} {'x float':>8s} {'ms/example':>11s} {'x float':>8s} "
+        f"{'compile s':>10s} {'x float':>8s}   (compile: trace + compile at batch {batch})")
+  for v, b in rows:
+    t = min(per_ex[v])
+    cv = COMPILE_S[(v, batch)]
+    print(f"{v:10s} {b:6d} {b / batch:8.2f} {t * 1e3:11.3f} {t / f:8.2f} {cv:10.1f} "
+          f"{cv / c:8.2f}")
 
 
 def main():
@@ -165,7 +242,15 @@ def main():
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--variant", choices=VARIANTS, help="run one variant, print JSON")
   ap.add_argument("--bits", type=str, default=None, help="per-block bits for adaptive")
+  ap.add_argument("--depth", type=int, default=6)
+  ap.add_argument("--fit", action="store_true", help="largest batch at float's memory")
+  ap.add_argument("--variants", nargs="+", default=["float", "jaxq-4", "jaxq-2", "remat"])
   a = ap.parse_args()
+  global DEPTH  # noqa: PLW0603 -- the model's depth, fixed for the whole process
+  DEPTH = a.depth
+  if a.fit:
+    fit(a.variants, a.batch, a.steps)
+    return
   if a.variant:
     bits = None if a.bits is None else [int(b) for b in a.bits.split(",")]
     print(json.dumps(measure(a.variant, a.batch, a.steps, bits)))
@@ -177,16 +262,20 @@ def main():
   rows = []
   for v in VARIANTS:
     cmd = [sys.executable, __file__, "--variant", v, "--steps", str(a.steps),
-           "--batch", str(a.batch), "--bits", ",".join(map(str, bits))]
+           "--batch", str(a.batch), "--bits", ",".join(map(str, bits)),
+           "--depth", str(a.depth)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows.append(json.loads(out.strip().splitlines()[-1]))
   f = rows[0]
   print(f"{'variant':10s} {'residual MB':>12s} {'x smaller':>9s} {'temp MB':>9s} "
+        f"{'trace s':>8s} {'compile s':>9s} {'x float':>8s} "
         f"{'step ms':>8s} {'x float':>8s} {'peak RSS MB':>12s}  bits")
   for r in rows:
     print(f"{r['variant']:10s} {r['residual_bytes'] / 2**20:12.2f} "
           f"{f['residual_bytes'] / max(r['residual_bytes'], 1):9.1f} "
-          f"{r['temp_bytes'] / 2**20:9.1f} {r['step_s'] * 1e3:8.1f} "
+          f"{r['temp_bytes'] / 2**20:9.1f} {r['trace_s']:8.2f} {r['compile_s']:9.2f} "
+          f"{(r['trace_s'] + r['compile_s']) / (f['trace_s'] + f['compile_s']):8.2f} "
+          f"{r['step_s'] * 1e3:8.1f} "
           f"{r['step_s'] / f['step_s']:8.2f} {r['peak_rss_mb']:12.0f}  "
           f"{r['bits'] if r['variant'] == 'adaptive' else ''}")
 

@@ -14,20 +14,24 @@
 * :mod:`jaxq.act.linen` -- :func:`~jaxq.act.linen.compressed_call` for Flax Linen modules.
 * :func:`compress` / :func:`decompress` -- the storage format of one tensor.
 * :func:`residual_nbytes` -- bytes a function's VJP keeps for the backward pass.
+* :mod:`jaxq.act.residuals` / :mod:`jaxq.act.flow` -- which residuals are activations: a
+  data-flow analysis of the VJP's jaxpr through calls, ``scan``, ``while`` and ``cond``.
 """
 
-from jaxq.act import linen
-from jaxq.act.adaptive import (AdaptiveBits, SampleBits, SampleCompressed, calc_precision,
-                               output_grad_sqnorm, sample_sensitivity,
+from jaxq.act import flow, linen, residuals
+from jaxq.act.adaptive import (AdaptiveBits, SampleBits, calc_precision,
                                sensitivity_from_gradients, sensitivity_from_probe)
 from jaxq.act.pack import CompressedArray, compress, decompress
 from jaxq.act.remat import policy
-from jaxq.act.vjp import Residual, compressed_residuals, compressed_vjp, residual_nbytes
+from jaxq.act.residuals import Residual
+from jaxq.act.samples import (SampleCompressed, output_grad_sqnorm,
+                               sample_sensitivity)
+from jaxq.act.vjp import compressed_residuals, compressed_vjp, residual_nbytes
 
 __all__ = [
     "AdaptiveBits", "CompressedArray", "SampleBits", "SampleCompressed", "calc_precision",
-    "compress", "compressed_residuals", "compressed_vjp", "decompress", "linen",
+    "compress", "compressed_residuals", "compressed_vjp", "decompress", "flow", "linen",
     "output_grad_sqnorm", "policy",
-    "Residual", "residual_nbytes", "sample_sensitivity", "sensitivity_from_gradients",
+    "Residual", "residual_nbytes", "residuals", "sample_sensitivity", "sensitivity_from_gradients",
     "sensitivity_from_probe",
 ]

@@ -16,125 +16,19 @@ running estimate of ``C_l`` from the ``probe`` gradients of
 
 Per-sample widths (ActNN's per-sample bits) are :class:`SampleBits`: a static number of
 samples per width, the samples ranked inside the step by ``G_n R_n``, their gradient
-estimates (``sample_weight``, e.g. :func:`output_grad_sqnorm`) times
-:func:`sample_sensitivity`.
+estimates (``sample_weight``, e.g. :func:`~jaxq.act.samples.output_grad_sqnorm`) times
+:func:`~jaxq.act.samples.sample_sensitivity`.
 Per-residual widths are a tuple ``bits`` of :func:`~jaxq.act.compressed_vjp` (one entry
 per residual of :func:`~jaxq.act.vjp.compressed_residuals`).
 
 The probe's ``C_l`` sees only the region's output cotangent, so it underrates a region
 whose internal residuals (attention maps, LayerNorm's normalised values) feed large
-gradients. :func:`sensitivity_from_gradients` measures ``C_l`` instead (GACT): the mean
-squared change of the parameter gradient when only region ``l`` is compressed, here at 1
-bit. Measured on a 2-block ViT on digits (regions: LayerNorms, attention, MLP of each
-block), it ranks the first attention region 5-40x as sensitive as the others, but at an
-average of 2 bits the allocation it implies (attention 4 bits, second MLP and LayerNorm 1
-bit) did not end closer to float than uniform 2-bit (2-seed mean test accuracy 93.65 vs
-93.54, float 94.99; final training loss 0.084 vs 0.053): the 1-bit regions cost more than
-``C_l / (2^b - 1)^2`` predicts. Treat adaptive widths at an average of 2 bits as
-experimental.
-
-Per residual and per sample (whole TinyViT(dim=32, depth=2) under one
-:func:`~jaxq.act.compressed_vjp`, input compressed too, 44 residuals; batch 64, 600 Adam
-steps, cosine lr 3e-3; seeds 0-4 (per-sample and 4-bit: 0-2); "gerr" =
-``|g - g_exact| / |g_exact|`` on 64 training images, mean of 4 keys, at initialisation
-and at the end; bytes from :func:`~jaxq.act.vjp.residual_nbytes`):
-
-=============  ==========  ==========  ======  ========  ==========
-variant        test acc %  train loss  gerr 0  gerr end  bytes
-=============  ==========  ==========  ======  ========  ==========
-float          93.45       0.0269      0       0         7,335,004
-uniform 2      92.65       0.0534      0.425   1.08        634,076
-per-residual   92.29       0.0485      0.351   0.86        631,004
-in-context     92.03       0.0507      0.435   1.00        631,004
-per-sample     60.50       1.0776      126     44.6        636,892
-uniform 4      94.51       0.0235      0.072   0.19      1,085,660
-per-sample 4   93.99       0.0260      0.271   0.63      1,088,476
-=============  ==========  ==========  ======  ========  ==========
-
-(per-seed accuracy float 94.21/95.77/91.98/92.65/92.65, uniform 2
-95.32/93.54/90.42/91.76/92.20, per-residual 93.54/92.87/90.20/92.43/92.43; float over
-seeds 0-2: 93.99.) "per-residual": :func:`calc_precision` over the 44 residuals with
-``C_i`` = 9 x the measured gradient variance when only residual ``i`` is stored at 2 bits
-(others at 8), choices (1, 2, 4): 6 residuals at 4 bits, 8 at 1. "in-context": the same
-budget spent greedily on the measured change of the gradient error when residual ``i``
-alone goes from 2 to 1 or 4 bits with all others at 2. Per-residual lowers the gradient
-error by ~20% and the final loss by ~9%, but not the test accuracy: no robust gain over
-uniform 2-bit. "per-sample": ``SampleBits({4: .25, 2: .25, 1: .5})``; any allocation
-averaging 2 bits from (1, 2, 4) puts samples at 1 bit, and there the gradient error
-explodes; "per-sample 4": ``SampleBits({8: .25, 4: .25, 2: .5})`` against uniform 4 bits,
-3.7x the gradient error: the digits' (standardised) samples have similar ranges, and
-with equal sensitivities the convex ``1 / (2^b - 1)^2`` makes equal widths optimal.
-Ranked by range alone (no ``sample_weight``, as in these runs), per-sample widths pay off
-only when sample ranges differ widely; ranked by gradient estimates, see below.
-
-Why. The hypothesis that 1-bit residuals used non-linearly make the gradient *biased*
-does not hold here: :func:`~jaxq.act.vjp.compressed_residuals` finds JAX's backward
-affine in every residual but the softmax probabilities (linearisation splits each
-non-linear derivative into separately saved factors, and those are rounded
-independently, so their products stay unbiased), and the measured squared bias of each
-residual at 1 bit (64 keys, the ``var / 64`` of the mean subtracted) is below 10% of
-its variance, mostly within the estimate's noise. What breaks 1 bit is variance
-*compounding*: a residual on the cotangent path (activation-function derivative factors,
-attention probabilities, normalised values) multiplies the noisy cotangent coming from
-the layers above, so relative variances multiply along the backward pass (uniform 1-bit
-over the whole ViT: gradient error ~1e5) instead of adding as ``sum_l C_l / (2^b -
-1)^2`` assumes; measured one residual at a time they all look harmless (1-bit variance
-0.0004-0.4 of ``|g|^2`` each).
-
-Residuals that feed only one parameter cotangent (a Dense input ``x``, read by ``dW = x^T
-dy`` alone) do not compound: at 1 bit their gradient error roughly triples, as
-``1 / (2^b - 1)^2`` predicts (0.36 vs 0.11 at 2 bits; cotangent-path residuals: 3742 vs
-0.32). But they are only ~15% of a ViT's residual elements, so putting them at 1 bit
-pays for 4 bits on ~7%, and on the same TinyViT (5 seeds) that allocation ended at 92.25%
-against uniform 2-bit's 92.65% (float 93.45), with a higher gradient error (1.47 vs 1.05
-at the end): ``python benchmarks/exp_act_roles.py --diagnose``.
-
-Per-sample widths from gradient estimates. ActNN ranks the samples of a layer by ``G_n
-R_n``, ``G_n`` the sample's squared output-gradient norm kept per training example from its
-previous visit. Late in training most samples are fitted (on the TinyViT after 600 steps
-the median ``G_n`` is ~1e-5 of the largest), so their activations can take 1 bit and the
-few samples that carry the gradient 4. Measured with
-``python benchmarks/exp_act_sample_weight.py`` (TinyViT(dim=32, depth=2), digits, 600
-steps; ``G_n`` an EMA of :func:`output_grad_sqnorm`; "auto": fractions re-chosen every 50
-steps by ``SampleBits.from_sensitivity(G, 2, (1, 2, 4), batch_size=64)``, which gives
-uniform 2 bits while the ``G_n`` are alike and about {4: 22%, 2: 31%, 1: 47%} by the end;
-"fixed": {4: 1/4, 2: 1/4, 1: 1/2} throughout; all within uniform 2-bit's bytes):
-
-==========================  ==========  ==========  ========
-every Dense/Conv a region   test acc %  train loss  gerr end
-(10 seeds)
-==========================  ==========  ==========  ========
-float                       93.03       0.0248      0
-uniform 2                   92.83       0.0285      0.454
-auto, ranked by G_n R_n     93.03       0.0285      0.121
-fixed, ranked by G_n R_n    92.63       0.0314      0.118
-fixed, ranked by R_n        92.87       0.0395      1.038
-each block a region         93.45       0.0269      0
-(float; 5 seeds)
-uniform 2                   92.29       0.0533      1.030
-auto, ranked by G_n R_n     92.52       0.0525      0.975
-fixed, ranked by G_n R_n    92.61       0.0569      0.856
-==========================  ==========  ==========  ========
-
-With every Dense/Conv layer its own region, each region saves only its input, which feeds
-``dW`` alone, so the noise adds up as the model assumes: "auto" has 3.8x less gradient
-error than uniform 2-bit at the end of every run, and ends at float's mean test accuracy
-(above uniform 2-bit on 5 seeds, level on 4, below on 1; the accuracy gap of uniform 2-bit
-in this setting, 0.2 points, is within the seed-to-seed spread). Fixed fractions cost
-accuracy early, when all ``G_n`` are alike; ranking by range alone doubles the error.
-With whole blocks as regions, only the blocks' Dense inputs are stored per sample (see
-:class:`SampleBits`); the attention maps, normalised values and GELU factors stay at 2
-bits, since 1-bit codes on them compound (with them per sample too, "fixed" ended at
-61.7%). The gain there is small: 5-17% less gradient error, above uniform 2-bit on 3 of
-5 seeds.
-
-In short: at an average of 2 bits, per-sample widths from gradient estimates beat
-uniform 2-bit clearly where the compressed residuals feed only weight gradients
-(per-layer regions, ActNN's setting), and slightly in block regions; per-residual
-allocations that put cotangent-path residuals at 1 bit are at best level with uniform
-2-bit. Per-residual or per-block widths pay off at budgets between the widths (e.g. an
-average of 3: ``examples/vit_qat.py --act-bits auto``, blocks at 4,4,2,2 bits, 97.56%
-against 95.56% at uniform 2 and 98.00% at uniform 4).
+gradients; :func:`sensitivity_from_gradients` measures ``C_l`` instead (GACT): the mean
+squared change of the parameter gradient when only region ``l`` is compressed. The model
+assumes that the noise of the regions adds up; it does for residuals that feed only weight
+gradients (``Residual.weight_only``, ActNN's per-layer setting), not for residuals on the
+cotangent path, whose relative variances multiply along the backward pass. Measurements
+(which allocations pay off, per seed): ``docs/act.md``.
 
 Training loop (``regions``: names of the compressed modules; ``grad_fn(params, batch,
 bits, key)`` the loss gradient with region ``name`` run through
@@ -172,15 +66,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq import numerics
-from jaxq.act import pack
 from jaxq.act.pack import VALID_BITS, check_bits
 
 #: Length of the ``probe`` vector of :func:`~jaxq.act.compressed_vjp`.
@@ -410,15 +302,15 @@ class SampleBits:
   bits for every width but the narrowest, which takes the rest (so ``sum_b n_b b <=
   avg_bits * B`` always holds). The *assignment* is dynamic, inside the step: the samples
   of each residual are ranked by ``G_n R_{l,n}`` and the most sensitive get the widest
-  codes. ``R_{l,n}`` is :func:`sample_sensitivity`; ``G_n``, the sample's gradient-norm
+  codes. ``R_{l,n}`` is :func:`~jaxq.act.samples.sample_sensitivity`; ``G_n``, the sample's gradient-norm
   estimate, is the ``sample_weight`` passed to the compressed function (ActNN keeps it
-  per training example from the example's previous visit; :func:`output_grad_sqnorm`
+  per training example from the example's previous visit; :func:`~jaxq.act.samples.output_grad_sqnorm`
   computes it from the model's outputs); without it samples are ranked by ``R_{l,n}``
   alone. ``G_n`` is what makes per-sample widths pay off: late in training most samples
   are fitted and their gradients nearly vanish, so their residuals can take 1 bit and the
   few samples that carry the gradient 4 or 8. Each width's samples are gathered into one
   :class:`~jaxq.act.pack.CompressedArray`, stored with the permutation; decompression
-  scatters them back (:class:`SampleCompressed`). Rounding stays stochastic and the
+  scatters them back (:class:`~jaxq.act.samples.SampleCompressed`). Rounding stays stochastic and the
   ranking depends on the residual alone, so the gradient stays unbiased.
 
   Per-sample widths apply to the residuals that feed only weight gradients (a Dense or
@@ -493,7 +385,7 @@ class SampleBits:
     """Fractions from a measured per-sample sensitivity profile: the widths
     :func:`calc_precision` gives those samples under ``avg_bits``.
 
-    The profile may be :func:`sample_sensitivity` of one residual on a calibration batch,
+    The profile may be :func:`~jaxq.act.samples.sample_sensitivity` of one residual on a calibration batch,
     or the gradient-norm estimates ``G_n`` of the whole training set (ActNN keeps them per
     example): while they are alike this gives one width, and once most samples are
     fitted, mixed widths. With ``batch_size`` (passed on to the constructor) the fractions
@@ -516,95 +408,3 @@ def has_sample_bits(bits) -> bool:
   """Whether a ``bits`` argument of :func:`~jaxq.act.compressed_vjp` (a width, a
   :class:`SampleBits` or a per-residual tuple) stores some residual per sample."""
   return any(isinstance(b, SampleBits) for b in (bits if isinstance(bits, tuple) else (bits,)))
-
-
-def output_grad_sqnorm(loss_fn: Callable[..., jax.Array], outputs: Any, *args) -> jax.Array:
-  """``G_n = |d loss_n / d outputs_n|^2``: each sample's squared gradient norm at the model
-  output (``f32[B]``), the per-sample gradient estimate ``sample_weight`` of
-  :class:`SampleBits`.
-
-  ``loss_fn(outputs, *args)`` returns the per-sample losses ``f32[B]`` (e.g.
-  ``optax.softmax_cross_entropy_with_integer_labels(logits, labels)``); sample ``n``'s loss
-  must depend only on row ``n`` of the outputs (leading axis: the batch). For softmax
-  cross-entropy, ``G_n = |softmax(z_n) - onehot(y_n)|^2``. Not differentiated.
-  """
-  outputs = jax.lax.stop_gradient(outputs)
-  grads = jax.grad(lambda o: jnp.sum(loss_fn(o, *args)))(outputs)
-  leaves = jax.tree_util.tree_leaves(grads)
-  return sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
-             for g in leaves)
-
-
-def sample_sensitivity(x: jax.Array, group_size: int = 256) -> jax.Array:
-  """``R_n = sum_g S range_g^2`` over the groups of each sample ``x[n]`` (``f32[B]``).
-
-  Groups are ``group_size`` consecutive elements of the flattened sample, the last one
-  edge-padded (as :func:`~jaxq.act.pack.compress` pads). NaN/Inf elements are ignored.
-  """
-  b = x.shape[0]
-  xr = x.reshape(b, -1).astype(jnp.float32)
-  pad = -xr.shape[1] % group_size
-  if pad:
-    xr = jnp.pad(xr, ((0, 0), (0, pad)), mode="edge")
-  xg = xr.reshape(b, -1, group_size)
-  fin = jnp.isfinite(xg)
-  hi = jnp.max(jnp.where(fin, xg, -jnp.inf), axis=2)
-  lo = jnp.min(jnp.where(fin, xg, jnp.inf), axis=2)
-  r = jnp.where(hi >= lo, hi - lo, 0.0)
-  return jnp.sum(r * r, axis=1) * group_size
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SampleCompressed:
-  """A residual stored per sample: ``parts[k]`` holds the samples ``perm[o_k:o_k + n_k]``
-  (``o_k`` the running offset) at ``parts[k].bits`` bits.
-
-  Leaves: ``parts`` (CompressedArrays), ``perm`` (``uint8``/``uint16``/``int32[B]``: the
-  samples in order of decreasing sensitivity). Static: ``shape``, ``dtype``.
-  """
-
-  parts: tuple
-  perm: jax.Array
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  dtype: Any = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def nbytes(self) -> int:
-    return sum(p.nbytes for p in self.parts) + int(self.perm.size * self.perm.dtype.itemsize)
-
-
-def _perm_dtype(batch: int):
-  return jnp.uint8 if batch <= 256 else jnp.uint16 if batch <= 65536 else jnp.int32
-
-
-def compress_samples(x: jax.Array, counts: Sequence[tuple[int, int]], group_size: int = 256,
-                     seed: jax.Array | None = None,
-                     weight: jax.Array | None = None) -> SampleCompressed:
-  """Stores ``x`` (leading axis: ``B = sum n_b`` samples) with ``n_b`` samples at ``b``
-  bits, the most sensitive (:func:`sample_sensitivity` times ``weight``, the samples'
-  gradient-norm estimates, when given) at the widest. ``counts`` as from
-  :meth:`SampleBits.counts`; ``seed`` as in :func:`~jaxq.act.pack.compress` (one derived
-  seed per width)."""
-  batch = x.shape[0]
-  if sum(n for _, n in counts) != batch:
-    raise ValueError(f"counts {counts} must add up to the leading size {batch} of x")
-  key = sample_sensitivity(x, group_size)
-  if weight is not None:
-    key = key * weight
-  order = jnp.argsort(-key, stable=True)
-  xs = jnp.take(x, order, axis=0)
-  parts, start = [], 0
-  for k, (b, n) in enumerate(counts):
-    s = None if seed is None else numerics.derive_seed(seed, k)
-    parts.append(pack.compress(xs[start:start + n], b, group_size, s))
-    start += n
-  return SampleCompressed(tuple(parts), order.astype(_perm_dtype(batch)), tuple(x.shape),
-                          x.dtype)
-
-
-def decompress_samples(c: SampleCompressed) -> jax.Array:
-  """Inverse of :func:`compress_samples` up to quantization error."""
-  xs = jnp.concatenate([pack.decompress(p) for p in c.parts], axis=0)
-  return jnp.zeros(c.shape, c.dtype).at[c.perm.astype(jnp.int32)].set(
-      xs, unique_indices=True)

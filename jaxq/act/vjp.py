@@ -6,23 +6,19 @@ dominate training memory. ActNN (Chen et al. 2021) stores them with 2-bit per-gr
 stochastic quantization instead: the forward pass is unchanged, the gradient stays
 unbiased, and its variance grows only by ``O(range^2 / (2^b - 1)^2)``.
 
-How: a ``jax.custom_vjp`` whose forward rule runs ``jax.vjp(fn, *args)``. The VJP closure
-JAX returns is a pytree whose leaves are exactly the residuals. Leaves that are fn's own
-arguments (weights, and activation inputs unless listed in ``compress_args``), integer
-leaves, tiny leaves and row statistics (see :func:`_row_statistics`) are kept as they are;
-every other floating-point leaf is stored as a
-:class:`~jaxq.act.pack.CompressedArray`. The backward rule decompresses them, rebuilds the
-closure (``tree_unflatten``) and applies it to the incoming cotangent. Shapes and dtypes of
-the residuals are kept (bf16 residuals come back as bf16).
-
-Weights are recognised as arguments even when fn casts or transposes them first (e.g.
-Flax's ``promote_dtype`` to bf16): a residual computed from one argument leaf through
-casts/reshapes/transposes only counts as that argument.
+How: a ``jax.custom_vjp`` whose forward rule runs fn's forward pass with its VJP
+residuals (:func:`jaxq.act.residuals.trace_forward`, one trace of ``jax.vjp`` that also
+decides which residuals are activations: weights and anything computed from weights
+alone stay exact), stores the activations as
+:class:`~jaxq.act.pack.CompressedArray` and the rest as they are. The backward rule
+evaluates the VJP closure's jaxpr, decompressing each residual right before its first use
+(:mod:`jaxq.act.interpret`). fn is closure-converted first (``jax.closure_convert``):
+values it closes over that are being differentiated (``lambda x: model.apply(params, x)``
+under ``jax.grad`` of ``params``) become extra arguments, saved as weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,131 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.extend.core import Literal
 
 from jaxq import numerics
-from jaxq.act import pack
-from jaxq.act.adaptive import (SampleBits, SampleCompressed, compress_samples,
-                               decompress_samples, has_sample_bits)
+from jaxq.act import flow, pack
+from jaxq.act.adaptive import SampleBits, has_sample_bits
+from jaxq.act.samples import SampleCompressed, compress_samples, decompress_samples
+from jaxq.act.interpret import eval_lazily
+from jaxq.act.residuals import (Forward, Residual, backward_jaxpr, describe, is_float,
+                                run_forward, trace_forward, weight_only)
 
 #: ``checkpoint_name`` of the compressed residuals (codes, lo, scale).
 PACKED_NAME = "jaxq_act_packed"
 #: ``checkpoint_name`` of residuals kept as they are (arguments, integer and tiny leaves).
 KEPT_NAME = "jaxq_act_kept"
 
-#: Primitives that only move, reshape or re-type data: a residual reached from a single
-#: argument leaf through these alone is that argument (e.g. a bf16 copy of a weight).
-_VIEW_PRIMITIVES = frozenset({
-    "convert_element_type", "transpose", "reshape", "squeeze", "expand_dims",
-    "broadcast_in_dim", "copy", "copy_p", "reduce_precision", "rev", "slice", "name",
-})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static decisions for one traced call: how to rebuild the VJP closure."""
-  treedef: Any
-  # For each closure leaf: ("c", j) compressed slot j, ("k", j) kept slot j, or
-  # ("const", value) a non-array leaf carried statically.
-  slots: tuple
-
-
-def _is_float_array(x) -> bool:
-  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
-
-
-def _leaf_origins(leaves_fn, flat_args) -> list[int | None] | None:
-  """For each leaf ``leaves_fn(*flat_args)`` returns: the index of the argument it is a view
-  of (reached through :data:`_VIEW_PRIMITIVES` only), else None.
-
-  Traces ``leaves_fn`` to a jaxpr; returns None if that fails (callers then fall back to
-  object identity).
-  """
-  try:
-    closed = jax.make_jaxpr(leaves_fn)(
-        *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flat_args])
-  except Exception:  # noqa: BLE001 -- analysis is an optimisation, never a failure
-    return None
-  return _origins(closed.jaxpr, list(range(len(flat_args))))
-
-
-def _call_jaxpr(eqn):
-  """The jaxpr of a call-like equation (``pjit``, ``checkpoint``, ``closed_call``, ...)
-  whose inputs and outputs map one to one onto the equation's, else None."""
-  sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  sub = getattr(sub, "jaxpr", sub)
-  if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
-      and len(sub.outvars) == len(eqn.outvars):
-    return sub
-  return None
-
-
-def _propagate(jaxpr, in_vals: list, rule, absent) -> list:
-  """Forward data flow over ``jaxpr``: each variable's value, ``absent`` where nothing
-  reaches it. An equation with no present input is skipped; a call-like one (``pjit``,
-  ``checkpoint``, ...) is followed through its own jaxpr; any other gives
-  ``rule(eqn, input_values)``, one value per output. Returns the outputs' values."""
-  val: dict[Any, Any] = {v: x for v, x in zip(jaxpr.invars, in_vals) if x != absent}
-  get = lambda v: absent if isinstance(v, Literal) else val.get(v, absent)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    xs = [get(v) for v in eqn.invars]
-    if all(x == absent for x in xs):
-      continue
-    sub = _call_jaxpr(eqn)
-    outs = _propagate(sub, xs, rule, absent) if sub is not None else rule(eqn, xs)
-    for v, x in zip(eqn.outvars, outs):
-      if x != absent:
-        val[v] = x
-  return [get(v) for v in jaxpr.outvars]
-
-
-def _origin_rule(eqn, origins: list[int | None]) -> list[int | None]:
-  if eqn.primitive.name in _VIEW_PRIMITIVES and len(eqn.invars) == 1:
-    return origins
-  return [None] * len(eqn.outvars)
-
-
-def _origins(jaxpr, in_origins: list[int | None]) -> list[int | None]:
-  """Propagates "view of argument i" through a jaxpr (and the jaxprs of call-like
-  equations such as ``pjit`` and ``checkpoint``); returns it for each output."""
-  return _propagate(jaxpr, in_origins, _origin_rule, None)
-
-
-def _is_subsequence(small: tuple, big: tuple) -> bool:
-  it = iter(big)
-  return all(any(d == b for b in it) for d in small)
-
-
-def _row_statistics(leaves) -> set[int]:
-  """Ids of float leaves that are per-row statistics of a larger residual (LayerNorm's
-  mean and 1/sigma, softmax normalisers): shapes whose non-unit dimensions are a
-  subsequence of another float residual's shape with at least ``8x`` as many elements.
-
-  They are kept exactly, as ActNN does: they cost a small fraction of the memory, and the
-  backward pass scales whole rows by them, so their quantization noise is not averaged
-  out (2-bit training of a small ViT loses ~5 points of accuracy when they are compressed,
-  none when they are not; tests/test_act_train.py).
-  """
-  floats = [l for l in leaves if _is_float_array(l)]
-  big = {tuple(l.shape) for l in floats}
-  out = set()
-  for l in floats:
-    core = tuple(d for d in l.shape if d != 1)
-    if any(int(np.prod(b)) >= 8 * max(l.size, 1) and _is_subsequence(core, b) for b in big):
-      out.add(id(l))
-  return out
-
-
-def _closure_origins(fn, args, n_leaves) -> list[int | None] | None:
-  """:func:`_leaf_origins` of the leaves of ``jax.vjp(fn, *args)``'s closure."""
-  flat_args, in_tree = jax.tree_util.tree_flatten(args)
-
-  def leaves_fn(*flat):
-    _, vjp_fn = jax.vjp(fn, *jax.tree_util.tree_unflatten(in_tree, flat))
-    return jax.tree_util.tree_leaves(vjp_fn)
-
-  out = _leaf_origins(leaves_fn, flat_args)
-  return out if out is not None and len(out) == n_leaves else None
+__all__ = ["KEPT_NAME", "PACKED_NAME", "Residual", "compressed_residuals", "compressed_vjp",
+           "residual_nbytes"]
 
 
 def _check_width(b, name: str):
@@ -208,12 +95,16 @@ def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2
       those, one per compressed residual in the order of the VJP closure's leaves
       (per-residual widths; :func:`compressed_residuals` lists them), its length checked
       when ``g`` is traced.
-    group_size: elements sharing one ``(lo, scale)``; a multiple of ``8 // bits`` for
-      every width used.
-      Residuals are flattened (keeping the leading axis when its rows hold whole groups)
-      and edge-padded to whole groups.
+    group_size: at most this many elements share one ``(lo, scale)``; a multiple of
+      ``8 // bits`` for every width used. Groups never span two rows of a residual (its
+      last axis, see :mod:`jaxq.act.pack`): rows of very different scale (a blank image
+      patch's token next to an ordinary one) are quantized in their own ranges.
     compress_args: positions of fn's arguments that are activations (e.g. the input ``x``
       of a single Dense layer) and are saved compressed when the backward pass needs them.
+      Residuals computed from them are compressed; residuals computed from the other
+      arguments alone (weights, casts or slices of them, fake-quantized weights) are not.
+      With none listed, every argument counts as an activation for what is computed from
+      it, but views of arguments (casts, reshapes, slices) are still kept exact.
       All other arguments (weights) are saved as they are.
 
   Returns:
@@ -240,190 +131,45 @@ def compressed_vjp(fn: Callable[..., Any], bits: int | SampleBits | Sequence = 2
     batch = _batch_size(bits, args, compress_args)
     if sample_weight is not None:
       sample_weight = _check_sample_weight(sample_weight, bits, batch)
-    return _call(fn, bits, group_size, compress_args, args, seed, probe, batch, sample_weight)
+    region = _Region.of(fn, args, compress_args)
+    return region.call(bits, group_size, seed, probe, batch, sample_weight)
 
   return g
 
 
-def _select(fn, args, group_size, compress_args):
-  """Runs ``jax.vjp(fn, *args)`` (traced) and sorts the closure's leaves: returns
-  ``(out, treedef, slots, to_compress, kept)`` (slots as in :class:`_Plan`)."""
-  out, vjp_fn = jax.vjp(fn, *args)
-  leaves, treedef = jax.tree_util.tree_flatten(vjp_fn)
-  flat_args = jax.tree_util.tree_leaves(args)
-  arg_pos = []  # argument position of each flat arg leaf
-  for p, a in enumerate(args):
-    arg_pos += [p] * len(jax.tree_util.tree_leaves(a))
-  by_id = {id(a): i for i, a in enumerate(flat_args)}
-  # A weight cast/reshaped inside fn has the size of that weight: only then is the
-  # (second) trace that follows residuals back to arguments worth its cost.
-  plain_sizes = {a.size for a, p in zip(flat_args, arg_pos)
-                 if p not in compress_args and _is_float_array(a)}
-  origins = None
-  if any(_is_float_array(l) and id(l) not in by_id and l.size in plain_sizes
-         for l in leaves):
-    origins = _closure_origins(fn, args, len(leaves))
+class _Region:
+  """fn closure-converted over its flat argument leaves: ``fn_flat(*leaves, *hoisted)``,
+  with which leaves are activations (``activation``) and which are listed in
+  ``compress_args`` (``explicit``); hoisted closed-over values count as weights."""
 
-  stats = _row_statistics(leaves)
-  compressed, kept, slots, seen = [], [], [], {}
-  for i, leaf in enumerate(leaves):
-    if not isinstance(leaf, jax.Array):
-      slots.append(("const", leaf))
-      continue
-    if id(leaf) in seen:
-      slots.append(seen[id(leaf)])
-      continue
-    src = by_id.get(id(leaf))
-    if src is None and origins is not None:
-      src = origins[i]
-    is_arg = src is not None
-    want = (_is_float_array(leaf) and leaf.size >= group_size and id(leaf) not in stats
-            and (not is_arg or arg_pos[src] in compress_args))
-    if want:
-      slot = ("c", len(compressed))
-      compressed.append(leaf)
-    else:
-      slot = ("k", len(kept))
-      kept.append(leaf)
-    seen[id(leaf)] = slot
-    slots.append(slot)
-  return out, treedef, tuple(slots), compressed, kept
+  def __init__(self, fn_flat, leaves, hoisted, in_tree, positions, compress_args):
+    self.fn_flat, self.in_tree = fn_flat, in_tree
+    self.leaves = list(leaves) + list(hoisted)
+    self.n_user = len(leaves)
+    self.explicit = [p in compress_args for p in positions] + [False] * len(hoisted)
+    self.activation = (self.explicit if compress_args
+                       else [True] * len(leaves) + [False] * len(hoisted))
 
+  @classmethod
+  def of(cls, fn, args, compress_args) -> "_Region":
+    leaves, in_tree = jax.tree_util.tree_flatten(tuple(args))
+    positions = [p for p, a in enumerate(args) for _ in jax.tree_util.tree_leaves(a)]
 
-#: Primitives whose output is linear in each operand separately (so of degree
-#: ``sum(operand degrees)``: a product of two uses of one residual is degree 2).
-_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
-#: Primitives whose output is an affine function of their operands jointly (degree
-#: ``max(operand degrees)``), given the operands named in :data:`_ONLY_FIRST_AFFINE`.
-_AFFINE = frozenset(_VIEW_PRIMITIVES | {
-    "add", "add_any", "sub", "neg", "reduce_sum", "concatenate", "pad", "cumsum",
-    "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
-    "select_n", "real", "imag", "complex", "conj", "psum", "all_gather",
-    "reduce_scatter"})
-#: Affine only in their first operand (``div``: numerator; gather/dynamic_slice: indices
-#: after the first operand must not depend on the residual; select_n: predicate first).
-_ONLY_FIRST_AFFINE = frozenset({"div", "dynamic_slice", "gather"})
+    def fn_leaves(*flat):
+      return fn(*jax.tree_util.tree_unflatten(in_tree, flat))
 
+    converted, hoisted = jax.closure_convert(fn_leaves, *leaves)
+    return cls(converted, leaves, hoisted, in_tree, positions, compress_args)
 
-def _degree_rule(eqn, ds: list[int]) -> list[int]:
-  name = eqn.primitive.name
-  if name in _BILINEAR:
-    d = min(sum(ds), 2)
-  elif name == "select_n":
-    d = 2 if ds[0] else max(ds)
-  elif name in _ONLY_FIRST_AFFINE:
-    d = 2 if any(ds[1:]) else ds[0]
-  elif name in _AFFINE:
-    d = max(ds)
-  else:
-    d = 2
-  return [d] * len(eqn.outvars)
+  def trace(self, leaves, group_size) -> Forward:
+    return trace_forward(self.fn_flat, leaves, self.activation, self.explicit, group_size)
 
+  def weight_outputs(self) -> list[bool]:
+    """Per flat argument: whether its cotangent is a weight gradient."""
+    return [not e for e in self.explicit]
 
-def _degrees(jaxpr, in_deg: list[int]) -> list[int]:
-  """Polynomial degree (0, 1, or 2 meaning ">= 2 / non-polynomial") of each output of
-  ``jaxpr`` in one input, given the inputs' degrees; sub-jaxprs of call-like equations are
-  followed, any other primitive with a dependent operand gives 2."""
-  return _propagate(jaxpr, in_deg, _degree_rule, 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Residual:
-  """One residual :func:`compressed_vjp` compresses: ``shape``, ``dtype``, whether the
-  backward pass is affine in it (``linear``): then independent unbiased rounding of it
-  keeps the gradient unbiased at any width; a residual used non-linearly (LayerNorm's
-  normalised values multiplied by themselves, softmax probabilities, activation-function
-  derivatives) gets a gradient bias of order ``Var(noise)``; and whether it feeds only
-  weight gradients (``weight_only``, e.g. a Dense layer's input, read by ``dW = x^T dy``
-  alone), where its rounding noise adds to the gradient once instead of compounding along
-  the backward pass (:func:`_weight_only`)."""
-  shape: tuple[int, ...]
-  dtype: Any
-  linear: bool
-  weight_only: bool
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-
-def _apply_closure(treedef, slots, dec, kept, ct):
-  """The VJP closure rebuilt from decompressed residuals ``dec`` and ``kept`` leaves
-  (``slots`` as in :class:`_Plan`), applied to the cotangent ``ct``."""
-  leaves = [v if kind == "const" else dec[v] if kind == "c" else kept[v]
-            for kind, v in slots]
-  return jax.tree_util.tree_unflatten(treedef, leaves)(ct)
-
-
-def _closure_jaxpr(treedef, slots, comp, kept, out):
-  """The jaxpr of the rebuilt VJP closure over (compressed residuals, kept leaves, output
-  cotangent); outputs: the flat argument cotangents."""
-  ct = jax.tree_util.tree_map(jnp.zeros_like, out)
-  closure = functools.partial(_apply_closure, treedef, slots)
-  return jax.make_jaxpr(closure)(comp, kept, ct).jaxpr
-
-
-def _backward_jaxpr(fn, args, group_size, compress_args):
-  """Inside a trace of ``fn(*args)``: the jaxpr of its backward pass over (compressed
-  residuals, kept leaves, output cotangent), and the residuals to compress."""
-  out, treedef, slots, comp, kept = _select(fn, args, group_size, compress_args)
-  return _closure_jaxpr(treedef, slots, comp, kept, out), comp
-
-
-def _mask_rule(eqn, masks: list[int]) -> list[int]:
-  m = 0
-  for x in masks:
-    m |= x
-  return [m] * len(eqn.outvars)
-
-
-def _reach(jaxpr, in_masks: list[int]) -> list[int]:
-  """Bitmask of the inputs each output of ``jaxpr`` depends on, given each input's mask
-  (call-like equations followed input by input; any other equation makes each output
-  depend on all its inputs, so a dependence is never missed)."""
-  return _propagate(jaxpr, in_masks, _mask_rule, 0)
-
-
-def _weight_only(jaxpr, n_compressed: int, weight_outputs: Sequence[bool]) -> list[bool]:
-  """For each of the first ``n_compressed`` inputs of the backward ``jaxpr``: whether
-  every output it reaches is a weight cotangent (``weight_outputs[k]``). Such a residual
-  is multiplied into one weight gradient term; any other (attention probabilities,
-  normalised values, activation derivatives) scales the activation cotangent passed to
-  the layers below, so its rounding noise multiplies with theirs."""
-  outs = _reach(jaxpr, [1 << j if j < n_compressed else 0 for j in range(len(jaxpr.invars))])
-  if len(outs) != len(weight_outputs):
-    raise ValueError(f"the backward pass has {len(outs)} outputs, expected one per "
-                     f"argument leaf ({len(weight_outputs)})")
-  return [all(weight_outputs[k] for k, m in enumerate(outs) if m >> j & 1)
-          for j in range(n_compressed)]
-
-
-def _weight_outputs(args, compress_args) -> list[bool]:
-  """Per flat argument leaf: whether its cotangent is a weight gradient (the argument is
-  not an activation listed in ``compress_args``)."""
-  return [p not in compress_args for p, a in enumerate(args)
-          for _ in jax.tree_util.tree_leaves(a)]
-
-
-def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
-                         compress_args: Sequence[int] = ()) -> list[Residual]:
-  """The residuals :func:`compressed_vjp` compresses for ``fn(*args)``, in the order a
-  per-residual ``bits`` tuple refers to (:class:`Residual`: shape, dtype, and whether the
-  backward pass uses it linearly). Computed abstractly (traces only)."""
-  _, group_size, compress_args = _validate(8, group_size, compress_args)
-  cell = []
-
-  def f(*a):
-    jaxpr, comp = _backward_jaxpr(fn, a, group_size, compress_args)
-    n_in = len(jaxpr.invars)
-    weight_only = _weight_only(jaxpr, len(comp), _weight_outputs(a, compress_args))
-    for j, l in enumerate(comp):
-      deg = max(_degrees(jaxpr, [int(i == j) for i in range(n_in)]), default=0)
-      cell.append(Residual(tuple(l.shape), l.dtype, deg <= 1, weight_only[j]))
-    return 0
-
-  jax.eval_shape(f, *args)
-  return list(cell)
+  def call(self, bits, group_size, seed, probe, batch, weight):
+    return _call(self, bits, group_size, seed, probe, batch, weight)
 
 
 def _batch_size(bits, args, compress_args) -> int | None:
@@ -476,127 +222,57 @@ def _parts(c) -> tuple[pack.CompressedArray, ...]:
   return c.parts if isinstance(c, SampleCompressed) else (c,)
 
 
-def _call(fn, bits, group_size, compress_args, args, seed, probe, batch=None, weight=None):
-  plan_cell: dict[str, _Plan] = {}
+def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
+  cell: dict[str, Any] = {}
 
   @jax.custom_vjp
-  def run(args, seed, probe, weight):
+  def run(leaves, seed, probe, weight):
     del seed, probe, weight
-    return fn(*args)
+    return region.fn_flat(*leaves)
 
-  def fwd(args, seed, probe, weight):
-    if not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(args)):
-      # Eager call: ``jax.vjp`` on concrete arrays builds its closure differently (other
-      # leaves, in another order) from the traced one that :func:`_closure_origins`
-      # analyses; tracing the forward rule makes both the same, as under ``jit``.
-      return jax.jit(traced_fwd)(args, seed, probe, weight)
-    return traced_fwd(args, seed, probe, weight)
-
-  def traced_fwd(args, seed, probe, weight):
+  def fwd(leaves, seed, probe, weight):
     del probe
-    out, treedef, slots, compressed, kept = _select(fn, args, group_size, compress_args)
-    plan_cell["plan"] = _Plan(treedef, slots)
-    if isinstance(bits, tuple) and len(bits) != len(compressed):
+    plan = region.trace(leaves, group_size)
+    cell["plan"] = plan
+    out_leaves, res = run_forward(plan, leaves)
+    comp_idx, kept_idx = plan.stored(True), plan.stored(False)
+    if isinstance(bits, tuple) and len(bits) != len(comp_idx):
       raise ValueError(
-          f"bits has {len(bits)} entries but {getattr(fn, '__name__', fn)!r} has "
-          f"{len(compressed)} compressed residuals, shapes "
-          f"{[tuple(l.shape) for l in compressed]}")
-    specs = bits if isinstance(bits, tuple) else (bits,) * len(compressed)
-    weight_only = [False] * len(compressed)
+          f"bits has {len(bits)} entries but the function has {len(comp_idx)} compressed "
+          f"residuals, shapes {[tuple(res[k].shape) for k in comp_idx]}")
+    specs = bits if isinstance(bits, tuple) else (bits,) * len(comp_idx)
+    w_only = [False] * len(comp_idx)
     if batch is not None and has_sample_bits(bits):
-      weight_only = _weight_only(_closure_jaxpr(treedef, slots, compressed, kept, out),
-                                 len(compressed), _weight_outputs(args, compress_args))
+      ct = [jnp.zeros(o.shape, o.dtype) for o in out_leaves]
+      w_only = weight_only(backward_jaxpr(plan, ct).jaxpr, len(comp_idx),
+                           region.weight_outputs())
     compressed = [
-        _compress_leaf(l, b, group_size,
+        _compress_leaf(res[k], b, group_size,
                        None if seed is None else numerics.derive_seed(seed, j), batch,
-                       weight, w_only)
-        for j, (l, b, w_only) in enumerate(zip(compressed, specs, weight_only))]
+                       weight, wo)
+        for j, (k, b, wo) in enumerate(zip(comp_idx, specs, w_only))]
+    kept = [res[k] for k in kept_idx]
     # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
     # starts only once these are packed, and the float residuals die here.
     if compressed:
       dep = jnp.minimum(jnp.isnan(_parts(compressed[-1])[-1].lo[0]).astype(jnp.float32),
                         0.0)
-      out = jax.tree_util.tree_map(
-          lambda o: o - dep.astype(o.dtype) if _is_float_array(o) else o, out)
+      out_leaves = [o - dep.astype(o.dtype) if is_float(o) else o for o in out_leaves]
     compressed = checkpoint_name(compressed, PACKED_NAME)
     kept = checkpoint_name(kept, KEPT_NAME)
-    return out, (compressed, kept)
+    return jax.tree_util.tree_unflatten(plan.out_tree, out_leaves), (compressed, kept)
 
   def bwd(res, ct):
     compressed, kept = res
-    plan = plan_cell["plan"]
+    plan = cell["plan"]
     ct_leaves = jax.tree_util.tree_leaves(ct)
-    arg_cts = _lazy_backward(plan, compressed, kept, ct)
+    closed = backward_jaxpr(plan, ct_leaves)
+    arg_cts = eval_lazily(closed, compressed, list(kept) + ct_leaves, _decompress)
     probe_ct = None if probe is None else _stats(compressed, ct_leaves)
     return tuple(arg_cts), None, probe_ct, None
 
   run.defvjp(fwd, bwd)
-  return run(tuple(args), seed, probe, weight)
-
-
-def _after(c, x: jax.Array):
-  """``c`` unchanged in value but computed after ``x``: ``lo - min(isnan(x[0]), 0)``.
-
-  ``jax.lax.optimization_barrier`` would say the same, but XLA:CPU expands barriers away
-  before scheduling, and its scheduler then hoists the decompression of every layer into
-  the forward pass (float activations alive from forward to backward: no memory saved).
-  A data dependency survives every pass; ``min(isnan(.), 0)`` is exactly 0 yet not
-  foldable, and costs one scalar op per group.
-  """
-  dep = jnp.minimum(jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32), 0.0)
-  if isinstance(c, SampleCompressed):
-    return dataclasses.replace(c, parts=tuple(_after(p, x) for p in c.parts))
-  return dataclasses.replace(c, lo=c.lo - dep)  # x - (+0) == x bitwise, -0 included
-
-
-def _lazy_backward(plan, compressed, kept, ct):
-  """Applies the rebuilt VJP closure to ``ct``, decompressing each residual only where the
-  backward computation first uses it.
-
-  The closure is traced to a jaxpr over (residual leaves, cotangent) and evaluated equation
-  by equation; before the first equation that reads compressed residual ``j``, its codes
-  get a data dependency on one of that equation's other operands (:func:`_after`), so XLA
-  cannot decompress it earlier: only the float residuals the current step of the backward
-  pass needs are alive at a time, not the whole set (nor every layer's at once).
-  """
-  n_c = len(compressed)
-  avals = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in compressed]
-
-  closure = functools.partial(_apply_closure, plan.treedef, plan.slots)
-  closed = jax.make_jaxpr(closure)(avals, kept, ct)
-  jaxpr = closed.jaxpr
-  ct_leaves = jax.tree_util.tree_leaves(ct)
-  env: dict[Any, Any] = {}
-  for v, c in zip(jaxpr.constvars, closed.consts):
-    env[v] = c
-  dec_vars = jaxpr.invars[:n_c]
-  for v, x in zip(jaxpr.invars[n_c:], list(kept) + ct_leaves):
-    env[v] = x
-  pending = {v: j for j, v in enumerate(dec_vars)}
-
-  def read(v):
-    return v.val if isinstance(v, Literal) else env[v]
-
-  for eqn in jaxpr.eqns:
-    need = [v for v in eqn.invars if not isinstance(v, Literal) and v in pending]
-    if need:
-      others = [read(v) for v in eqn.invars
-                if not isinstance(v, Literal) and v not in pending and
-                isinstance(read(v), jax.Array) and _is_float_array(read(v))]
-      codes = [compressed[pending[v]] for v in need]
-      if others:
-        codes = [_after(c, others[0]) for c in codes]
-      for v, c in zip(need, codes):
-        env[v] = _decompress(c)
-        del pending[v]
-    outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
-    if not eqn.primitive.multiple_results:
-      outs = [outs]
-    for v, o in zip(eqn.outvars, outs):
-      env[v] = o
-  outs = [read(v) for v in jaxpr.outvars]
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(
-      jax.eval_shape(closure, avals, kept, ct)), outs)
+  return run(tuple(region.leaves), seed, probe, weight)
 
 
 def _stats(compressed, ct_leaves) -> jax.Array:
@@ -605,34 +281,54 @@ def _stats(compressed, ct_leaves) -> jax.Array:
   sr2 = sum((jnp.sum(((2.0**c.bits - 1) / c.scale) ** 2) * c.packed.shape[1] * 8 // c.bits
              for c in parts), jnp.float32(0))
   n = float(sum(int(np.prod(c.shape)) for c in compressed))
-  fl = [c for c in ct_leaves if _is_float_array(c)]
+  fl = [c for c in ct_leaves if is_float(c)]
   ct2 = sum((jnp.sum(jnp.square(c.astype(jnp.float32))) * c.shape[-1] / max(c.size, 1)
              if c.ndim else jnp.square(c.astype(jnp.float32)) for c in fl), jnp.float32(0))
   return jnp.stack([sr2, jnp.float32(n), ct2]).astype(jnp.float32)
 
 
+def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
+                         compress_args: Sequence[int] = ()) -> list[Residual]:
+  """The residuals :func:`compressed_vjp` compresses for ``fn(*args)``, in the order a
+  per-residual ``bits`` tuple refers to (:class:`~jaxq.act.residuals.Residual`: shape,
+  dtype, whether the backward pass uses it linearly, whether it feeds only weight
+  gradients). Computed abstractly (traces only)."""
+  _, group_size, compress_args = _validate(8, group_size, compress_args)
+  cell = []
+
+  def f(*a):
+    region = _Region.of(fn, a, compress_args)
+    plan = region.trace(region.leaves, group_size)
+    out_leaves = jax.tree_util.tree_leaves(jax.eval_shape(region.fn_flat, *region.leaves))
+    ct = [jnp.zeros(o.shape, o.dtype) for o in out_leaves]
+    cell.extend(describe(plan, backward_jaxpr(plan, ct), region.weight_outputs()))
+    return 0
+
+  jax.eval_shape(f, *args)
+  return list(cell)
+
+
 def residual_nbytes(fn: Callable[..., Any], *args, **kwargs) -> int:
   """Bytes that ``jax.vjp(fn, *args)`` keeps for the backward pass, fn's arguments excluded.
 
-  The sum over the distinct leaves of the VJP closure (the residuals), leaving out those
-  that are leaves of ``args`` (parameters, inputs), or casts/reshapes/names of them.
-  Computed abstractly (a trace to a jaxpr): nothing is run. ``kwargs`` go to ``fn``.
+  The sum over the distinct residuals of the VJP closure, leaving out those that are
+  views of leaves of ``args`` (parameters, inputs: casts, reshapes, slices, names of
+  them). Computed abstractly (one trace): nothing is run. ``kwargs`` go to ``fn``.
   """
-  flat_args, in_tree = jax.tree_util.tree_flatten(args)
-  shapes = []
+  leaves, in_tree = jax.tree_util.tree_flatten(args)
+  cell = []
 
-  def leaves_fn(*flat):
-    a = jax.tree_util.tree_unflatten(in_tree, flat)
-    _, vjp_fn = jax.vjp(lambda *p: fn(*p, **kwargs), *a)
-    leaves, seen = [], set()
-    for leaf in jax.tree_util.tree_leaves(vjp_fn):
-      if isinstance(leaf, jax.Array) and id(leaf) not in seen:
-        seen.add(id(leaf))
-        leaves.append(leaf)
-    shapes[:] = [(l.size, jnp.dtype(l.dtype).itemsize) for l in leaves]
-    return leaves
+  def f(*flat):
+    plan = trace_forward(lambda *p: fn(*jax.tree_util.tree_unflatten(in_tree, p), **kwargs),
+                         flat, [False] * len(flat), [False] * len(flat), 0)
+    cell.append(plan)
+    return 0
 
-  origins = _leaf_origins(leaves_fn, flat_args)
-  if origins is None:
-    raise ValueError("could not trace jax.vjp(fn, *args) to count its residuals")
-  return int(sum(n * b for (n, b), o in zip(shapes, origins) if o is None))
+  jax.eval_shape(f, *leaves)
+  plan = cell[0]
+  facts = flow.facts(plan.jaxpr.jaxpr, len(leaves))[plan.n_out:]
+  total = 0
+  for k, (aval, fa) in enumerate(zip(plan.residual_avals(), facts)):
+    if plan.first[k] == k and fa.view < 0:
+      total += int(np.prod(aval.shape, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize
+  return total
