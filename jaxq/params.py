@@ -207,8 +207,8 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
       wins); None means :data:`DEFAULT_RULES`.
     qstate: learnable state from :func:`init_qstate`, required when a matched rule uses
       ``estimator="lsq"`` or ``"pact"``.
-    key: PRNG key for ``rounding="stochastic"`` specs (folded with the leaf index);
-      without it they round to nearest.
+    key: PRNG key for ``rounding="stochastic"`` specs (folded with the leaf index),
+      required when a matched rule's weight spec rounds stochastically.
 
   Returns:
     A tree of the same structure; matched leaves are ``x_hat`` of the same shape and
@@ -229,7 +229,11 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
             f"weight '{'/'.join(keys)}' uses estimator={spec.estimator!r}, whose step is "
             "learned: pass qstate=jaxq.init_qstate(params, rules)")
     k = None
-    if key is not None and spec.rounding == "stochastic":
+    if spec.rounding == "stochastic":
+      if key is None:
+        raise ValueError(
+            f"weight '{'/'.join(keys)}': QuantSpec.rounding='stochastic' needs a PRNG key:"
+            " quantize_params(..., key=jax.random.key(...))")
       k = jax.random.fold_in(key, i)
     leaves[i] = fake_quantize_weight(leaf, spec, ga, state, k)
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -12,7 +12,7 @@ Storage (what :attr:`QArray.nbytes` counts):
   low ``bits`` bits in two's complement and sign-extended on unpacking. Other widths
   (3, 5, 6, 7, 8 bits) take one byte per element: ``int8`` when signed, ``uint8`` when
   unsigned, in the logical shape. A 0-d array is stored as shape ``(1,)``-packed bytes.
-* ``scale``: float32, keepdims layout of :mod:`jaxq.quantizer` (broadcasts against the
+* ``scale``: float32 (float64 for float64 arrays under ``jax_enable_x64``), keepdims layout of :mod:`jaxq.quantizer` (broadcasts against the
   array, or against its grouped view for "group").
 * ``zero_point``: integer-valued, same shape as ``scale``, ``int8`` when signed and
   ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
@@ -248,7 +248,7 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
     numerics.check_symmetric_range(spec.bits, spec.signed)
   qmin, qmax = spec.qmin, spec.qmax
   xv = quantizer.quant_view(x.astype(quantizer._compute_dtype(x.dtype)), spec, group_axis)
-  scale = jnp.asarray(scale, jnp.float32)
+  scale = jnp.asarray(scale, numerics.float_dtype(x))
   zero_point = jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(
       zero_point, jnp.float32)
   quantizer._check_broadcast("scale", scale, xv.shape)
@@ -271,14 +271,19 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
 
 
 def dequantize(q: QArray) -> jax.Array:
-  """``(q - zero_point) * scale`` in the logical shape and the original dtype."""
+  """``(q - zero_point) * scale`` in the logical shape and the original dtype (a grid
+  point beyond the largest finite float, for a range reaching it, gives that float)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize needs a QArray; got {type(q).__name__}")
-  ints = q.int_values().astype(jnp.float32)
-  zp = jnp.asarray(q.zero_point).astype(jnp.float32)
-  scale = jnp.asarray(q.scale, jnp.float32)
+  scale = jnp.asarray(q.scale)
+  dtype = numerics.float_dtype(scale)
+  ints = q.int_values().astype(dtype)
+  zp = jnp.asarray(q.zero_point).astype(dtype)
+  scale = scale.astype(dtype)
   iv = quantizer.quant_view(ints, q.spec, q.group_axis)
-  return quantizer.from_quant_view((iv - zp) * scale, q.spec, q.group_axis).astype(q.dtype)
+  big = jnp.finfo(dtype).max  # a grid end beyond the float range (a +-3.4e38 range)
+  x = jnp.clip((iv - zp) * scale, -big, big)
+  return quantizer.from_quant_view(x, q.spec, q.group_axis).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_qmin_above_qmax_arrays_raise_when_concrete_and_give_nan_when_traced():
     estimators.lsq_fake_quant(X3, 0.1, 0, np.asarray(lo), np.asarray(hi))
   out = jax.jit(lambda a, b: estimators.fake_quant(X3, 0.1, 0, a, b))(lo, hi)
   np.testing.assert_array_equal(np.isnan(out), [False, True, False])
-  np.testing.assert_allclose(out[[0, 2]], [0.7, -0.8], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out)[[0, 2]], [0.7, -0.8], rtol=1e-6)
 
 
 def test_lsq_array_ranges_match_per_channel_ints():
@@ -240,10 +240,10 @@ def test_mse_observer_over_batches_never_loses_to_minmax(symmetric):
       st = calibration.observer_update(st, jnp.asarray(b), spec)
     errs[method] = _quant_mse(x, *calibration.observer_range(st, spec), spec)
   assert errs["mse"] <= errs["minmax"]
-  # ... and it does clip: the one-shot search on all the data is about as good.
+  # ... and it does clip: as good as the exact search on all the data at once.
   spec = QuantSpec(granularity="tensor", calibration="mse", symmetric=symmetric)
   best = _quant_mse(x, *calibration.mse_range(x, spec), spec)
-  assert errs["mse"] <= 1.1 * best < errs["minmax"]
+  assert best < errs["minmax"] and errs["mse"] <= 1.01 * best
 
 
 # -------------------------------------------------------------------- checkpoints
