@@ -135,7 +135,7 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
   finite float (a range reaching ``+-3.4e38`` in float32) dequantizes to that float.
   """
   dt = _compute_dtype(x.dtype)
-  s = floor_scale(scale.astype(dt))
+  s = numerics.floor_scale(scale.astype(dt))
   z = zero_point.astype(dt)
   v = x.astype(dt) / s
   r = _round(v, key)
@@ -144,12 +144,6 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
   x_hat = jnp.clip((jnp.clip(q, qmin, qmax) - z) * s, -big, big)
   return v, r, q, x_hat
 
-
-def floor_scale(scale: jax.Array) -> jax.Array:
-  """``max(scale, SCALE_EPS)``: a step that training (or a caller) drove to 0 or below is
-  used as the smallest step; NaN propagates."""
-  return jnp.where(scale < numerics.SCALE_EPS, jnp.asarray(numerics.SCALE_EPS, scale.dtype),
-                   scale)
 
 
 def _prepare_affine(x, scale, zero_point, qmin, qmax):
@@ -341,7 +335,9 @@ def _pact(x, alpha, bits, key):
 
 def _pact_alpha(alpha, bits, dt):
   """``alpha`` floored so that its step ``alpha / (2^bits - 1)`` is at least SCALE_EPS."""
-  return floor_scale(alpha.astype(dt) / (2**bits - 1)) * (2**bits - 1)
+  a = alpha.astype(dt)
+  floor = numerics.SCALE_EPS * (2**bits - 1)
+  return jnp.where(a < floor, jnp.asarray(floor, dt), a)
 
 
 def _pact_forward(x, alpha, bits, key):

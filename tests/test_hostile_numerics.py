@@ -102,6 +102,10 @@ def test_fake_quant_floors_scale(bad):
     np.testing.assert_array_equal(out, ref)
   # NaN scales are not floored: they propagate.
   assert np.all(np.isnan(estimators.fake_quant(X3, jnp.nan, 0, -128, 127)))
+  spec = QuantSpec(granularity="tensor")
+  q = qarray.quantize_with(X3 * 1e-6, spec, jnp.float32(bad))
+  np.testing.assert_array_equal(jaxq.dequantize(q), ref)
+  assert float(q.scale) == EPS
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5])
