@@ -145,7 +145,6 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
   return v, r, q, x_hat
 
 
-
 def _prepare_affine(x, scale, zero_point, qmin, qmax):
   x = jnp.asarray(x)
   _check_float(x)

@@ -87,9 +87,8 @@ def exp2_int(e: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def floor_scale(scale: jax.Array) -> jax.Array:
-  """``max(scale, SCALE_EPS)``: a step that training (or a caller) drove to 0 or below is
-  used as the smallest step; NaN propagates (``jnp.maximum`` would too, but this keeps
-  the dtype of a float64 or bfloat16 scale)."""
+  """``max(scale, SCALE_EPS)`` in the scale's dtype: a step that training (or a caller)
+  drove to 0 or below is used as the smallest step; NaN propagates."""
   scale = jnp.asarray(scale)
   return jnp.where(scale < SCALE_EPS, jnp.asarray(SCALE_EPS, scale.dtype), scale)
 

@@ -12,8 +12,9 @@ Storage (what :attr:`QArray.nbytes` counts):
   low ``bits`` bits in two's complement and sign-extended on unpacking. Other widths
   (3, 5, 6, 7, 8 bits) take one byte per element: ``int8`` when signed, ``uint8`` when
   unsigned, in the logical shape. A 0-d array is stored as shape ``(1,)``-packed bytes.
-* ``scale``: float32 (float64 for float64 arrays under ``jax_enable_x64``), keepdims layout of :mod:`jaxq.quantizer` (broadcasts against the
-  array, or against its grouped view for "group").
+* ``scale``: float32 (float64 for float64 arrays under ``jax_enable_x64``), keepdims
+  layout of :mod:`jaxq.quantizer` (broadcasts against the array, or against its grouped
+  view for "group").
 * ``zero_point``: integer-valued, same shape as ``scale``, ``int8`` when signed and
   ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
   QArray has the same three leaves.
@@ -232,8 +233,9 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   """Quantizes ``x`` with given (e.g. calibrated) ``scale`` and ``zero_point``.
 
   ``scale`` must broadcast against ``x`` (or its grouped view for "group"); a scale
-  below :data:`jaxq.numerics.SCALE_EPS` (0, negative) is stored as that floor; ``zero_point`` (None: 0) is rounded to an integer and clipped into
-  ``[qmin, qmax]``, since it is stored as such. Both are stored broadcast to their
+  below :data:`jaxq.numerics.SCALE_EPS` (0, negative) is stored as that floor.
+  ``zero_point`` (None: 0) is rounded to an integer and clipped into ``[qmin, qmax]``,
+  since it is stored as such. Both are stored broadcast to their
   common shape. ``q = clip(round(x / scale) + zero_point, qmin, qmax)``, round half to
   even, or ``floor(x / scale + u)`` with ``u ~ U[0, 1)`` drawn from ``key`` when
   ``spec.rounding == "stochastic"``.
