@@ -26,11 +26,14 @@ Conventions shared by all ops:
   per-tensor, e.g. ``(1, C)`` for per-channel or ``(G, 1)`` on a
   :func:`jaxq.numerics.to_groups` view for per-group quantization. They may not enlarge
   ``x``'s shape. Power-of-two scales (:func:`jaxq.numerics.pow2`) are ordinary scales.
-* Values training can reach: a scale (or a PACT step ``alpha / (2^b - 1)``) below
-  :data:`jaxq.numerics.SCALE_EPS` -- zero or negative -- is used as ``SCALE_EPS``, with
-  its gradient passed to the raw parameter (so a learned step can recover); a NaN scale
-  propagates. ``qmin > qmax`` anywhere raises ValueError when the ranges are concrete
-  (ints or arrays), and gives NaN at those elements when they are traced.
+* Values training can reach: a scale of magnitude below
+  :data:`jaxq.numerics.SCALE_EPS` (0 included) is used as ``+-SCALE_EPS``
+  (:func:`jaxq.numerics.floor_scale`); a negative scale, which LSQ can learn, is a
+  mirrored grid, ``fq(x; -s) = -fq(-x; s)``. A PACT ``alpha`` below
+  ``(2^b - 1) * SCALE_EPS`` (0, negative) is used as that floor. Gradients are passed
+  to the raw parameter (so a learned step can recover); a NaN scale propagates.
+  ``qmin > qmax`` anywhere raises ValueError when the ranges are concrete (ints or
+  arrays), and gives NaN at those elements when they are traced.
 * ``round`` is round-half-to-even; with a PRNG ``key`` it is unbiased stochastic rounding
   ``floor(v + u)``, ``u ~ U[0, 1)`` (:func:`jaxq.numerics.round_stochastic`).
 * "Inside the range" is decided on the rounded code ``round(x / s) + z``, exactly as the
@@ -130,7 +133,7 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
   """Shared forward arithmetic of the affine ops, in the compute dtype.
 
   Returns ``(v, r, q, x_hat)``: ``v = x / s``, ``r = round(v)``, the unclipped code
-  ``q = r + z``, and ``x_hat = (clip(q, qmin, qmax) - z) * s``. ``s`` is floored at
+  ``q = r + z``, and ``x_hat = (clip(q, qmin, qmax) - z) * s``. ``|s|`` is floored at
   :data:`jaxq.numerics.SCALE_EPS` (NaN stays NaN), and a grid point beyond the largest
   finite float (a range reaching ``+-3.4e38`` in float32) dequantizes to that float.
   """

@@ -87,10 +87,16 @@ def exp2_int(e: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def floor_scale(scale: jax.Array) -> jax.Array:
-  """``max(scale, SCALE_EPS)`` in the scale's dtype: a step that training (or a caller)
-  drove to 0 or below is used as the smallest step; NaN propagates."""
+  """``scale`` with its magnitude floored at :data:`SCALE_EPS`, in its dtype.
+
+  A scale of 0 (or below ``SCALE_EPS`` in magnitude) would give ``x / s = NaN``; it is
+  used as ``SCALE_EPS`` (``-SCALE_EPS`` when negative). A negative scale is a valid,
+  mirrored grid (``fq(x; -s) = -fq(-x; s)``), which learned steps (LSQ) can reach in
+  training, and is kept. NaN propagates.
+  """
   scale = jnp.asarray(scale)
-  return jnp.where(scale < SCALE_EPS, jnp.asarray(SCALE_EPS, scale.dtype), scale)
+  eps = jnp.asarray(SCALE_EPS, scale.dtype)
+  return jnp.where(jnp.abs(scale) < eps, jnp.where(scale < 0, -eps, eps), scale)
 
 
 def float_dtype(*arrays) -> jnp.dtype:

@@ -233,7 +233,8 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   """Quantizes ``x`` with given (e.g. calibrated) ``scale`` and ``zero_point``.
 
   ``scale`` must broadcast against ``x`` (or its grouped view for "group"); a scale
-  below :data:`jaxq.numerics.SCALE_EPS` (0, negative) is stored as that floor.
+  of magnitude below :data:`jaxq.numerics.SCALE_EPS` (0 included) is stored as
+  ``+-SCALE_EPS`` (:func:`jaxq.numerics.floor_scale`).
   ``zero_point`` (None: 0) is rounded to an integer and clipped into ``[qmin, qmax]``,
   since it is stored as such. Both are stored broadcast to their
   common shape. ``q = clip(round(x / scale) + zero_point, qmin, qmax)``, round half to

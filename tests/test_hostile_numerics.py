@@ -94,9 +94,11 @@ def test_stochastic_rounding_without_rng_rounds_to_nearest_in_flax_modules():
 # ------------------------------------------------------- values training can reach
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5])
+@pytest.mark.parametrize("bad", [0.0, 1e-30, -1e-30])
 def test_fake_quant_floors_scale(bad):
-  ref = estimators.fake_quant(X3 * 1e-6, EPS, 0, -128, 127)
+  sign = -1.0 if bad < 0 else 1.0
+  ref = estimators.fake_quant(X3 * 1e-6, sign * EPS, 0, -128, 127)
+  assert np.all(np.isfinite(ref)) and np.any(ref != 0)
   for fn in (estimators.fake_quant, jax.jit(estimators.fake_quant, static_argnums=(3, 4))):
     out = fn(X3 * 1e-6, jnp.float32(bad), 0, -128, 127)
     np.testing.assert_array_equal(out, ref)
@@ -105,10 +107,17 @@ def test_fake_quant_floors_scale(bad):
   spec = QuantSpec(granularity="tensor")
   q = qarray.quantize_with(X3 * 1e-6, spec, jnp.float32(bad))
   np.testing.assert_array_equal(jaxq.dequantize(q), ref)
-  assert float(q.scale) == EPS
+  assert float(q.scale) == sign * EPS
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_negative_scale_is_a_mirrored_grid():
+  """A negative step (LSQ can learn one) quantizes on the mirrored grid."""
+  x = jnp.linspace(-2.0, 2.0, 41)
+  np.testing.assert_array_equal(estimators.fake_quant(x, -0.3, 0, -8, 7),
+                                -estimators.fake_quant(-x, 0.3, 0, -8, 7))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1e-30])
 def test_lsq_floors_scale_and_its_gradient_passes_through(bad):
   def loss(s):
     return jnp.sum(estimators.lsq_fake_quant(X3, s, 0.0, -8, 7, 1.0) * jnp.array([1., 2., 3.]))
