@@ -5,6 +5,7 @@
     python examples/vit_qat.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
         --patch 4 --dim 192 --depth 12 --heads 3 --epochs 100
     python examples/vit_qat.py --eval-only --checkpoint runs/vit_qat/checkpoints/w8a8
+    python examples/vit_qat.py --modes fp32 --optimizer adamw4   # 4-bit AdamW states
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python examples/vit_qat.py --modes w8a8 --mesh data=4,model=2   # a device mesh
 
@@ -357,16 +358,27 @@ def build_model(mode: str, config: ViTConfig,
 # ----------------------------------------------------------------------------------------
 
 
+#: ``--optimizer`` -> bits of the AdamW moments (None: optax.adamw's float32 moments).
+OPTIMIZERS = {"adamw": None, "adamw8": 8, "adamw4": 4}
+
+
 def make_optimizer(*, lr: float, weight_decay: float, warmup_steps: int,
-                   total_steps: int, clip_norm: float,
-                   quant_lr_scale: float) -> optax.GradientTransformation:
+                   total_steps: int, clip_norm: float, quant_lr_scale: float,
+                   optimizer: str = "adamw") -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warmup to ``lr`` and cosine decay to
   ``lr / 100``. Weight decay only on kernels and embeddings (rank >= 2); jaxq's learned
   quantizer steps (``jaxq_*`` params) in their own group (``jaxq.optim.quant_aware``):
-  Adam at ``quant_lr_scale * lr``, no decay."""
+  Adam at ``quant_lr_scale * lr``, no decay. ``optimizer`` "adamw8" / "adamw4": AdamW
+  with 8-bit / 4-bit block-wise quantized moments (``jaxq.optim.adamw``)."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, min(warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1), lr / 100)
-  float_tx = optax.adamw(schedule, weight_decay=weight_decay, mask=jaxq_optim.decay_mask)
+  if OPTIMIZERS[optimizer] is None:
+    float_tx = optax.adamw(schedule, weight_decay=weight_decay,
+                           mask=jaxq_optim.decay_mask)
+  else:
+    float_tx = jaxq_optim.adamw(schedule, weight_decay=weight_decay,
+                                mask=jaxq_optim.decay_mask,
+                                state_bits=OPTIMIZERS[optimizer])
   quant_tx = optax.adam(lambda step: quant_lr_scale * schedule(step))
   return optax.chain(optax.clip_by_global_norm(clip_norm),
                      jaxq_optim.quant_aware(float_tx, quant_tx))
@@ -632,7 +644,8 @@ def train_mode(mode: str, args: argparse.Namespace, data: Dataset, config: ViTCo
   tx = make_optimizer(
       lr=lr, weight_decay=args.weight_decay,
       warmup_steps=min(args.warmup_steps, total_steps // 10),
-      total_steps=total_steps, clip_norm=args.clip_norm, quant_lr_scale=args.quant_lr_scale)
+      total_steps=total_steps, clip_norm=args.clip_norm, quant_lr_scale=args.quant_lr_scale,
+      optimizer=args.optimizer)
   x0 = jnp.asarray(data.x_train[:batch_size])
   if init_from is None:
     state = init_state(model, tx, x0, args.seed)
@@ -819,6 +832,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   t.add_argument("--eval-every", type=int, default=None, help="steps (default: one epoch)")
   t.add_argument("--lr", type=float, default=2e-3)
   t.add_argument("--weight-decay", type=float, default=0.05)
+  t.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS),
+                 help="AdamW with float32 / 8-bit / 4-bit moments (jaxq.optim.adamw)")
   t.add_argument("--warmup-steps", type=int, default=100)
   t.add_argument("--quant-lr-scale", type=float, default=0.1,
                  help="learning rate of learned quantizer steps, relative to --lr")

@@ -11,7 +11,8 @@ output ``y`` over the batches:
   averaged over batches (every floating-point output leaf, concatenated).
 
 One compilation per candidate bit width serves every layer: each layer's choice between
-its quantized and float result is a flag in the collection ``"jaxq_select"``.
+its quantized and float result is a flag ``"jaxq_select"`` in its "quant_stats" (stacked
+like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one path).
 
 Bit allocation (:func:`allocate_bits`): every layer starts at the smallest candidate width;
 the upgrade with the largest output-noise reduction per extra weight bit (noise power
@@ -31,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxq.flax import ptq
 from jaxq.flax.linen import layer_paths, quantize_model
@@ -116,14 +118,15 @@ def _flat(out) -> jax.Array:
   return jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in _float_leaves(out)])
 
 
-def _select_tree(paths: Sequence[str], on: str | None) -> dict:
-  tree: dict = {}
+def _with_select(stats: dict, paths: Sequence[str], on: str | None) -> dict:
+  """``stats`` with each layer's selection flag (1 for ``on``), shaped like its stack."""
+  flat = dict(traverse_util.flatten_dict(stats))
   for p in paths:
-    node = tree
-    for part in p.split("/"):
-      node = node.setdefault(part, {})
-    node["on"] = jnp.float32(p == on)
-  return tree
+    lp = tuple(p.split("/"))
+    rank = flat.get(lp + (ptq.KERNEL_RANK,))
+    flat[lp + (ptq.SELECT,)] = jnp.full(jnp.shape(rank) if rank is not None else (),
+                                        float(p == on), jnp.float32)
+  return traverse_util.unflatten_dict(flat)
 
 
 def _kernel_size(params, path: str) -> int:
@@ -189,11 +192,10 @@ def sensitivity(model: nn.Module, variables: dict, batches: Iterable,
 
     @jax.jit
     def quant_out(v, select, args, kwargs, qmodel=qmodel):
-      return qmodel.apply({**v, "quant_stats": stats, ptq.SELECT: select}, *args,
-                          **kwargs, **apply_kwargs)
+      return qmodel.apply({**v, "quant_stats": select}, *args, **kwargs, **apply_kwargs)
 
     for p in paths:
-      select = _select_tree(paths, p)
+      select = _with_select(stats, paths, p)
       noise, cos = 0.0, []
       for (a, k), ref in zip(batches, refs):
         y = _flat(quant_out(variables, select, a, k))

@@ -19,31 +19,54 @@ has module path ``"encoder/layer_0/attention/query"`` and leaf name ``"kernel"``
 at the top level has module path ``""``. Rules are matched (``re.fullmatch``, first
 match wins, :func:`jaxq.spec.match_rule`) against the module path ONLY, never against
 the leaf name, exactly as :func:`jaxq.flax.quantize_model` matches layer paths, so the
-same rules drive both APIs. A matched rule's ``weight`` spec applies to every leaf of
-rank >= 2 of that module (kernels, embeddings); leaves of rank < 2 (biases, norm scales)
-are never quantized. ``rules=None`` means :data:`DEFAULT_RULES`: int8, symmetric, per
-output channel (the last axis) for every leaf of rank >= 2.
+same rules drive both APIs. ``rules=None`` means :data:`DEFAULT_RULES`: int8, symmetric,
+per output channel.
 
-Axes. ``granularity="channel"`` keeps ``spec.axis`` (default -1: the output channel of a
-Dense kernel ``(in, out)`` and of a Conv kernel ``(kh, kw, in, out)``). With
-``granularity="group"``, consecutive ``group_size`` elements along the contraction
-(input) axis share a scale: axis ``-2`` of a kernel (Dense: 0; Conv: the input-channel
-axis), and the feature axis ``-1`` of a leaf named ``"embedding"`` (``(vocab, dim)``,
-contracted over ``dim`` by ``Embed.attend``); for an embedding use
-``QuantSpec(granularity="group", axis=0, ...)`` to keep one scale per row and group.
+Roles. A matched rule's ``weight`` spec applies to its module's leaves by name
+(:func:`leaf_role`), not by rank alone, so stacked biases ``(L, out)`` and norm scales
+``(L, D)`` stay float: ``"kernel"`` (Flax layout ``(..., in, out)``) and ``"embedding"``
+(``(vocab, dim)``) are always quantized (rank < 2 raises ValueError naming the leaf);
+``"bias"``, ``"scale"`` and jaxq's own ``jaxq_*`` never; any other name (Haiku ``"w"``,
+Equinox ``"weight"``) when its rank is >= 2, with ``spec`` applied to the leaf as it is.
+
+Kernels: one semantics with :func:`jaxq.flax.quantize_model` (Linen and NNX), bit for
+bit. A kernel's output axes are its last axis, or its last ``bias.ndim`` axes when its
+module's ``"bias"`` is the kernel's trailing shape (``DenseGeneral(features=(H, D))``);
+the axes before them are contracted. On the view ``(K, N)`` (contracted axes flattened
+into rows, output axes into columns) "channel" keeps one scale per output feature and
+"group" one per output feature and ``group_size`` consecutive elements of the innermost
+input axis (axis -2 of a Dense/Conv kernel, which it must divide; for a Conv kernel
+``(kh, kw, in, out)`` a group is ``group_size`` input channels at one ``(kh, kw)``).
+``spec.axis`` must name an output axis (default -1): a contracted axis raises ValueError
+in both APIs. (A bias-free kernel with several output axes is taken to have one here,
+while the Flax wrappers, which see the contraction, keep them all.) Other leaves keep
+``spec.axis``; "group" groups axis -1 of an embedding (contracted by ``Embed.attend``;
+``QuantSpec(granularity="group", axis=0, ...)`` for one scale per row and group) and axis
+-2 of any other leaf.
+
+Stacked layers (``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``: ``kernel (L, in, out)``,
+``bias (L, out)``). ``stacked=``, a regex (``re.fullmatch`` on the module path, as
+``Rule.path``), names the modules whose leaves have a leading stacking axis: each layer is
+quantized on its own (per-layer scales, as its call inside the scan does) and its qstate
+has the stacking axis too. A kernel that looks stacked (a bias ``(L, out)`` it starts with
+but does not end in) without ``stacked=`` gives a UserWarning.
 
 Learnable state. ``estimator="lsq"`` (LSQ, Esser et al. 2020; LSQ+ when asymmetric,
 Bhalgat et al. 2020) and ``estimator="pact"`` (Choi et al. 2018) need ``qstate``, made by
 :func:`init_qstate`: a nested dict mirroring the matched leaves, e.g.
 ``qstate["Dense_0"]["kernel"] == {"scale": f32[1, out]}`` (LSQ; plus ``"zero_point"``
-for LSQ+) or ``{"alpha": ...}`` (PACT). It is an ordinary pytree: optimise it with optax
+for LSQ+) or ``{"alpha": ...}`` (PACT), in the keepdims layout of the leaf (a grouped
+kernel: ``(..., in // group_size, 1, out)``). It is an ordinary pytree: optimise it with optax
 alongside (or together with) the params, e.g. ``optax.adam`` on ``(params, qstate)``.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +77,12 @@ from jaxq.spec import QuantSpec, Rule, match_rule
 
 PyTree = Any
 
-#: int8, symmetric, per output channel (last axis) for every leaf of rank >= 2.
+#: int8, symmetric, per output channel for every weight leaf (module docstring).
 DEFAULT_RULES: tuple[Rule, ...] = (Rule(path=".*", weight=QuantSpec()),)
 
 __all__ = ["DEFAULT_RULES", "quantize_params", "init_qstate", "leaf_group_axis",
-           "init_weight_state", "fake_quantize_weight", "key_name", "check_rules"]
+           "leaf_role", "check_weight_axis", "init_weight_state", "fake_quantize_weight",
+           "key_name", "check_rules", "FLOAT_NAMES"]
 
 
 def key_name(k) -> str:
@@ -94,6 +118,46 @@ def _check_rules(rules) -> tuple[Rule, ...]:
 def leaf_group_axis(name: str, ndim: int) -> int:
   """The contraction axis of a weight leaf: ``-1`` for ``"embedding"``, else ``-2``."""
   return ndim - 1 if name == "embedding" else ndim - 2
+
+
+#: Leaf names that are never quantized: biases and norm scales (jaxq's own ``jaxq_*``
+#: entries neither).
+FLOAT_NAMES = ("bias", "scale")
+
+
+def leaf_role(name: str, ndim: int) -> str | None:
+  """How :func:`quantize_params` treats a leaf of a matched module (module docstring).
+
+  ``"kernel"`` and ``"embedding"`` by name (quantized whatever their rank), None (kept in
+  float) for ``"bias"``, ``"scale"`` and ``jaxq_*``, and for any other name ``"other"``
+  when ``ndim >= 2`` (``ndim`` without stacking axes), else None.
+  """
+  if name in FLOAT_NAMES or name.startswith("jaxq_"):
+    return None
+  if name in ("kernel", "embedding"):
+    return name
+  return "other" if ndim >= 2 else None
+
+
+def check_weight_axis(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
+                      contract: Sequence[int]) -> None:
+  """``spec.axis`` of a layer's weight spec must name an output (non-contracted) axis of
+  its kernel: a layer keeps its scales per output feature, in every API.
+
+  Raises ValueError naming the layer ``path``, the axis and the axes it may name.
+  """
+  if spec.granularity == "tensor":
+    return
+  nd = len(kernel_shape)
+  contracted = {a % nd for a in contract}
+  outputs = [a for a in range(nd) if a not in contracted]
+  if -nd <= spec.axis < nd and spec.axis % nd in outputs:
+    return
+  raise ValueError(
+      f"layer '{path}': Rule weight QuantSpec.axis={spec.axis} is not an output axis of "
+      f"its kernel of shape {tuple(kernel_shape)} (contracted axes "
+      f"{tuple(sorted(contracted))}); a layer keeps one scale per output feature, so "
+      f"axis must be one of {outputs + [a - nd for a in outputs]} (default -1)")
 
 
 def _learnable(spec: QuantSpec | None) -> bool:
@@ -137,53 +201,165 @@ def fake_quantize_weight(w: jax.Array, spec: QuantSpec, group_axis: int,
                                  require_key=False)
 
 
-def _matched_leaves(params: PyTree, rules: tuple[Rule, ...]):
-  """Yields ``(index, keys, module_path, leaf_name, leaf, spec)`` of every quantized leaf."""
+class _Leaf(NamedTuple):
+  """A weight leaf that a rule quantizes."""
+
+  index: int          # in the flattened tree
+  keys: tuple[str, ...]
+  module_path: str
+  name: str
+  leaf: jax.Array
+  spec: QuantSpec
+  stack: int          # leading stacking axes
+  n_out: int          # output axes of a kernel (0 for other roles)
+
+  @property
+  def where(self) -> str:
+    return "/".join(self.keys)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    return tuple(jnp.shape(self.leaf))[self.stack:]
+
+
+def _output_axes(kernel_shape, bias_shape) -> int:
+  """Output axes of a kernel: those of its bias when the kernel ends in its shape, else 1."""
+  if bias_shape is not None and 1 <= len(bias_shape) < len(kernel_shape) and tuple(
+      kernel_shape[len(kernel_shape) - len(bias_shape):]) == tuple(bias_shape):
+    return len(bias_shape)
+  return 1
+
+
+def _looks_stacked(kernel_shape, bias_shape) -> bool:
+  """A bias ``(L, out)`` that the kernel ``(L, ..., out)`` starts with but does not end in."""
+  return (bias_shape is not None and len(bias_shape) >= 2
+          and _output_axes(kernel_shape, bias_shape) == 1
+          and kernel_shape[-1] == bias_shape[-1]
+          and kernel_shape[:len(bias_shape) - 1] == tuple(bias_shape[:-1]))
+
+
+def _matched_leaves(params: PyTree, rules: tuple[Rule, ...], stacked: str | None = None):
+  """``(flat, treedef, leaves)``: the flattened tree and every quantized :class:`_Leaf`."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  out = []
-  for i, (path, leaf) in enumerate(flat):
-    if jnp.ndim(leaf) < 2 or not path:
-      continue
+  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+  named = []
+  for path, leaf in flat:
     keys = tuple(key_name(k) for k in path)
+    shapes[keys] = tuple(jnp.shape(leaf))
+    named.append(keys)
+  out = []
+  for i, ((_, leaf), keys) in enumerate(zip(flat, named)):
+    if not keys:
+      continue
     module_path = "/".join(keys[:-1])
     rule = match_rule(rules, module_path)
     if rule is None or rule.weight is None:
       continue
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       continue
-    out.append((i, keys, module_path, keys[-1], leaf, rule.weight))
+    stack = int(stacked is not None and re.fullmatch(stacked, module_path) is not None)
+    ndim = jnp.ndim(leaf) - stack
+    role = leaf_role(keys[-1], ndim)
+    if role is None:
+      continue
+    where = "/".join(keys)
+    if ndim < 2:
+      raise ValueError(
+          f"weight '{where}' of shape {tuple(jnp.shape(leaf))}: a {role!r} leaf "
+          f"{'of a stacked module ' if stack else ''}is quantized and needs rank >= 2 "
+          f"{'after its stacking axis ' if stack else ''}(a {role} has Flax layout "
+          f"{'(..., in, out)' if role == 'kernel' else '(vocab, dim)'}); exclude module "
+          f"'{module_path}' with Rule(path=..., weight=None) if it is not one")
+    n_out = 0
+    if role == "kernel":
+      bias = shapes.get(keys[:-1] + ("bias",))
+      n_out = _output_axes(tuple(jnp.shape(leaf))[stack:],
+                           None if bias is None else bias[stack:])
+      if not stack and _looks_stacked(tuple(jnp.shape(leaf)), bias):
+        warnings.warn(
+            f"weight '{where}' of shape {tuple(jnp.shape(leaf))} with a bias of shape "
+            f"{bias} looks like a stacked layer (nn.scan / nnx.vmap): its leading axis is "
+            f"pooled into its scales unless quantize_params gets stacked= matching "
+            f"'{module_path}'", UserWarning, stacklevel=3)
+    out.append(_Leaf(i, keys, module_path, keys[-1], leaf, rule.weight, stack, n_out))
   return flat, treedef, out
 
 
-def _check_group(spec: QuantSpec, leaf, name: str, module_path: str) -> int:
-  ga = leaf_group_axis(name, jnp.ndim(leaf))
-  if spec.granularity == "group":
-    n = jnp.shape(leaf)[ga]
-    if n % spec.group_size:
-      raise ValueError(
-          f"weight '{module_path}/{name}' of shape {tuple(jnp.shape(leaf))}: group_size="
-          f"{spec.group_size} does not divide its contraction axis {ga} (length {n})")
+def _check_group(spec: QuantSpec, lf: _Leaf, ga: int) -> int:
+  shape = lf.layer_shape
+  if spec.granularity == "group" and shape[ga] % spec.group_size:
+    raise ValueError(
+        f"weight '{lf.where}' of shape {tuple(jnp.shape(lf.leaf))}: group_size="
+        f"{spec.group_size} does not divide its contraction axis {ga + lf.stack} (length "
+        f"{shape[ga]})")
   return ga
 
 
-def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None) -> dict:
+def _kernel_quantizer(lf: _Leaf):
+  """``(fake_quant(w, state, key), init(w))`` of one layer's kernel on its ``(K, N)`` view
+  (the view and spec the Flax wrappers use), state in the kernel's keepdims layout."""
+  shape, n_out, spec = lf.layer_shape, lf.n_out, lf.spec
+  contract = tuple(range(len(shape) - n_out))
+  check_weight_axis(spec, lf.module_path, shape, contract)
+  _check_group(spec, lf, len(contract) - 1)
+  view = (math.prod(shape[:-n_out]), math.prod(shape[-n_out:]))
+  vspec = spec if spec.granularity == "tensor" else spec.replace(axis=-1)
+  vstat = quantizer.stat_shape(view, vspec, 0)
+  if spec.granularity == "tensor":
+    layout = (1,) * len(shape)
+  elif spec.granularity == "channel":
+    layout = (1,) * len(contract) + shape[len(contract):]
+  else:
+    ga = len(contract) - 1
+    layout = shape[:ga] + (shape[ga] // spec.group_size, 1) + shape[ga + 1:]
+
+  def fq(w, state, key):
+    st = None if state is None else {n: jnp.reshape(v, vstat) for n, v in state.items()}
+    return fake_quantize_weight(w.reshape(view), vspec, 0, st, key).reshape(shape)
+
+  def init(w):
+    return {n: v.reshape(layout)
+            for n, v in init_weight_state(w.reshape(view), vspec, 0).items()}
+
+  return fq, init
+
+
+def _quantizer(lf: _Leaf):
+  """``(fake_quant(w, state, key), init(w))`` of one layer's leaf (unstacked)."""
+  if lf.n_out:
+    return _kernel_quantizer(lf)
+  ga = _check_group(lf.spec, lf, leaf_group_axis(lf.name, len(lf.layer_shape)))
+  return (lambda w, state, key: fake_quantize_weight(w, lf.spec, ga, state, key),
+          lambda w: init_weight_state(w, lf.spec, ga))
+
+
+def _per_layer(fn, stack: int):
+  """``fn`` mapped over ``stack`` leading stacking axes of all its arguments."""
+  for _ in range(stack):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None, *,
+                stacked: str | None = None) -> dict:
   """Learnable quantizer state for the weights that ``rules`` quantize with LSQ or PACT.
 
   Returns a nested dict mirroring the params tree down to each such leaf, whose value is
   ``{"scale": ...}`` (LSQ), ``{"scale": ..., "zero_point": ...}`` (LSQ+, asymmetric) or
   ``{"alpha": ...}`` (PACT); see :func:`init_weight_state`. Empty when no rule learns.
+  ``stacked``: as in :func:`quantize_params` (the state then has the stacking axis).
   """
   rules = _check_rules(rules)
-  _, _, matched = _matched_leaves(params, rules)
+  _, _, matched = _matched_leaves(params, rules, stacked)
   qstate: dict = {}
-  for _, keys, module_path, name, leaf, spec in matched:
-    if not _learnable(spec):
+  for lf in matched:
+    if not _learnable(lf.spec):
       continue
-    ga = _check_group(spec, leaf, name, module_path)
+    _, init = _quantizer(lf)
     node = qstate
-    for k in keys[:-1]:
+    for k in lf.keys[:-1]:
       node = node.setdefault(k, {})
-    node[keys[-1]] = init_weight_state(leaf, spec, ga)
+    node[lf.keys[-1]] = _per_layer(init, lf.stack)(lf.leaf)
   return qstate
 
 
@@ -197,8 +373,33 @@ def tree_get(tree, keys):
   return node
 
 
+def _checked_state(lf: _Leaf, qstate, init) -> dict[str, jax.Array]:
+  """The learned state of ``lf`` in ``qstate``, checked against what init_qstate makes."""
+  spec = lf.spec
+  state = tree_get(qstate, lf.keys) if qstate is not None else None
+  if state is None:
+    raise ValueError(
+        f"weight '{lf.where}' uses estimator={spec.estimator!r}, whose step is "
+        "learned: pass qstate=jaxq.init_qstate(params, rules)")
+  want = jax.eval_shape(_per_layer(init, lf.stack), lf.leaf)
+  if not isinstance(state, Mapping) or set(state) != set(want):
+    got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+    raise ValueError(
+        f"qstate entry '{lf.where}' must be a dict with keys {sorted(want)} (estimator="
+        f"{spec.estimator!r}, symmetric={spec.symmetric}), as jaxq.init_qstate(params, "
+        f"rules) makes it; got {got}")
+  for n, w in want.items():
+    if tuple(jnp.shape(state[n])) != tuple(w.shape):
+      raise ValueError(
+          f"qstate entry '{lf.where}/{n}' has shape {tuple(jnp.shape(state[n]))}; the "
+          f"weight of shape {tuple(jnp.shape(lf.leaf))} needs {tuple(w.shape)} (as "
+          "jaxq.init_qstate(params, rules) makes it)")
+  return dict(state)
+
+
 def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
-                    qstate: dict | None = None, *, key: jax.Array | None = None) -> PyTree:
+                    qstate: dict | None = None, *, key: jax.Array | None = None,
+                    stacked: str | None = None) -> PyTree:
   """Fake-quantizes the weight leaves of ``params`` that ``rules`` match.
 
   Args:
@@ -207,33 +408,37 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
       wins); None means :data:`DEFAULT_RULES`.
     qstate: learnable state from :func:`init_qstate`, required when a matched rule uses
       ``estimator="lsq"`` or ``"pact"``.
-    key: PRNG key for ``rounding="stochastic"`` specs (folded with the leaf index),
-      required when a matched rule's weight spec rounds stochastically.
+    key: PRNG key for ``rounding="stochastic"`` specs (folded with the leaf index, split
+      over the layers of a stack), required when a matched rule's weight spec rounds
+      stochastically.
+    stacked: regex of the module paths (``re.fullmatch``) whose leaves have a leading
+      stacking axis (``nn.scan`` / ``nnx.vmap`` layer stacks): quantized layer by layer.
 
   Returns:
     A tree of the same structure; matched leaves are ``x_hat`` of the same shape and
     dtype, differentiable w.r.t. ``params`` (straight-through) and ``qstate`` (LSQ/PACT).
     Pure: works under ``jit``, ``grad``, ``vmap`` and with any optax optimizer updating the
     float ``params``.
+
+  Raises:
+    ValueError naming the leaf: a kernel/embedding of rank < 2, a kernel spec whose
+    ``axis`` is an input axis, a group size that does not divide the grouped axis, a
+    missing qstate or one of the wrong kind or shape.
   """
   rules = _check_rules(rules)
-  flat, treedef, matched = _matched_leaves(params, rules)
+  flat, treedef, matched = _matched_leaves(params, rules, stacked)
   leaves = [leaf for _, leaf in flat]
-  for i, keys, module_path, name, leaf, spec in matched:
-    ga = _check_group(spec, leaf, name, module_path)
-    state = None
-    if _learnable(spec):
-      state = tree_get(qstate, keys) if qstate is not None else None
-      if state is None:
-        raise ValueError(
-            f"weight '{'/'.join(keys)}' uses estimator={spec.estimator!r}, whose step is "
-            "learned: pass qstate=jaxq.init_qstate(params, rules)")
+  for lf in matched:
+    fq, init = _quantizer(lf)
+    state = _checked_state(lf, qstate, init) if _learnable(lf.spec) else None
     k = None
-    if spec.rounding == "stochastic":
+    if lf.spec.rounding == "stochastic":
       if key is None:
         raise ValueError(
-            f"weight '{'/'.join(keys)}': QuantSpec.rounding='stochastic' needs a PRNG key:"
-            " quantize_params(..., key=jax.random.key(...))")
-      k = jax.random.fold_in(key, i)
-    leaves[i] = fake_quantize_weight(leaf, spec, ga, state, k)
+            f"weight '{'/'.join(lf.keys)}': QuantSpec.rounding='stochastic' needs a PRNG "
+            "key: quantize_params(..., key=jax.random.key(...))")
+      k = jax.random.fold_in(key, lf.index)
+      if lf.stack:
+        k = jax.random.split(k, jnp.shape(lf.leaf)[0])
+    leaves[lf.index] = _per_layer(fq, lf.stack)(lf.leaf, state, k)
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -166,9 +166,10 @@ def opt_state_shardings(tx, params: PyTree, params_shardings: PyTree) -> PyTree:
   """Shardings of ``tx.init(params)`` (any optax transformation, masked and
   multi-transform ones included): a state leaf whose key path ends with a parameter's
   path and has that parameter's shape (Adam's ``mu`` / ``nu``, momentum, ...) follows the
-  parameter; everything else (step counts) is replicated. (``jit(tx.init)`` on sharded
-  params does NOT give this: ``zeros_like`` has no sharded operand to propagate from, so
-  its output is replicated.)
+  parameter, and so does one of the same rank whose sharded axes divide evenly (the
+  packed codes and block scales of :func:`jaxq.optim.adamw`); everything else (step
+  counts) is replicated. (``jit(tx.init)`` on sharded params does NOT give this:
+  ``zeros_like`` has no sharded operand to propagate from, so its output is replicated.)
   """
   meshes = {s.mesh for s in jax.tree_util.tree_leaves(params_shardings)}
   if len(meshes) != 1:
@@ -183,11 +184,20 @@ def opt_state_shardings(tx, params: PyTree, params_shardings: PyTree) -> PyTree:
     keys = tuple(qparams.key_name(k) for k in path)
     for start in range(len(keys)):  # the longest matching suffix first
       hit = by_path.get(keys[start:])
-      if hit is not None and hit[0] == tuple(leaf.shape):
+      if hit is not None and _follows(hit[1], hit[0], tuple(leaf.shape)):
         return hit[1]
     return rep
 
   return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+
+
+def _follows(sharding: NamedSharding, param_shape: tuple, shape: tuple) -> bool:
+  """Whether a state leaf of ``shape`` can take its parameter's ``sharding``."""
+  if shape == param_shape:
+    return True
+  return len(shape) == len(param_shape) and all(
+      d % _axis_size(sharding.mesh, a) == 0
+      for d, a in zip(shape, _spec_entries(sharding.spec, len(shape))))
 
 
 def _spec_entries(spec: P, ndim: int) -> list:

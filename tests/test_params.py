@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +70,8 @@ def test_group_axes_and_errors():
   spec = QuantSpec(bits=4, granularity="group", group_size=2)
   q = quantize_params(p, [Rule("conv|encoder/.*", weight=spec)])
   w = np.asarray(p["conv"]["kernel"], np.float64)          # (3, 3, 4, 6): groups along in
-  wg = w.reshape(3, 3, 2, 2, 6)
-  s = np.maximum(np.abs(wg).max(axis=(0, 1, 3), keepdims=True) / 7, 1.2e-7)
+  wg = w.reshape(3, 3, 2, 2, 6)  # one scale per (kh, kw, group, out): group_size elements
+  s = np.maximum(np.abs(wg).max(axis=3, keepdims=True) / 7, 1.2e-7)
   ref = (np.clip(np.round(wg / s), -8, 7) * s).reshape(w.shape)
   np.testing.assert_allclose(q["conv"]["kernel"], ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="conv/kernel"):
@@ -126,3 +129,87 @@ def test_vmap_and_stochastic_key():
   assert not np.array_equal(a, b)
   with pytest.raises(ValueError, match="'d/kernel'.*stochastic.*key"):
     quantize_params(w, sr)
+
+
+def test_roles_by_name_stacked_biases_and_scales_untouched():
+  k = jax.random.split(jax.random.key(4), 3)
+  stack = {"Dense_0": {"kernel": jax.random.normal(k[0], (3, 8, 4)),
+                       "bias": jax.random.normal(k[1], (3, 4))},
+           "LayerNorm_0": {"scale": 1 + jax.random.normal(k[2], (3, 8)),
+                           "bias": jax.random.normal(k[2], (3, 8))},
+           "Dense_1": {"kernel": jnp.ones((3, 4, 4)), "jaxq_weight_scale": jnp.ones((3, 1, 4))}}
+  p = {"layers": stack}
+  q = jax.jit(functools.partial(quantize_params, stacked="layers/.*"))(p)
+  for mod, name in (("Dense_0", "bias"), ("LayerNorm_0", "scale"), ("LayerNorm_0", "bias"),
+                    ("Dense_1", "jaxq_weight_scale")):
+    np.testing.assert_array_equal(q["layers"][mod][name], p["layers"][mod][name])
+  # per-layer, per-output-channel scales: each layer as if quantized alone
+  w = p["layers"]["Dense_0"]["kernel"]
+  for i in range(3):
+    np.testing.assert_allclose(q["layers"]["Dense_0"]["kernel"][i], _ref_channel(w[i]),
+                               rtol=1e-6, atol=1e-7)
+    one = quantize_params({"d": {"kernel": w[i]}})["d"]["kernel"]
+    np.testing.assert_array_equal(q["layers"]["Dense_0"]["kernel"][i], one)
+  # biases and norm scales stay float without stacked= too (by name, not rank)
+  with pytest.warns(UserWarning, match=r"'layers/Dense_0/kernel'.*stacked"):
+    q2 = jax.jit(quantize_params)(p)
+  np.testing.assert_array_equal(q2["layers"]["LayerNorm_0"]["scale"],
+                                p["layers"]["LayerNorm_0"]["scale"])
+  np.testing.assert_array_equal(q2["layers"]["Dense_0"]["bias"], p["layers"]["Dense_0"]["bias"])
+  # unknown names still follow rank >= 2; an embedding keeps its (row) layout
+  other = {"m": {"w": jax.random.normal(k[0], (8, 4)), "v": jnp.ones((4,))}}
+  qo = quantize_params(other)
+  np.testing.assert_allclose(qo["m"]["w"], _ref_channel(other["m"]["w"]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(qo["m"]["v"], other["m"]["v"])
+
+
+def test_stacked_lsq_and_group_state_per_layer():
+  w = jax.random.normal(jax.random.key(5), (3, 8, 4)) * jnp.arange(1, 4)[:, None, None]
+  p = {"layers": {"d": {"kernel": w}}}
+  rules = Rule("layers/d", weight=QuantSpec(bits=4, estimator="lsq", granularity="group",
+                                            group_size=4))
+  qs = init_qstate(p, rules, stacked="layers/.*")
+  s = qs["layers"]["d"]["kernel"]["scale"]
+  assert s.shape == (3, 2, 1, 4)
+  for i in range(3):
+    one = init_qstate({"d": {"kernel": w[i]}}, dataclasses.replace(rules, path="d"))["d"]["kernel"]["scale"]
+    np.testing.assert_array_equal(s[i], one)
+    got = quantize_params(p, rules, qs, stacked="layers/.*")["layers"]["d"]["kernel"][i]
+    ref = quantize_params({"d": {"kernel": w[i]}}, dataclasses.replace(rules, path="d"),
+                          {"d": {"kernel": {"scale": s[i]}}})["d"]["kernel"]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_kernel_axis_and_output_axes():
+  p = _params()
+  # axis names a kernel's input axis: rejected, naming the field, the layer and the choice
+  with pytest.raises(ValueError, match=r"encoder/layer_0/query.*QuantSpec.axis=0.*-1"):
+    quantize_params(p, [Rule("encoder/.*", weight=QuantSpec(axis=0))])
+  with pytest.raises(ValueError, match=r"'conv'.*QuantSpec.axis=-2"):
+    quantize_params(p, [Rule("conv", weight=QuantSpec(axis=-2))])
+  # axis is honoured on non-kernel leaves: an embedding row-wise
+  q = quantize_params(p, [Rule("embed", weight=QuantSpec(axis=0))])
+  e = np.asarray(p["embed"]["embedding"], np.float64)
+  s = np.maximum(np.abs(e).max(axis=1, keepdims=True) / 127, 1.2e-7)
+  np.testing.assert_allclose(q["embed"]["embedding"], np.clip(np.round(e / s), -128, 127) * s,
+                             rtol=1e-6, atol=1e-7)
+  # a DenseGeneral kernel (D, H, K) whose bias is (H, K): one scale per (h, k)
+  w = jax.random.normal(jax.random.key(6), (8, 2, 4))
+  qg = quantize_params({"q": {"kernel": w, "bias": jnp.zeros((2, 4))}})["q"]["kernel"]
+  ref = _ref_channel(np.asarray(w).reshape(8, 8)).reshape(8, 2, 4)
+  np.testing.assert_allclose(qg, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_errors_name_the_leaf_and_what_was_expected():
+  p = {"m": {"kernel": jnp.ones((8,))}}
+  with pytest.raises(ValueError, match=r"'m/kernel'.*rank >= 2"):
+    quantize_params(p)
+  p = _params()
+  rules = [Rule("encoder/.*", weight=QuantSpec(bits=4, estimator="lsq"))]
+  qs = init_qstate(p, rules)
+  bad = {"encoder": {"layer_0": {"query": {"kernel": {"alpha": jnp.ones((1, 8))}}}}}
+  with pytest.raises(ValueError, match=r"'encoder/layer_0/query/kernel'.*\['scale'\].*alpha"):
+    quantize_params(p, rules, bad)
+  bad = jax.tree.map(lambda s: s[..., :4], qs)
+  with pytest.raises(ValueError, match=r"kernel/scale' has shape \(1, 4\).*\(1, 8\)"):
+    quantize_params(p, rules, bad)

@@ -10,8 +10,10 @@ kernel ``rhs``. Quantization works on 2-D views of the two operands: the activat
 ``(M, K)`` (its contracted axes last and flattened; for Conv its channel axis) and the
 kernel as ``(K, N)`` (contracted axes first; ``N`` = every output feature). Hence, for
 weights, ``granularity="channel"`` is one scale per output feature (all non-contracted
-kernel axes, whatever ``spec.axis``) and ``"group"`` groups ``group_size`` consecutive
-elements of the innermost contracted kernel axis, which it must divide; for activations,
+kernel axes; ``spec.axis`` must name one of them, :func:`jaxq.params.check_weight_axis`)
+and ``"group"`` groups ``group_size`` consecutive elements of the innermost contracted
+kernel axis, which it must divide: the semantics of :func:`jaxq.quantize_params` on the
+same kernel, bit for bit. For activations,
 "tensor" is one scale, "channel" one per contracted feature, "group" one per group of
 features (shared by all rows), and ``dynamic=True`` ranges per row (token) at run time.
 """
@@ -31,6 +33,7 @@ from jax import lax
 
 from jaxq import calibration
 from jaxq import quantizer
+from jaxq.params import check_weight_axis
 from jaxq.spec import QuantSpec
 
 __all__ = [
@@ -261,6 +264,7 @@ def weight_view_spec(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
   if spec.scheme != "uniform":
     raise ValueError(f"layer '{path}': weight QuantSpec.scheme must be 'uniform'; got "
                      f"{spec.scheme!r} (log2/ptf are activation schemes)")
+  check_weight_axis(spec, path, kernel_shape, rhs_contract)
   if spec.granularity == "group":
     inner = kernel_shape[rhs_contract[-1]]
     if inner % spec.group_size:

@@ -16,9 +16,11 @@ Operand views. Quantization works on 2-D views of the two operands of the contra
 the activation as ``(M, K)`` (its contracted axes last and flattened; for Conv the input
 channels) and the kernel as ``(K, N)`` (contracted axes first; ``N`` = every output
 feature). Hence, for weights, ``granularity="channel"`` is one scale per output feature
-(all non-contracted kernel axes, whatever ``spec.axis``), ``"group"`` groups
+(all non-contracted kernel axes; ``spec.axis`` must name one of them, else ValueError),
+``"group"`` groups
 ``group_size`` consecutive elements of the innermost contracted axis (the input axis of
-a Dense kernel, the input-channel axis of a Conv kernel), which it must divide. For
+a Dense kernel, the input-channel axis of a Conv kernel), which it must divide: what
+:func:`jaxq.quantize_params` does to the same kernel, bit for bit. For
 activations: "tensor" is one scale, "channel" one per contracted feature, "group" one
 per group of features (shared by all rows); ``dynamic=True`` computes the range per row
 (token) at run time ("tensor" -> per row, "group" -> per row and group).

@@ -16,7 +16,7 @@ fake-quantized (:func:`jaxq.quantizer.fake_quantize`): the kernel with ``rule.we
 the input activation with ``rule.act``. As in :mod:`jaxq.flax.linen`, quantization works
 on 2-D views: the activation as ``(M, K)`` (its contracted axes, for Conv its channels,
 last) and the kernel as ``(K, N)``; weight "channel" means one scale per output feature
-(``spec.axis`` is ignored), weight "group" groups ``group_size`` consecutive elements of
+(``spec.axis`` must name an output axis), weight "group" groups ``group_size`` consecutive elements of
 the innermost contracted kernel axis; activation "tensor" is one scale, "channel" one per
 input feature, "group" one per group of features, and ``dynamic=True`` ranges per row.
 
@@ -50,6 +50,11 @@ that has a ``"jaxq"`` stream; without one it rounds to nearest.
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
+
+Stacked layers (created by ``nnx.vmap``, run by ``nnx.scan``): a kernel with more axes
+than its layer contracts has that many leading stacking axes, and every jaxq variable of
+the layer (learned steps, observers, flags) gets them too, initialised per layer, so
+that ``nnx.scan`` hands each layer of the stack its own quantizer state.
 """
 
 from __future__ import annotations
@@ -132,9 +137,21 @@ def _kind(layer) -> str:
   return "einsum"
 
 
-def _layout(layer, path: str) -> tuple[tuple[int, ...], int]:
+def _kernel_rank(layer) -> int:
+  """The rank of the kernel that one call of ``layer`` contracts (without stacking axes)."""
+  if isinstance(layer, nnx.LinearGeneral):
+    return len(layer.in_features) + len(layer.out_features)
+  if isinstance(layer, nnx.Linear):
+    return 2
+  if isinstance(layer, nnx.Conv):
+    size = layer.kernel_size
+    return (len(size) if isinstance(size, Sequence) else 1) + 2
+  return len(layer.kernel_shape)
+
+
+def _layout(layer, path: str, kernel_shape: tuple[int, ...]
+            ) -> tuple[tuple[int, ...], int]:
   """``(rhs_contract, K)``: the kernel's contracted axes and the activation's feature count."""
-  kernel_shape = tuple(layer.kernel.get_value().shape)
   if isinstance(layer, nnx.LinearGeneral):
     if layer.batch_axis:
       raise ValueError(
@@ -317,26 +334,37 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
         f"{rule.act_compress}: activation-compressed training is not supported by "
         "jaxq.nnx.quantize_model; use jaxq.act.compressed_vjp on the function instead")
   kernel = layer.kernel.get_value()
-  rhs_contract, k = _layout(layer, path)
+  # A layer stacked by nnx.vmap (run under nnx.scan) has leading stacking axes: its jaxq
+  # state gets them too, one quantizer per layer of the stack.
+  stack = kernel.ndim - _kernel_rank(layer)
+  if stack < 0:
+    raise ValueError(f"layer '{path}': kernel of shape {tuple(kernel.shape)} has fewer axes "
+                     f"than its layer contracts ({_kernel_rank(layer)})")
+  lead, kernel_shape = tuple(kernel.shape[:stack]), tuple(kernel.shape[stack:])
+  rhs_contract, k = _layout(layer, path, kernel_shape)
   wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
-                                                            kernel.shape, rhs_contract)
+                                                            kernel_shape, rhs_contract)
   aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
   cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec)
 
   if is_learned(wspec, act=False):
-    state = _init_kernel_state(kernel, wspec, rhs_contract)
+    init = lambda w: _init_kernel_state(w, wspec, rhs_contract)  # noqa: E731
+    for _ in range(stack):
+      init = jax.vmap(init)
+    state = init(kernel)
     for key, name in state_names(wspec, WEIGHT_NAMES).items():
       setattr(layer, name, nnx.Param(state[key]))
   if is_learned(aspec, act=True):
     # Placeholders, replaced from the first activation seen in training mode.
-    shape = act_stat_shape(aspec, k)
+    shape = lead + act_stat_shape(aspec, k)
     for key, name in state_names(aspec, ACT_NAMES).items():
       fill = 0.0 if key == "zero_point" else 1.0
       setattr(layer, name, nnx.Param(jnp.full(shape, fill, jnp.float32)))
-    setattr(layer, ACT_INITIALIZED, QuantStats(jnp.zeros((), jnp.bool_)))
+    setattr(layer, ACT_INITIALIZED, QuantStats(jnp.zeros(lead, jnp.bool_)))
   if is_observed(aspec):
-    setattr(layer, ACT_STATS, QuantStats(calibration.observer_init(aspec,
-                                                                   act_stat_shape(aspec, k))))
+    observer = calibration.observer_init(aspec, act_stat_shape(aspec, k))
+    setattr(layer, ACT_STATS, QuantStats(jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   if not hasattr(layer, "use_running_average"):

@@ -13,8 +13,9 @@ Quantization", sec. 3)::
 of :class:`~jaxq.spec.QuantSpec`: "minmax", "ema", "percentile", "mse") of every matched
 layer with a static activation spec is updated, and so is the PTF observer of every
 ``nn.LayerNorm`` whose rule asks for ``scheme="ptf"`` (:mod:`jaxq.flax.fqvit`). It also
-records the contraction axes of each matched kernel (``quant_stats/jaxq_kernel_axes``),
-which :func:`convert` uses to lay out per-channel and per-group scales.
+records the contraction axes and the rank of each matched kernel as the layer's call sees
+it (``quant_stats/jaxq_kernel_axes``, ``jaxq_kernel_rank``), which :func:`convert` uses
+to lay out per-channel and per-group scales.
 
 :func:`convert` replaces each matched kernel in "params" by a :class:`~jaxq.qarray.QArray`
 in the kernel's own shape (int8, or bit-packed int4/int2; the float kernel is dropped):
@@ -26,6 +27,14 @@ MSE; "percentile"). Static activation ranges become ``jaxq_act_scale`` /
 ``jaxq_act_zero_point`` next to the kernel. Without recorded axes (no calibration), the
 output axes are taken from the layer's bias shape (a kernel ending in the bias's shape),
 else the last axis.
+
+Stacked layers (``nn.scan`` / ``nn.vmap`` with ``variable_axes={"params": 0,
+"quant_stats": 0}``): a stored kernel with more axes than its layer's call saw has that
+many leading stacking axes; each layer of the stack is quantized on its own, and its
+QArray (and activation scales) carry the stacking axis on every leaf while ``shape`` is
+one layer's, so that the lifted transform slices them like the float kernel. Without
+calibration the stacking axes are read off a bias ``(L, out)`` that the kernel does not
+end in.
 
 The serving model (:class:`ServingModel`) runs the original model code. A matched
 ``nn.Dense`` / ``nn.DenseGeneral`` with an 8-bit weight and an 8-bit signed activation
@@ -67,18 +76,20 @@ from jaxq.flax.paths import module_path
 from jaxq.params import tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
-           "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "ACT_SCALE", "ACT_ZERO_POINT",
-           "normalize_batch"]
+           "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
+           "ACT_ZERO_POINT", "normalize_batch"]
 
 CALIBRATE_MODE = "ptq_calibrate"
 SERVE_MODE = "ptq_serve"
 SIM_MODE = "ptq_sim"
 #: quant_stats entry: int32 contraction axes of a matched kernel (recorded by calibrate).
 KERNEL_AXES = "jaxq_kernel_axes"
+#: quant_stats entry: the kernel's rank as its layer's call sees it (one layer of a stack).
+KERNEL_RANK = "jaxq_kernel_rank"
 ACT_SCALE, ACT_ZERO_POINT = qlinen.ACT_SCALE, qlinen.ACT_ZERO_POINT
 _WEIGHT_NAMES = (qlinen.WEIGHT_SCALE, qlinen.WEIGHT_ZERO_POINT, qlinen.WEIGHT_ALPHA)
 
-# Contraction axes seen while tracing a calibration step: {path: axes}.
+# Kernel layouts seen while tracing a calibration step: {path: (contraction axes, rank)}.
 _RECORD = threading.local()
 
 
@@ -361,7 +372,7 @@ def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """Calibration: linen's observer update, plus the kernel's contraction axes recorded."""
   rec = getattr(_RECORD, "axes", None)
   if rec is not None:
-    rec[call.path] = tuple(int(a) % op.rhs.ndim for a in op.rhs_contract)
+    rec[call.path] = (tuple(int(a) % op.rhs.ndim for a in op.rhs_contract), op.rhs.ndim)
   return qlinen.calibrate_handler(call, op)
 
 
@@ -390,9 +401,10 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
 def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """Simulated PTQ from float variables (the serving numerics, quantized on the fly).
 
-  With a ``"jaxq_select"`` variable ``"on"`` in the layer's scope, the quantized result is
-  used where ``on > 0`` and the float result elsewhere (one compilation serves every
-  one-layer-at-a-time choice; :mod:`jaxq.analysis`).
+  With a ``"quant_stats"`` variable ``"jaxq_select"`` in the layer's scope, the quantized
+  result is used where it is > 0 and the float result elsewhere (one compilation serves
+  every one-layer-at-a-time choice; :mod:`jaxq.analysis`). It lives in "quant_stats" so
+  that it reaches the layers of ``nn.scan`` / ``nn.vmap`` stacks, stacked like them.
   """
   wspec = call.rule.weight
   qw = None
@@ -407,13 +419,13 @@ def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
   act = _act_qparams_from_stats(call, op.lhs.shape[-1])
   y = quantized_contraction(call, op, qw, act)
   m = call.module
-  if m.has_variable(SELECT, "on"):
-    on = m.get_variable(SELECT, "on")
+  if m.has_variable(QUANT_STATS, SELECT):
+    on = m.get_variable(QUANT_STATS, SELECT)
     y = jnp.where(on > 0, y, op.compute(op.lhs, op.rhs))
   return y
 
 
-#: Collection of per-layer selection flags read by the "ptq_sim" mode.
+#: quant_stats entry: a layer's selection flag read by the "ptq_sim" mode.
 SELECT = "jaxq_select"
 
 register_mode(CALIBRATE_MODE, calibrate_handler)
@@ -481,7 +493,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
 
   step = jax.jit(run)
   stats = None
-  recorded: dict[str, tuple[int, ...]] = {}
+  recorded: dict[str, tuple[tuple[int, ...], int]] = {}
   n = 0
   for batch in batches:
     args, kwargs = normalize_batch(batch)
@@ -499,11 +511,16 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
   if n == 0:
     raise ValueError("batches is empty: calibration needs at least one batch")
   old = {} if reset else _unfreeze(variables.get(QUANT_STATS, {}))
-  for path, axes in recorded.items():
+  for path, (axes, rank) in recorded.items():
     node = stats
     for part in path.split("/"):
       node = node.setdefault(part, {})
-    node[KERNEL_AXES] = jnp.asarray(axes, jnp.int32)
+    # Stacked like the kernel, so that nn.scan / nn.vmap can slice them as quant_stats.
+    kernel = meta.unbox((tree_get(others.get("params", {}), path.split("/")) or {}).get(
+        "kernel"))
+    lead = tuple(np.shape(kernel))[:max(np.ndim(kernel) - rank, 0)]
+    node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
+    node[KERNEL_RANK] = jnp.full(lead, rank, jnp.int32)
   return {**others, QUANT_STATS: _merge(old, stats)}
 
 
@@ -520,6 +537,56 @@ def _infer_contract(kernel, bias) -> tuple[int, ...]:
       bias):]) == tuple(jnp.shape(bias)):
     return tuple(range(nd - jnp.ndim(bias)))
   return tuple(range(nd - 1))
+
+
+def _infer_stack(kernel, bias) -> int:
+  """Leading stacking axes of a kernel without a recorded rank: those of a bias that the
+  kernel does not end in but starts with (``kernel (L, in, out)``, ``bias (L, out)``)."""
+  if bias is None or jnp.ndim(bias) < 2 or _infer_contract(kernel, bias) != tuple(
+      range(kernel.ndim - 1)) or kernel.shape[-1] != jnp.shape(bias)[-1]:
+    return 0
+  if tuple(kernel.shape[kernel.ndim - jnp.ndim(bias):]) == tuple(jnp.shape(bias)):
+    return 0
+  stack = jnp.ndim(bias) - 1
+  return stack if tuple(kernel.shape[:stack]) == tuple(jnp.shape(bias)[:stack]) else 0
+
+
+def _per_layer(fn, stack: int):
+  """``fn`` mapped over ``stack`` leading stacking axes of all its arguments."""
+  for _ in range(stack):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _kernel_stack(path: str, kernel, rank: int | None, bias) -> int:
+  """Leading stacking axes of a stored kernel whose layer's call sees rank ``rank``."""
+  if rank is None:
+    return _infer_stack(kernel, bias)
+  if not 0 < rank <= kernel.ndim:
+    raise ValueError(f"layer '{path}': its kernel of shape {tuple(kernel.shape)} has fewer "
+                     f"axes than the {rank} its layer's call saw in calibration")
+  return kernel.ndim - rank
+
+
+def _convert_kernel(path: str, spec: QuantSpec, kernel, bias, contract, learned: dict,
+                    stack: int) -> QArray:
+  """The QArray of one layer's (or, per layer, one stack's) kernel; errors name ``path``."""
+  if jnp.ndim(kernel) - stack < 2:
+    raise ValueError(
+        f"layer '{path}': its 'kernel' of shape {tuple(jnp.shape(kernel))} is not a "
+        "contraction kernel (rank < 2 per layer); exclude the module with "
+        "Rule(path=..., weight=None)")
+  if contract is None:
+    contract = _infer_contract(kernel[(0,) * stack],
+                               None if bias is None else bias[(0,) * stack])
+  try:
+    if spec.estimator in ("lsq", "pact") and learned:
+      return _per_layer(lambda w, l: _learned_kernel(w, spec, contract, l), stack)(
+          kernel, learned)
+    return _per_layer(lambda w: quantize_kernel(w, spec, contract), stack)(kernel)
+  except ValueError as e:
+    raise ValueError(f"layer '{path}' (kernel of shape {tuple(jnp.shape(kernel))}): {e}"
+                     ) from e
 
 
 def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
@@ -541,8 +608,12 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
   params = variables["params"]
   stats = variables.get(QUANT_STATS, {})
   flat = traverse_util.flatten_dict(params, keep_empty_nodes=False)
-  recorded = {k[:-1]: tuple(int(a) for a in np.asarray(v))
-              for k, v in traverse_util.flatten_dict(stats).items() if k[-1] == KERNEL_AXES}
+  flat_stats = traverse_util.flatten_dict(stats)
+  # Both are stacked like their layer: every layer of a stack has the same layout.
+  recorded = {k[:-1]: tuple(int(a) for a in np.asarray(v).reshape(-1, np.shape(v)[-1])[0])
+              for k, v in flat_stats.items() if k[-1] == KERNEL_AXES}
+  ranks = {k[:-1]: int(np.asarray(v).reshape(-1)[0])
+           for k, v in flat_stats.items() if k[-1] == KERNEL_RANK}
   layers = sorted({k[:-1] for k in flat if k[-1] == "kernel"} | set(recorded))
   for lp in layers:
     path = "/".join(lp)
@@ -555,14 +626,13 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
     kernel = node.get("kernel")
     if isinstance(kernel, meta.AxisMetadata):
       kernel = kernel.unbox()
+    bias, stack = meta.unbox(node.get("bias")), 0
+    if kernel is not None and not isinstance(kernel, QArray):
+      stack = _kernel_stack(path, kernel, ranks.get(lp), bias)
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
-      contract = recorded.get(lp) or _infer_contract(kernel, node.get("bias"))
       learned = {n: node[n] for n in _WEIGHT_NAMES if n in node}
-      if rule.weight.estimator in ("lsq", "pact") and learned:
-        q = _learned_kernel(kernel, rule.weight, contract, learned)
-      else:
-        q = quantize_kernel(kernel, rule.weight, contract)
-      flat[lp + ("kernel",)] = q
+      flat[lp + ("kernel",)] = _convert_kernel(path, rule.weight, kernel, bias,
+                                               recorded.get(lp), learned, stack)
     for n in _WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
@@ -570,7 +640,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any]
       st = tree_get(stats, lp + (qlinen.ACT_STATS,))
       if st is None:
         raise ValueError(_uncalibrated(path))
-      scale, zp = calibration.observer_qparams(st, aspec)
+      scale, zp = _per_layer(lambda s: calibration.observer_qparams(s, aspec), stack)(st)
       flat[lp + (ACT_SCALE,)] = scale
       flat[lp + (ACT_ZERO_POINT,)] = zp
     elif _static_act(aspec) and aspec.estimator == "lsq" and lp + (ACT_SCALE,) in flat \

@@ -1,40 +1,23 @@
-"""BatchNorm folding and cross-layer equalization: float-exact rewrites that ease quantization.
+"""BatchNorm folding (Nagel et al. 2021, "A White Paper on Neural Network Quantization",
+sec. 2.3.1; Krishnamoorthi 2018, sec. 3.2; Jacob et al. 2018).
 
-Both act on parameter trees (nested dicts: Linen ``variables["params"]``, or the pure dict
-of an NNX state, ``nnx.state(model, nnx.Param).to_pure_dict()``). Layers are named by
-"/"-joined paths into the tree (e.g. ``"Conv_0"``, ``"block/conv"``, ``"layers/0"``); a
-layer is a dict with a ``"kernel"`` (Dense ``(in, out)``, Conv ``(*window, in, out)``:
-output channels on the last axis, input channels on the second to last) and optionally a
-``"bias"``.
-
-* **BatchNorm folding** (Nagel et al. 2021, "A White Paper on Neural Network
-  Quantization", sec. 2.3.1; Krishnamoorthi 2018, sec. 3.2; Jacob et al. 2018): a
-  BatchNorm after a Conv/Dense in inference mode is a per-output-channel affine map, so it
-  merges into the layer: with ``sigma = sqrt(var + eps)``,
-  ``W'[..., c] = W[..., c] * gamma_c / sigma_c`` and
-  ``b'_c = beta_c + (b_c - mean_c) * gamma_c / sigma_c``.
-  :func:`fold_batchnorm` does this on the trees, :func:`find_conv_bn_pairs` finds the
-  pairs by tracing the model, and :class:`FoldedBatchNorm` / :func:`frozen_batchnorm` run
-  the *unchanged* model definition with the folded BatchNorms reduced to their (now
-  trivial) affine part, in training as in evaluation mode. This is the white paper's
-  *static folding* for QAT (sec. 4.2): fold with the running statistics, then quantize
-  and train the folded weights (wrap the :class:`FoldedBatchNorm` in
-  :func:`jaxq.quantize_model`); for PTQ, fold and then calibrate/convert the same way.
-* **Cross-layer equalization** (Nagel et al. 2019, "Data-Free Quantization Through Weight
-  Equalization and Bias Correction", sec. 4.1): for ``y = W2 f(W1 x + b1) + b2`` with a
-  positively homogeneous ``f`` (ReLU, leaky ReLU, identity),
-  ``f(s^-1 z) = s^-1 f(z)`` for ``s > 0``, so scaling output channel ``i`` of layer 1 by
-  ``1/s_i`` and input channel ``i`` of layer 2 by ``s_i`` leaves the function unchanged.
-  The choice ``s_i = sqrt(r1_i / r2_i) = (1 / r2_i) sqrt(r1_i r2_i)`` (``r1_i``: range
-  ``max |W1[..., i]|`` of output channel ``i`` of W1, ``r2_i``: range of input channel
-  ``i`` of W2) makes both ranges ``sqrt(r1_i r2_i)``, which maximises the product of the
-  per-channel precisions and so helps per-tensor quantization: :func:`equalize`.
+A BatchNorm after a Conv/Dense in inference mode is a per-output-channel affine map, so it
+merges into the layer: with ``sigma = sqrt(var + eps)``,
+``W'[..., c] = W[..., c] * gamma_c / sigma_c`` and
+``b'_c = beta_c + (b_c - mean_c) * gamma_c / sigma_c``. :func:`fold_batchnorm` does this
+on the trees (layers named by paths, :mod:`jaxq.fold.tree`), :func:`find_conv_bn_pairs`
+finds the pairs by tracing the model, and :class:`FoldedBatchNorm` /
+:func:`frozen_batchnorm` run the *unchanged* model definition with the folded BatchNorms
+reduced to their (now trivial) affine part, in training as in evaluation mode. This is
+the white paper's *static folding* for QAT (sec. 4.2): fold with the running statistics,
+then quantize and train the folded weights (wrap the :class:`FoldedBatchNorm` in
+:func:`jaxq.quantize_model`); for PTQ, fold and then calibrate/convert the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -43,72 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.flax.paths import module_path
+from jaxq.fold.tree import has_layer, layer_at, layer_kernel, mutable_copy, set_entry
 
 #: Default BatchNorm epsilon of ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm``.
 BN_EPSILON = 1e-5
 
 __all__ = [
-    "BN_EPSILON", "FoldedBatchNorm", "equalization_scales", "equalize", "find_conv_bn_pairs",
-    "fold_batchnorm", "fold_conv_bn", "frozen_batchnorm",
+    "BN_EPSILON", "FoldedBatchNorm", "find_conv_bn_pairs", "fold_batchnorm", "fold_conv_bn",
+    "frozen_batchnorm",
 ]
-
-
-# ---------------------------------------------------------------------------------------
-# Tree access by "/"-joined paths
-# ---------------------------------------------------------------------------------------
-
-
-def _split(path: str) -> tuple[str, ...]:
-  if not isinstance(path, str) or not path:
-    raise ValueError(f"layer paths are non-empty '/'-joined strings; got {path!r}")
-  return tuple(path.split("/"))
-
-
-def _child(node, key: str, path: str, tree_name: str):
-  if isinstance(node, Mapping):
-    if key in node:
-      return node[key]
-    if key.isdigit() and int(key) in node:  # NNX pure dicts key list entries by int
-      return node[int(key)]
-  raise ValueError(f"{tree_name} has no entry {path!r} (missing {key!r})")
-
-
-def _get(tree, path: str, tree_name: str) -> Mapping:
-  node = tree
-  for key in _split(path):
-    node = _child(node, key, path, tree_name)
-  if not isinstance(node, Mapping):
-    raise ValueError(f"{tree_name}[{path!r}] is a leaf, not a layer's dict of variables")
-  return node
-
-
-def _to_dict(tree):
-  """A mutable nested-dict copy of ``tree`` (FrozenDicts and Mappings become dicts)."""
-  if isinstance(tree, Mapping):
-    return {k: _to_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def _set(tree: dict, path: str, name: str, value) -> None:
-  node = tree
-  keys = _split(path)
-  for key in keys:
-    if key not in node and key.isdigit() and int(key) in node:
-      key = int(key)
-    node = node[key]
-  node[name] = value
-
-
-def _kernel(layer: Mapping, path: str, tree_name: str) -> jax.Array:
-  if "kernel" not in layer:
-    raise ValueError(
-        f"{tree_name}[{path!r}] has no 'kernel' (keys: {sorted(map(str, layer))}); "
-        "only Dense/Conv-like layers (kernel with output channels last) are supported")
-  kernel = jnp.asarray(layer["kernel"])
-  if kernel.ndim < 2:
-    raise ValueError(f"{tree_name}[{path!r}]['kernel'] must have rank >= 2; got shape "
-                     f"{kernel.shape}")
-  return kernel
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +96,7 @@ def fold_batchnorm(
     :class:`FoldedBatchNorm` (exact, in training and evaluation mode); the plain model in
     evaluation mode gives the same result up to float32 rounding of ``1 - eps + eps``.
   """
-  out_params, out_stats = _to_dict(params), _to_dict(batch_stats)
+  out_params, out_stats = mutable_copy(params), mutable_copy(batch_stats)
   pairs = [tuple(p) for p in pairs]
   seen: set[str] = set()
   for pair in pairs:
@@ -182,40 +108,32 @@ def fold_batchnorm(
                          "BatchNorm can be folded once")
       seen.add(p)
   for layer_path, bn_path in pairs:
-    layer = _get(params, layer_path, "params")
-    bn = _get(params, bn_path, "params") if _has(params, bn_path) else {}
-    stats = _get(batch_stats, bn_path, "batch_stats")
+    layer = layer_at(params, layer_path, "params")
+    bn = layer_at(params, bn_path, "params") if has_layer(params, bn_path) else {}
+    stats = layer_at(batch_stats, bn_path, "batch_stats")
     if "mean" not in stats or "var" not in stats:
       raise ValueError(f"batch_stats[{bn_path!r}] must hold 'mean' and 'var'; got keys "
                        f"{sorted(map(str, stats))}")
     e = eps[bn_path] if isinstance(eps, Mapping) else eps
-    kernel = _kernel(layer, layer_path, "params")
+    kernel = layer_kernel(layer, layer_path, "params")
     new_kernel, new_bias = fold_conv_bn(kernel, layer.get("bias"), bn.get("scale"),
                                         bn.get("bias"), stats["mean"], stats["var"], e)
-    _set(out_params, layer_path, "kernel", new_kernel)
+    set_entry(out_params, layer_path, "kernel", new_kernel)
     if "bias" in layer:
-      _set(out_params, layer_path, "bias", new_bias.astype(jnp.asarray(layer["bias"]).dtype))
+      set_entry(out_params, layer_path, "bias", new_bias.astype(jnp.asarray(layer["bias"]).dtype))
       if "bias" in bn:
-        _set(out_params, bn_path, "bias", jnp.zeros_like(bn["bias"]))
+        set_entry(out_params, bn_path, "bias", jnp.zeros_like(bn["bias"]))
     elif "bias" in bn:
-      _set(out_params, bn_path, "bias", new_bias.astype(jnp.asarray(bn["bias"]).dtype))
+      set_entry(out_params, bn_path, "bias", new_bias.astype(jnp.asarray(bn["bias"]).dtype))
     elif bool(jnp.any(new_bias != 0)):
       raise ValueError(
           f"cannot fold {bn_path!r} into {layer_path!r}: the folded bias is non-zero but "
           "neither layer has a 'bias' parameter to hold it (use_bias=False on both)")
     if "scale" in bn:
-      _set(out_params, bn_path, "scale", jnp.ones_like(bn["scale"]))
-    _set(out_stats, bn_path, "mean", jnp.zeros_like(stats["mean"]))
-    _set(out_stats, bn_path, "var", jnp.full_like(stats["var"], 1.0 - e))
+      set_entry(out_params, bn_path, "scale", jnp.ones_like(bn["scale"]))
+    set_entry(out_stats, bn_path, "mean", jnp.zeros_like(stats["mean"]))
+    set_entry(out_stats, bn_path, "var", jnp.full_like(stats["var"], 1.0 - e))
   return out_params, out_stats
-
-
-def _has(tree, path: str) -> bool:
-  try:
-    _get(tree, path, "")
-  except ValueError:
-    return False
-  return True
 
 
 def _module_path(module: nn.Module) -> str:
@@ -328,69 +246,3 @@ class FoldedBatchNorm(nn.Module):
   def __call__(self, *args, method: str = "__call__", **kwargs):
     with frozen_batchnorm(self.bn_paths):
       return getattr(self.module, method)(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------
-# Cross-layer equalization
-# ---------------------------------------------------------------------------------------
-
-
-def _channel_range(w: jax.Array, axis: int) -> jax.Array:
-  axes = tuple(a for a in range(w.ndim) if a != axis % w.ndim)
-  return jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes)
-
-
-def equalization_scales(w1: jax.Array, w2: jax.Array) -> jax.Array:
-  """Per-channel CLE scales ``s_i = (1 / r2_i) * sqrt(r1_i * r2_i)`` (Nagel et al. 2019).
-
-  ``r1_i = max |w1[..., i]|`` (output channel ``i`` of layer 1, last axis) and
-  ``r2_i = max |w2[..., i, :]|`` (input channel ``i`` of layer 2, second to last axis).
-  Channels where either range is 0 (or not finite) get ``s_i = 1``.
-  """
-  w1, w2 = jnp.asarray(w1), jnp.asarray(w2)
-  if w1.ndim < 2 or w2.ndim < 2:
-    raise ValueError(f"kernels must have rank >= 2; got shapes {w1.shape} and {w2.shape}")
-  if w1.shape[-1] != w2.shape[-2]:
-    raise ValueError(
-        f"layer 1's output channels (kernel shape {w1.shape}, last axis) must match "
-        f"layer 2's input channels (kernel shape {w2.shape}, second to last axis); "
-        "grouped/depthwise second layers are not supported")
-  r1, r2 = _channel_range(w1, -1), _channel_range(w2, -2)
-  s = jnp.sqrt(r1 * r2) / r2
-  ok = (r1 > 0) & (r2 > 0) & jnp.isfinite(s)
-  return jnp.where(ok, s, 1.0)
-
-
-def equalize(params: Mapping, pairs: Sequence[tuple[str, str]], *,
-             iterations: int = 1) -> dict:
-  """Cross-layer equalization of ``(layer1_path, layer2_path)`` pairs (Nagel et al. 2019).
-
-  Each pair must be ``layer2(f(layer1(x)))`` with ``f`` positively homogeneous (ReLU,
-  leaky ReLU, identity; not ReLU6, GELU or a BatchNorm in between: fold it first).
-  ``W1[..., i] /= s_i``, ``b1_i /= s_i``, ``W2[..., i, :] *= s_i`` with
-  ``s = equalization_scales(W1, W2)``, which leaves the network's function unchanged
-  and both channel ranges equal to ``sqrt(r1_i r2_i)``. For chains (``A -> B -> C`` as
-  pairs ``(A, B), (B, C)``) the pairs are equalized in order and the pass is repeated
-  ``iterations`` times (the paper iterates until convergence).
-
-  Returns a new params tree (the input is not modified).
-  """
-  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-    raise ValueError(f"iterations must be a positive int; got {iterations!r}")
-  pairs = [tuple(p) for p in pairs]
-  for pair in pairs:
-    if len(pair) != 2:
-      raise ValueError(f"pairs must hold (layer1_path, layer2_path) tuples; got {pair!r}")
-  out = _to_dict(params)
-  for _ in range(iterations):
-    for p1, p2 in pairs:
-      l1, l2 = _get(out, p1, "params"), _get(out, p2, "params")
-      w1, w2 = _kernel(l1, p1, "params"), _kernel(l2, p2, "params")
-      s = equalization_scales(w1, w2)
-      _set(out, p1, "kernel", (w1 / s).astype(w1.dtype))
-      if l1.get("bias") is not None:
-        b1 = jnp.asarray(l1["bias"])
-        _set(out, p1, "bias", (b1 / s).astype(b1.dtype))
-      _set(out, p2, "kernel", (w2 * s[:, None]).astype(w2.dtype))
-  return out
-
