@@ -6,7 +6,9 @@ The state is serialized with :mod:`flax.serialization` (msgpack), which stores e
 array's dtype, shape and bytes, so :func:`restore` gives back bitwise-identical arrays.
 With a ``target`` of the same structure (e.g. the freshly initialised state),
 ``restore`` checks the structure, shapes and dtypes against it; without one it returns
-nested dicts with QArrays rebuilt (they are self-describing, :mod:`jaxq.qarray`).
+nested dicts with QArrays rebuilt (they are self-describing, :mod:`jaxq.qarray`). Every
+QArray's metadata is checked against its arrays. Errors name the key path and what was
+expected.
 Writes are atomic (a temporary file renamed into place).
 """
 
@@ -52,37 +54,98 @@ def save(path: str | os.PathLike, state: PyTree) -> None:
     raise
 
 
-def _rebuild(tree):
+def _key(path: tuple) -> str:
+  return "/".join(map(str, path)) or "<root>"
+
+
+def _rebuild(tree, path=()):
   if isinstance(tree, dict):
     if tree.get(qarray.STATE_MARK):
-      return qarray.qarray_from_state(tree)
-    return {k: _rebuild(v) for k, v in tree.items()}
+      try:
+        return qarray.qarray_from_state(tree)
+      except ValueError as e:
+        raise ValueError(f"checkpoint entry '{_key(path)}': {e}") from None
+    return {k: _rebuild(v, path + (k,)) for k, v in tree.items()}
   return tree
+
+
+def _entries(tree, path=()):
+  """``{key path: leaf or serialized QArray}`` of a state dict (empty dicts vanish)."""
+  if isinstance(tree, dict) and not tree.get(qarray.STATE_MARK):
+    out = {}
+    for k, v in tree.items():
+      out.update(_entries(v, path + (str(k),)))
+    return out
+  return {path: tree}
+
+
+def _describe(node) -> str:
+  if isinstance(node, dict):
+    return f"a QArray of shape {tuple(node['meta']['shape'])}"
+  return f"shape {np.shape(node)} and dtype {np.asarray(node).dtype}"
+
+
+def _compare(stored, want) -> None:
+  """ValueError naming the first key path where ``stored`` does not match ``want``."""
+  have, need = _entries(stored), _entries(want)
+  for p in need:
+    if p not in have:
+      raise ValueError(f"the target has '{_key(p)}' ({_describe(need[p])}), which the "
+                       "checkpoint lacks")
+  for p in have:
+    if p not in need:
+      raise ValueError(f"the checkpoint has '{_key(p)}', which the target lacks")
+  for p, t in need.items():
+    r = have[p]
+    t_q, r_q = isinstance(t, dict), isinstance(r, dict)
+    if t_q != r_q:
+      raise ValueError(
+          f"checkpoint entry '{_key(p)}' holds {'a QArray' if r_q else 'a plain array'}; "
+          f"the target expects {'a QArray' if t_q else 'a plain array'}")
+    if t_q:
+      if r["meta"] != t["meta"]:
+        raise ValueError(f"checkpoint entry '{_key(p)}': stored QArray metadata "
+                         f"{r['meta']} differs from the target's {t['meta']}")
+      pairs = [(f"{_key(p)}/{k}", r[k], t[k]) for k in ("values", "scale", "zero_point")]
+    else:
+      pairs = [(_key(p), r, t)]
+    for key, rv, tv in pairs:
+      rs, ts = np.shape(rv), np.shape(tv)
+      rd, td = np.asarray(rv).dtype, np.asarray(tv).dtype
+      if rs != ts or rd != td:
+        raise ValueError(f"checkpoint entry '{key}' has shape {rs} and dtype {rd}; the "
+                         f"target expects shape {ts} and dtype {td}")
+
+
+def _read(path: str):
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    raw = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises ExtraData, FormatError, ValueError, ...
+    raise ValueError(f"{path}: not a jaxq checkpoint (msgpack cannot decode it: "
+                     f"{type(e).__name__}: {e})") from None
+  if not isinstance(raw, (dict, np.ndarray)):
+    raise ValueError(f"{path}: not a jaxq checkpoint (it decodes to a "
+                     f"{type(raw).__name__}, not a state dict)")
+  return raw
 
 
 def restore(path: str | os.PathLike, target: PyTree = None) -> PyTree:
   """Reads the state saved at ``path``, into the structure of ``target`` if given.
 
-  Raises ValueError when the stored tree does not match ``target``'s structure, or an
-  array's shape or dtype differs. Without ``target``: nested dicts, QArrays rebuilt.
+  Raises ValueError, naming the key path (e.g. ``params/Dense_0/kernel``) and what was
+  expected, when the stored tree does not match ``target``'s structure, an array's
+  shape or dtype differs, a QArray's metadata does not describe its arrays
+  (:func:`jaxq.qarray.check_arrays`) or differs from the target's; and naming the file
+  when it is not a checkpoint at all. Without ``target``: nested dicts, QArrays rebuilt.
   """
-  with open(os.fspath(path), "rb") as f:
-    data = f.read()
-  raw = serialization.msgpack_restore(data)
+  path = os.fspath(path)
+  raw = _read(path)
+  rebuilt = _rebuild(raw)  # checks every QArray's metadata against its arrays
   if target is None:
-    return _rebuild(raw)
-  want = serialization.to_state_dict(target)
-  r_def = jax.tree_util.tree_structure(raw)
-  t_def = jax.tree_util.tree_structure(want)
-  if r_def != t_def:
-    raise ValueError(f"checkpoint structure {r_def} does not match target {t_def}")
+    return rebuilt
+  _compare(raw, serialization.to_state_dict(target))
   restored = serialization.from_state_dict(target, raw)
-  t_leaves = jax.tree_util.tree_leaves(target)
-  r_leaves = jax.tree_util.tree_leaves(restored)
-  for i, (t, r) in enumerate(zip(t_leaves, r_leaves)):
-    td, rd = np.asarray(t).dtype, np.asarray(r).dtype
-    if np.shape(t) != np.shape(r) or td != rd:
-      raise ValueError(f"checkpoint leaf {i}: shape/dtype {np.shape(r)}/{rd} does not match "
-                       f"target {np.shape(t)}/{td}")
   return jax.tree_util.tree_map(
       lambda t, r: jax.numpy.asarray(r) if isinstance(t, jax.Array) else r, target, restored)

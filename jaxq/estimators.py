@@ -25,8 +25,15 @@ Conventions shared by all ops:
 * ``scale``, ``zero_point``, ``qmin`` and ``qmax`` broadcast against ``x``: scalars for
   per-tensor, e.g. ``(1, C)`` for per-channel or ``(G, 1)`` on a
   :func:`jaxq.numerics.to_groups` view for per-group quantization. They may not enlarge
-  ``x``'s shape. Scales must be positive (see :data:`jaxq.numerics.SCALE_EPS`);
-  power-of-two scales (:func:`jaxq.numerics.pow2`) are ordinary scales here.
+  ``x``'s shape. Power-of-two scales (:func:`jaxq.numerics.pow2`) are ordinary scales.
+* Values training can reach: a scale of magnitude below
+  :data:`jaxq.numerics.SCALE_EPS` (0 included) is used as ``+-SCALE_EPS``
+  (:func:`jaxq.numerics.floor_scale`); a negative scale, which LSQ can learn, is a
+  mirrored grid, ``fq(x; -s) = -fq(-x; s)``. A PACT ``alpha`` below
+  ``(2^b - 1) * SCALE_EPS`` (0, negative) is used as that floor. Gradients are passed
+  to the raw parameter (so a learned step can recover); a NaN scale propagates.
+  ``qmin > qmax`` anywhere raises ValueError when the ranges are concrete (ints or
+  arrays), and gives NaN at those elements when they are traced.
 * ``round`` is round-half-to-even; with a PRNG ``key`` it is unbiased stochastic rounding
   ``floor(v + u)``, ``u ~ U[0, 1)`` (:func:`jaxq.numerics.round_stochastic`).
 * "Inside the range" is decided on the rounded code ``round(x / s) + z``, exactly as the
@@ -126,15 +133,18 @@ def _affine(x, scale, zero_point, qmin, qmax, key):
   """Shared forward arithmetic of the affine ops, in the compute dtype.
 
   Returns ``(v, r, q, x_hat)``: ``v = x / s``, ``r = round(v)``, the unclipped code
-  ``q = r + z``, and ``x_hat = (clip(q, qmin, qmax) - z) * s``.
+  ``q = r + z``, and ``x_hat = (clip(q, qmin, qmax) - z) * s``. ``|s|`` is floored at
+  :data:`jaxq.numerics.SCALE_EPS` (NaN stays NaN), and a grid point beyond the largest
+  finite float (a range reaching ``+-3.4e38`` in float32) dequantizes to that float.
   """
   dt = _compute_dtype(x.dtype)
-  s = scale.astype(dt)
+  s = numerics.floor_scale(scale.astype(dt))
   z = zero_point.astype(dt)
   v = x.astype(dt) / s
   r = _round(v, key)
   q = r + z
-  x_hat = (jnp.clip(q, qmin, qmax) - z) * s
+  big = jnp.finfo(dt).max
+  x_hat = jnp.clip((jnp.clip(q, qmin, qmax) - z) * s, -big, big)
   return v, r, q, x_hat
 
 
@@ -146,10 +156,24 @@ def _prepare_affine(x, scale, zero_point, qmin, qmax):
   for name, arg in (("scale", scale), ("zero_point", zero_point), ("qmin", qmin),
                     ("qmax", qmax)):
     _check_broadcast(x, arg, name)
-  if isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)):
-    if qmin > qmax:
-      raise ValueError(f"qmin={qmin} must be <= qmax={qmax}")
+  lo, hi = _concrete(qmin), _concrete(qmax)
+  if lo is not None and hi is not None and np.any(lo > hi):
+    raise ValueError(f"qmin={lo.tolist()} must be <= qmax={hi.tolist()} (elementwise)")
   return x, scale, zero_point
+
+
+def _concrete(a) -> np.ndarray | None:
+  """``a`` as a NumPy array, or None when it is traced (its value unknown here)."""
+  if isinstance(a, jax.core.Tracer):
+    return None
+  return np.asarray(a)
+
+
+def _nan_where_empty_range(out: jax.Array, qmin, qmax) -> jax.Array:
+  """NaN where a traced ``qmin > qmax`` (concrete ranges are checked up front)."""
+  if _concrete(qmin) is not None and _concrete(qmax) is not None:
+    return out
+  return jnp.where(jnp.asarray(qmin) > jnp.asarray(qmax), jnp.asarray(jnp.nan, out.dtype), out)
 
 
 # ------------------------------------------------------------------ STE fake quant
@@ -199,7 +223,7 @@ def fake_quant(
     key: optional PRNG key for stochastic rounding.
   """
   x, scale, zero_point = _prepare_affine(x, scale, zero_point, qmin, qmax)
-  return _ste_jit(x, scale, zero_point, qmin, qmax, key)
+  return _nan_where_empty_range(_ste_jit(x, scale, zero_point, qmin, qmax, key), qmin, qmax)
 
 
 # ------------------------------------------------------------------- LSQ / LSQ+
@@ -267,13 +291,15 @@ def lsq_fake_quant(
   """
   x, scale, zero_point = _prepare_affine(x, scale, zero_point, qmin, qmax)
   if grad_scale is None:
-    if isinstance(qmax, (int, np.integer)) and qmax <= 0:
+    hi = _concrete(qmax)
+    if hi is not None and np.any(hi <= 0):
       raise ValueError(f"grad_scale=None needs qmax > 0 for 1/sqrt(n * qmax); got "
-                       f"qmax={qmax}. Pass grad_scale explicitly.")
+                       f"qmax={hi.tolist()}. Pass grad_scale explicitly.")
     n = x.size / max(scale.size, 1)
     grad_scale = 1.0 / jnp.sqrt(n * jnp.asarray(qmax, jnp.float32))
   grad_scale = jnp.asarray(grad_scale, jnp.float32)
-  return _lsq_jit(x, scale, zero_point, qmin, qmax, grad_scale, key)
+  return _nan_where_empty_range(_lsq_jit(x, scale, zero_point, qmin, qmax, grad_scale, key),
+                                qmin, qmax)
 
 
 def lsq_init_scale(
@@ -309,9 +335,16 @@ def _pact(x, alpha, bits, key):
   return _pact_forward(x, alpha, bits, key).astype(x.dtype)
 
 
+def _pact_alpha(alpha, bits, dt):
+  """``alpha`` floored so that its step ``alpha / (2^bits - 1)`` is at least SCALE_EPS."""
+  a = alpha.astype(dt)
+  floor = numerics.SCALE_EPS * (2**bits - 1)
+  return jnp.where(a < floor, jnp.asarray(floor, dt), a)
+
+
 def _pact_forward(x, alpha, bits, key):
   dt = _compute_dtype(x.dtype)
-  a = alpha.astype(dt)
+  a = _pact_alpha(alpha, bits, dt)
   s = a / (2**bits - 1)
   y = jnp.clip(x.astype(dt), 0.0, a)
   return _round(y / s, key) * s
@@ -322,10 +355,9 @@ def _pact_fwd(x, alpha, bits, key):
 
 
 def _pact_bwd(bits, res, g):
-  del bits
   x, alpha = res
   dt = _compute_dtype(x.dtype)
-  xf, a = x.astype(dt), alpha.astype(dt)
+  xf, a = x.astype(dt), _pact_alpha(alpha, bits, dt)
   dx = jnp.where((xf >= 0) & (xf < a), g, jnp.zeros_like(g))
   dalpha = jnp.where(xf >= a, g.astype(dt), jnp.zeros((), dt))
   return dx, _param_cotangent(dalpha, alpha), None
@@ -346,6 +378,10 @@ def pact_fake_quant(
   ``d/dx = 1`` for ``0 <= x < alpha`` else 0; ``d/dalpha = 1`` where ``x >= alpha`` else
   0 (the rounding error inside the range is not propagated to alpha), summed to
   ``alpha``'s shape. ``alpha`` (positive) broadcasts against ``x``.
+
+  An ``alpha`` that training drove to 0 or below is used as ``(2^bits - 1) *
+  SCALE_EPS`` (the smallest step), and its gradient is passed to the raw ``alpha``
+  unchanged, so that it can grow back; NaN propagates.
   """
   bits = numerics.check_bits(bits)
   x = jnp.asarray(x)

@@ -15,6 +15,11 @@ Quantization"). This module holds the arithmetic shared by every quantizer:
 
 Non-finite values: range estimation (:func:`minmax`) ignores NaN and +-Inf; quantizers
 propagate NaN and saturate +-Inf to the ends of the integer range.
+
+Edge cases: an empty array has the range ``[0, 0]`` (as a slice with no finite value);
+ranges up to the float32 limits (``[-3.4e38, 3.4e38]``) give finite scales; float64
+arrays (with ``jax_enable_x64``) get float64 ranges and scales, so values beyond the
+float32 range are quantized, not taken for +-Inf.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ MIN_BITS, MAX_BITS = 1, 8
 
 
 def check_bits(bits: int, name: str = "bits") -> int:
-  """Validates an integer bit width in ``[1, 8]``."""
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise TypeError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+  """Validates an integer bit width in ``[1, 8]`` (ValueError otherwise, even for a
+  non-integer such as ``2.5`` or ``True``: a bad value, whatever its type)."""
+  if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
+    raise ValueError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
   if not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
   return int(bits)
@@ -80,6 +86,29 @@ def exp2_int(e: jax.Array, dtype=jnp.float32) -> jax.Array:
   return out.astype(dtype)
 
 
+def floor_scale(scale: jax.Array) -> jax.Array:
+  """``scale`` with its magnitude floored at :data:`SCALE_EPS`, in its dtype.
+
+  A scale of 0 (or below ``SCALE_EPS`` in magnitude) would give ``x / s = NaN``; it is
+  used as ``SCALE_EPS`` (``-SCALE_EPS`` when negative). A negative scale is a valid,
+  mirrored grid (``fq(x; -s) = -fq(-x; s)``), which learned steps (LSQ) can reach in
+  training, and is kept. NaN propagates.
+  """
+  scale = jnp.asarray(scale)
+  eps = jnp.asarray(SCALE_EPS, scale.dtype)
+  return jnp.where(jnp.abs(scale) < eps, jnp.where(scale < 0, -eps, eps), scale)
+
+
+def float_dtype(*arrays) -> jnp.dtype:
+  """float64 if any of ``arrays`` is a float64 array (``jax_enable_x64``), else float32.
+
+  Python scalars do not count, so ranges and scales stay float32 unless the data is
+  float64.
+  """
+  wide = any(getattr(a, "dtype", None) == np.float64 for a in arrays)
+  return jnp.dtype(jnp.float64 if wide and jax.config.jax_enable_x64 else jnp.float32)
+
+
 def pow2(scale: jax.Array) -> jax.Array:
   """Rounds a positive scale to the nearest power of two: ``2^round(log2 s)`` (exact)."""
   scale = jnp.asarray(scale)
@@ -105,11 +134,14 @@ def scale_zero_point(
   ``s`` is floored at :data:`SCALE_EPS`, so zero-range tensors get finite scales. With
   ``pow2_scale`` the scale is rounded to a power of two (before ``z`` is computed).
 
-  Returns float32 arrays of the broadcast shape of ``lo`` and ``hi``.
+  Returns float32 arrays (float64 when ``lo`` or ``hi`` is float64) of the broadcast
+  shape of ``lo`` and ``hi``. Ranges wider than the largest float (e.g.
+  ``[-3.4e38, 3.4e38]`` in float32) still give finite scales.
   """
   qmin, qmax = int_range(bits, signed)
-  lo = jnp.asarray(lo, jnp.float32)
-  hi = jnp.asarray(hi, jnp.float32)
+  dtype = float_dtype(lo, hi)
+  lo = jnp.asarray(lo, dtype)
+  hi = jnp.asarray(hi, dtype)
   if symmetric:
     check_symmetric_range(bits, signed)
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if signed else jnp.maximum(hi, 0.0)
@@ -119,7 +151,10 @@ def scale_zero_point(
     return scale, jnp.zeros_like(scale)
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
-  scale = jnp.maximum((hi - lo) / (qmax - qmin), SCALE_EPS)
+  levels = qmax - qmin
+  width = hi - lo  # overflows for ranges wider than the float's largest value
+  scale = jnp.where(jnp.isfinite(width), width / levels, hi / levels - lo / levels)
+  scale = jnp.maximum(scale, SCALE_EPS)
   if pow2_scale:
     scale = pow2(scale)
   zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
@@ -229,13 +264,20 @@ def from_groups(xg: jax.Array, group_axis: int) -> jax.Array:
 
 
 def minmax(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Per-slice ``(min, max)`` over ``axes`` (kept as size-1 dims), in float32.
+  """Per-slice ``(min, max)`` over ``axes`` (kept as size-1 dims), in float32 (float64
+  for float64 ``x``).
 
-  NaN and +-Inf are ignored; a slice with no finite value gives ``(0, 0)``.
+  NaN and +-Inf are ignored; a slice with no finite value, or no value at all (an
+  empty ``x``), gives ``(0, 0)``.
   The plain min and max are taken first and the masked reduction runs only when they
   are not finite: on XLA:CPU a pair of masked reductions costs ~100x the plain pair.
   """
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  x = x.astype(float_dtype(x))
+  if x.size == 0:
+    red = {a % x.ndim for a in axes}
+    zero = jnp.zeros(tuple(1 if a in red else d for a, d in enumerate(x.shape)), x.dtype)
+    return zero, zero
   lo = jnp.min(x, axis=axes, keepdims=True)
   hi = jnp.max(x, axis=axes, keepdims=True)
   return jax.lax.cond(

@@ -409,7 +409,8 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
     qstate: learnable state from :func:`init_qstate`, required when a matched rule uses
       ``estimator="lsq"`` or ``"pact"``.
     key: PRNG key for ``rounding="stochastic"`` specs (folded with the leaf index, split
-      over the layers of a stack); without it they round to nearest.
+      over the layers of a stack), required when a matched rule's weight spec rounds
+      stochastically.
     stacked: regex of the module paths (``re.fullmatch``) whose leaves have a leading
       stacking axis (``nn.scan`` / ``nnx.vmap`` layer stacks): quantized layer by layer.
 
@@ -431,7 +432,11 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
     fq, init = _quantizer(lf)
     state = _checked_state(lf, qstate, init) if _learnable(lf.spec) else None
     k = None
-    if key is not None and lf.spec.rounding == "stochastic":
+    if lf.spec.rounding == "stochastic":
+      if key is None:
+        raise ValueError(
+            f"weight '{'/'.join(lf.keys)}': QuantSpec.rounding='stochastic' needs a PRNG "
+            "key: quantize_params(..., key=jax.random.key(...))")
       k = jax.random.fold_in(key, lf.index)
       if lf.stack:
         k = jax.random.split(k, jnp.shape(lf.leaf)[0])

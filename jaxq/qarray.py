@@ -12,8 +12,9 @@ Storage (what :attr:`QArray.nbytes` counts):
   low ``bits`` bits in two's complement and sign-extended on unpacking. Other widths
   (3, 5, 6, 7, 8 bits) take one byte per element: ``int8`` when signed, ``uint8`` when
   unsigned, in the logical shape. A 0-d array is stored as shape ``(1,)``-packed bytes.
-* ``scale``: float32, keepdims layout of :mod:`jaxq.quantizer` (broadcasts against the
-  array, or against its grouped view for "group").
+* ``scale``: float32 (float64 for float64 arrays under ``jax_enable_x64``), keepdims
+  layout of :mod:`jaxq.quantizer` (broadcasts against the array, or against its grouped
+  view for "group").
 * ``zero_point``: integer-valued, same shape as ``scale``, ``int8`` when signed and
   ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
   QArray has the same three leaves.
@@ -231,9 +232,11 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
                   group_axis: int = 0) -> QArray:
   """Quantizes ``x`` with given (e.g. calibrated) ``scale`` and ``zero_point``.
 
-  ``scale`` must be positive and broadcast against ``x`` (or its grouped view for
-  "group"); ``zero_point`` (None: 0) is rounded to an integer and clipped into
-  ``[qmin, qmax]``, since it is stored as such. Both are stored broadcast to their
+  ``scale`` must broadcast against ``x`` (or its grouped view for "group"); a scale
+  of magnitude below :data:`jaxq.numerics.SCALE_EPS` (0 included) is stored as
+  ``+-SCALE_EPS`` (:func:`jaxq.numerics.floor_scale`).
+  ``zero_point`` (None: 0) is rounded to an integer and clipped into ``[qmin, qmax]``,
+  since it is stored as such. Both are stored broadcast to their
   common shape. ``q = clip(round(x / scale) + zero_point, qmin, qmax)``, round half to
   even, or ``floor(x / scale + u)`` with ``u ~ U[0, 1)`` drawn from ``key`` when
   ``spec.rounding == "stochastic"``.
@@ -248,7 +251,7 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
     numerics.check_symmetric_range(spec.bits, spec.signed)
   qmin, qmax = spec.qmin, spec.qmax
   xv = quantizer.quant_view(x.astype(quantizer._compute_dtype(x.dtype)), spec, group_axis)
-  scale = jnp.asarray(scale, jnp.float32)
+  scale = numerics.floor_scale(jnp.asarray(scale, numerics.float_dtype(x)))
   zero_point = jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(
       zero_point, jnp.float32)
   quantizer._check_broadcast("scale", scale, xv.shape)
@@ -271,14 +274,19 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
 
 
 def dequantize(q: QArray) -> jax.Array:
-  """``(q - zero_point) * scale`` in the logical shape and the original dtype."""
+  """``(q - zero_point) * scale`` in the logical shape and the original dtype (a grid
+  point beyond the largest finite float, for a range reaching it, gives that float)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize needs a QArray; got {type(q).__name__}")
-  ints = q.int_values().astype(jnp.float32)
-  zp = jnp.asarray(q.zero_point).astype(jnp.float32)
-  scale = jnp.asarray(q.scale, jnp.float32)
+  scale = jnp.asarray(q.scale)
+  dtype = numerics.float_dtype(scale)
+  ints = q.int_values().astype(dtype)
+  zp = jnp.asarray(q.zero_point).astype(dtype)
+  scale = scale.astype(dtype)
   iv = quantizer.quant_view(ints, q.spec, q.group_axis)
-  return quantizer.from_quant_view((iv - zp) * scale, q.spec, q.group_axis).astype(q.dtype)
+  big = jnp.finfo(dtype).max  # a grid end beyond the float range (a +-3.4e38 range)
+  x = jnp.clip((iv - zp) * scale, -big, big)
+  return quantizer.from_quant_view(x, q.spec, q.group_axis).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,12 +314,65 @@ def qarray_to_state(q: QArray) -> dict:
 
 
 def qarray_from_state(state: Mapping) -> QArray:
-  """Inverse of :func:`qarray_to_state`."""
+  """Inverse of :func:`qarray_to_state`; ValueError when the metadata is malformed or
+  does not describe the arrays (:func:`check_arrays`)."""
   missing = {"values", "scale", "zero_point", "meta"} - set(state)
   if missing:
     raise ValueError(f"not a serialized QArray: missing {sorted(missing)}")
-  return QArray(state["values"], state["scale"], state["zero_point"],
-                **_from_meta(state["meta"]))
+  try:
+    meta = _from_meta(state["meta"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"malformed QArray metadata {state['meta']!r}: {e}") from None
+  check_arrays(state["values"], state["scale"], state["zero_point"], **meta)
+  return QArray(state["values"], state["scale"], state["zero_point"], **meta)
+
+
+def storage_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of ``values`` for a logical ``shape`` (bit-packed along the last axis)."""
+  if spec.bits not in PACKED_BITS:
+    return tuple(shape)
+  flat = tuple(shape) if shape else (1,)
+  return flat[:-1] + (-(-flat[-1] // (8 // spec.bits)),)
+
+
+def check_arrays(values, scale, zero_point, *, spec: QuantSpec, shape, dtype,
+                 group_axis: int) -> None:
+  """ValueError unless the three arrays are what ``spec``, ``shape``, ``dtype`` and
+  ``group_axis`` describe: ``values`` of :func:`storage_shape` and the storage dtype,
+  a floating ``scale`` and an integer ``zero_point`` broadcasting against the quant
+  view. Leading axes shared by all three (a stack of QArrays, under ``vmap`` or
+  ``scan``) are allowed."""
+  shape = tuple(shape)
+  if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+    raise ValueError(f"QArray dtype must be floating; got {dtype}")
+  want = storage_shape(spec, shape)
+  vshape = tuple(np.shape(values))
+  lead = len(vshape) - len(want)
+  if lead < 0 or vshape[lead:] != want:
+    raise ValueError(
+        f"QArray values of shape {vshape} do not match its logical shape {shape} "
+        f"({spec.bits}-bit values are stored as {want})")
+  vdtype = jnp.dtype(jnp.uint8) if spec.bits in PACKED_BITS else _storage_dtype(spec.signed)
+  if np.dtype(values.dtype) != vdtype:
+    raise ValueError(f"QArray values must be {vdtype} for a {spec.bits}-bit "
+                     f"{'signed' if spec.signed else 'unsigned'} spec; got {values.dtype}")
+  view = shape
+  if spec.granularity == "group":
+    if not shape or not -len(shape) <= group_axis < len(shape) or (
+        shape[group_axis] % spec.group_size):
+      raise ValueError(f"QArray group_axis={group_axis} with group_size={spec.group_size} "
+                       f"does not fit its logical shape {shape}")
+    ga = group_axis % len(shape)
+    view = shape[:ga] + (shape[ga] // spec.group_size, spec.group_size) + shape[ga + 1:]
+  for name, a, kind in (("scale", scale, jnp.floating), ("zero_point", zero_point,
+                                                         jnp.integer)):
+    ashape = tuple(np.shape(a))
+    core = ashape[lead:] if ashape[:lead] == vshape[:lead] else ashape
+    if len(core) > len(view) or any(c not in (1, d) for c, d in zip(core[::-1], view[::-1])):
+      raise ValueError(f"QArray {name} of shape {ashape} does not broadcast against its "
+                       f"quantized view of shape {view} (logical shape {shape})")
+    if not jnp.issubdtype(a.dtype, kind):
+      raise ValueError(f"QArray {name} must be {kind.__name__}; got dtype {a.dtype}")
 
 
 serialization.register_serialization_state(

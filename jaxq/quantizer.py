@@ -109,7 +109,7 @@ def stat_shape(shape: tuple[int, ...], spec: QuantSpec, group_axis: int = 0
 
 def qparams_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
                        ) -> tuple[jax.Array, jax.Array]:
-  """``(scale, zero_point)`` (float32) mapping the real range ``[lo, hi]`` per the spec.
+  """``(scale, zero_point)`` (float32; float64 for a float64 range) mapping the real range ``[lo, hi]`` per the spec.
 
   Thin wrapper over :func:`jaxq.numerics.scale_zero_point` with the spec's bits,
   signedness, symmetry and power-of-two option.
@@ -126,7 +126,7 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, group_axis: int = 0
 
   The range of each slice is its finite min and max (NaN and +-Inf ignored, a slice
   with no finite value counts as ``[0, 0]``); see :func:`qparams_from_range`. The
-  results are float32 with the keepdims layout described in the module docstring:
+  results are float32 (float64 for float64 ``x``) with the keepdims layout described in the module docstring:
   they broadcast against ``x``, or against ``to_groups(x, spec.group_size, group_axis)``
   for "group".
   """

@@ -10,6 +10,8 @@ import dataclasses
 import re
 from typing import Any
 
+import numpy as np
+
 from jaxq import numerics
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -30,12 +32,29 @@ def _check_bool(owner: str, name: str, value) -> None:
     raise ValueError(f"{owner}.{name} must be True or False; got {value!r}")
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_real(name: str, value, lo: float, hi: float, *, hi_open: bool) -> None:
+  """``value`` must be a real number (not a bool or a string) in ``(lo, hi)`` or
+  ``(lo, hi]``."""
+  ok = (isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_)))
+  if ok:
+    v = float(value)
+    ok = lo < v < hi or (not hi_open and v == hi)
+  if not ok:
+    interval = f"({lo:g}, {hi:g}{')' if hi_open else ']'}"
+    raise ValueError(f"QuantSpec.{name} must be a number in {interval}; got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """How one tensor is quantized.
 
   Attributes:
-    bits: integer width, 1..8.
+    bits: integer width, 1..8 (NumPy integers are stored as int).
     signed: signed integer range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
     symmetric: zero point fixed at 0 (else affine, with a zero point).
     granularity: "tensor" (one scale), "channel" (one per index of ``axis``) or "group"
@@ -44,7 +63,11 @@ class QuantSpec:
       axis 0 of a bare array given to :func:`jaxq.quantize`).
     axis: the kept channel axis for "channel" and "group".
     group_size: elements per group; required for, and only allowed with, "group".
-    rounding: "nearest" (half to even) or "stochastic" (needs a PRNG key).
+    rounding: "nearest" (half to even) or "stochastic" (``floor(x / s + u)``, u uniform,
+      from a PRNG key). Without a key, :func:`jaxq.quantize`,
+      :func:`jaxq.quantizer.fake_quantize` and :func:`jaxq.quantize_params` raise
+      ValueError; the Flax modules (``jaxq.quantize_model``, ``jaxq.nnx.quantize_model``)
+      draw keys from the rng stream "jaxq" and round to nearest when it is not given.
     estimator: gradient of the fake-quant op: "ste", "lsq" (learned step size, LSQ+ when
       asymmetric) or "pact" (learned clipping level; unsigned).
     calibration: range setting: "minmax", "ema" (bias-corrected EMA of min/max),
@@ -75,6 +98,10 @@ class QuantSpec:
 
   def __post_init__(self):
     numerics.check_bits(self.bits, "QuantSpec.bits")
+    # NumPy integers are accepted and stored as int (hashing and equality as for int).
+    for name in ("bits", "axis", "group_size"):
+      if _is_int(getattr(self, name)):
+        object.__setattr__(self, name, int(getattr(self, name)))
     for name in ("signed", "symmetric", "pow2_scale", "dynamic"):
       _check_bool("QuantSpec", name, getattr(self, name))
     _check_choice("granularity", self.granularity, GRANULARITIES)
@@ -82,11 +109,10 @@ class QuantSpec:
     _check_choice("estimator", self.estimator, ESTIMATORS)
     _check_choice("calibration", self.calibration, CALIBRATIONS)
     _check_choice("scheme", self.scheme, SCHEMES)
-    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+    if not _is_int(self.axis):
       raise ValueError(f"QuantSpec.axis must be an int; got {self.axis!r}")
     if self.granularity == "group":
-      if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-          or self.group_size < 1):
+      if not _is_int(self.group_size) or self.group_size < 1:
         raise ValueError(
             "QuantSpec.group_size must be a positive int when granularity='group'; "
             f"got {self.group_size!r}")
@@ -103,11 +129,8 @@ class QuantSpec:
       raise ValueError(
           "QuantSpec.estimator='pact' quantizes clip(x, 0, alpha) unsigned: it needs "
           "signed=False and symmetric=True")
-    if not 0.0 < float(self.percentile) <= 100.0:
-      raise ValueError(
-          f"QuantSpec.percentile must be in (0, 100]; got {self.percentile!r}")
-    if not 0.0 < float(self.ema_decay) < 1.0:
-      raise ValueError(f"QuantSpec.ema_decay must be in (0, 1); got {self.ema_decay!r}")
+    _check_real("percentile", self.percentile, 0.0, 100.0, hi_open=False)
+    _check_real("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
 
   @property
   def qmin(self) -> int:
@@ -130,7 +153,9 @@ class Rule:
     path: regular expression, ``re.fullmatch``-ed against the "/"-joined module path
       (e.g. "encoder/layer_0/attention/query"). The first matching rule wins; a layer
       no rule matches stays in float.
-    weight: spec for the layer's kernel, or None to keep it in float.
+    weight: spec for the layer's kernel, or None to keep it in float. Its scheme must
+      be "uniform": "log2" codes only (0, 1] and "ptf" is a per-channel activation
+      scheme for LayerNorm inputs; neither can hold a layer's (signed) weights.
     act: spec for the layer's input activation, or None to keep it in float.
     act_compress: None, or bits (1, 2, 4, 8), or per-sample widths
       (:class:`jaxq.act.SampleBits`), for activation-compressed training of the matched
@@ -154,10 +179,15 @@ class Rule:
       value = getattr(self, name)
       if value is not None and not isinstance(value, QuantSpec):
         raise ValueError(f"Rule.{name} must be a QuantSpec or None; got {value!r}")
+    if self.weight is not None and self.weight.scheme != "uniform":
+      raise ValueError(
+          f"Rule.weight: QuantSpec.scheme must be 'uniform' for weights; got "
+          f"{self.weight.scheme!r} (log2 and ptf are activation schemes: log2 codes only "
+          "(0, 1], ptf is per LayerNorm channel)")
     from jaxq.act.adaptive import SampleBits  # pylint: disable=import-outside-toplevel
     c = self.act_compress
     if c is not None and not isinstance(c, SampleBits) and (
-        isinstance(c, bool) or c not in (1, 2, 4, 8)):
+        not _is_int(c) or c not in (1, 2, 4, 8)):
       raise ValueError(f"Rule.act_compress must be None, one of 1, 2, 4, 8, or a "
                        f"jaxq.act.SampleBits; got {c!r}")
 

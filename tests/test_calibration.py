@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxq.calibration import (mse_range, observer_init, observer_qparams, observer_range,
-                              observer_update)
+from jaxq.calibration import (_binned_error, _histogram, _rebin, mse_range, observer_init,
+                              observer_qparams, observer_range, observer_update)
 from jaxq.quantizer import qparams_from_range
 from jaxq.spec import QuantSpec
 
@@ -102,23 +102,59 @@ def test_mse_beats_minmax_with_outliers(symmetric):
   assert mse_opt <= best * (1 + 1e-4)
 
 
-def test_mse_observer_running_mean_and_per_channel():
+def test_mse_observer_searches_everything_seen_per_channel():
   spec = QuantSpec(bits=4, calibration="mse")
-  state = run(spec, BATCHES[:2])
-  lo, hi = observer_range(state, spec)
-  ref = [mse_range(jnp.asarray(b), spec, (0,)) for b in BATCHES[:2]]
-  np.testing.assert_allclose(hi, np.mean([r[1][0] for r in ref], 0), rtol=1e-6)
+  # one batch: the exact search on the batch
+  lo1, hi1 = observer_range(run(spec, BATCHES[:1]), spec)
+  ref_lo, ref_hi = mse_range(jnp.asarray(BATCHES[0]), spec, (0,))
+  np.testing.assert_array_equal(hi1, ref_hi[0])
+  np.testing.assert_array_equal(lo1, ref_lo[0])
+  # several: per channel, the candidate best on all the data seen (float64 brute force)
+  lo, hi = observer_range(run(spec, BATCHES), spec)
+  allx = np.concatenate([finite(b) for b in BATCHES])
   np.testing.assert_allclose(lo, -hi)
-  # per channel: each channel chooses its own clipping
-  assert np.all(np.asarray(hi) > 0) and len(np.unique(np.asarray(hi))) == 5
+  assert len(np.unique(np.asarray(hi))) == 5  # each channel chooses its own clipping
+  for c in range(5):
+    xc = allx[:, c][np.isfinite(allx[:, c])]
+    a = np.abs(xc).max()
+    errs = [_np_mse(xc, -a * k / 100, a * k / 100, spec) for k in range(1, 101)]
+    got = _np_mse(xc, lo[c], hi[c], spec)
+    assert got <= min(errs) * 1.02 and got <= errs[-1]
+
+
+def test_binned_error_matches_numeric_integral():
+  rng = np.random.default_rng(0)
+  s, lo_q, hi_q = 0.25, -8 * 0.25, 7 * 0.25
+  u = np.sort(rng.uniform(-4, 4, 64)).astype(np.float64)
+  v = u + rng.uniform(0, 1.5, 64)
+  got = np.asarray(_binned_error(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32),
+                                 s, lo_q, hi_q))
+  for a, b, g in zip(u, v, got):
+    t = np.linspace(a, b, 200001)
+    e = (t - np.clip(s * np.round(t / s), lo_q, hi_q)) ** 2
+    np.testing.assert_allclose(g, np.trapezoid(e, t), rtol=1e-3, atol=1e-6)
+
+
+def test_histogram_rebin_keeps_counts_and_places_them():
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1000, 2)), jnp.float32)
+  lo, hi = jnp.array([-1.0, -1.0]), jnp.array([1.0, 1.0])
+  h = _histogram(x, (1, 2), lo, hi, 256)
+  np.testing.assert_allclose(h.sum(-1), [1000, 1000])
+  wide = _rebin(h, lo, hi, lo * 3, hi * 3)
+  np.testing.assert_allclose(wide.sum(-1), [1000, 1000], rtol=1e-6)
+  direct = _histogram(x, (1, 2), lo * 3, hi * 3, 256)
+  # the mass sits in the same bins as a direct histogram, up to one bin of spread
+  np.testing.assert_allclose(np.cumsum(wide, -1), np.cumsum(direct, -1), atol=15)
+  assert np.all(wide[:, :80] == 0) and np.all(wide[:, 177:] == 0)
 
 
 @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "mse"])
 def test_empty_state_and_nan_slices(method):
   spec = QuantSpec(calibration=method)
   state = observer_init(spec, (5,))
-  assert set(state) == {"lo", "hi", "n"} and all(v.dtype == jnp.float32
-                                                 for v in state.values())
+  hist = {"hist_lo", "hist_hi", "hist"} if method == "mse" else set()
+  assert set(state) == {"lo", "hi", "n"} | hist and all(v.dtype == jnp.float32
+                                                        for v in state.values())
   lo, hi = observer_range(state, spec)
   np.testing.assert_array_equal(lo, 0.0)
   np.testing.assert_array_equal(hi, 0.0)

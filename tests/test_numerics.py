@@ -29,7 +29,7 @@ def test_int_range_rejects_out_of_range_bits(bad):
 
 @pytest.mark.parametrize("bad", [8.0, "8", True, None])
 def test_int_range_rejects_non_int_bits(bad):
-  with pytest.raises(TypeError, match="bits"):
+  with pytest.raises(ValueError, match="bits"):
     numerics.int_range(bad, signed=True)
 
 

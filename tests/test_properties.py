@@ -6,14 +6,19 @@ compiled program.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import jaxq
 from jaxq import estimators as E
-from jaxq import numerics
+from jaxq import numerics, quantizer
+from jaxq.spec import QuantSpec
 
 N = 32
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -78,3 +83,31 @@ def test_fake_quant_output_on_grid(x, r, data):
   codes = np.asarray(_fq(x, s, z, qmin, qmax), np.float64) / float(s) + float(z)
   np.testing.assert_array_equal(codes, np.round(codes))
   assert codes.min() >= qmin and codes.max() <= qmax
+
+
+_MAGNITUDE_SPECS = [QuantSpec(bits=b, symmetric=s, granularity="tensor")
+                    for b in (8, 4) for s in (True, False)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _minmax_fq(x, spec):
+  scale, zp = quantizer.compute_qparams(x, spec)
+  return quantizer.fake_quantize(x, spec), jaxq.dequantize(jaxq.quantize(x, spec)), scale
+
+
+@SETTINGS
+@given(u=hnp.arrays(np.float32, (N,), elements=st.floats(-3.5, 3.5, width=32)),
+       exponent=st.integers(-30, 38), spec=st.sampled_from(_MAGNITUDE_SPECS))
+@example(u=np.array([3.5, -3.5] + [0.5] * (N - 2), np.float32), exponent=38,
+         spec=_MAGNITUDE_SPECS[1])
+def test_minmax_quantization_at_any_magnitude(u, exponent, spec):
+  """Data of any magnitude up to the float32 limit (issue 17: +-3.4e38 gave NaN):
+  finite results within half a step (plus the float's rounding) of the data."""
+  x = np.clip(u.astype(np.float64) * 10.0**exponent, -3.4e38, 3.4e38).astype(np.float32)
+  fq, dq, scale = _minmax_fq(jnp.asarray(x), spec)
+  step = float(np.asarray(scale).reshape(()))
+  assert np.isfinite(step)
+  for y in (fq, dq):
+    y = np.asarray(y, np.float64)
+    assert np.all(np.isfinite(y))
+    assert np.all(np.abs(y - x) <= 0.5 * step * (1 + 1e-5) + 1e-6 * np.abs(x))

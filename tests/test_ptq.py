@@ -272,7 +272,10 @@ def test_mse_and_percentile_beat_minmax_with_outliers():
     serve = jax.jit(sm.apply)
     errs[method] = float(jnp.mean((serve(sv, clean) - model.apply(v, clean)) ** 2))
     errs_dirty[method] = float(jnp.mean((serve(sv, dirty) - model.apply(v, dirty)) ** 2))
-  assert errs["mse"] < 0.9 * errs["minmax"], errs
+  # The MSE search minimises the error on all the calibration data, its outliers
+  # included (issue 17: not an average of per-batch optima), so it clips less than the
+  # percentile, yet still less error than min-max on typical inputs.
+  assert errs["mse"] < errs["minmax"], errs
   assert errs["percentile"] < 0.5 * errs["minmax"], errs
   assert errs["ema"] <= errs["minmax"], errs  # bias-corrected EMA of batch ranges
   # On data with the same outliers, the MSE-optimal range still beats min-max.
