@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from _workers import run_json_worker
 from jaxq import checkpoint, optim
 from jaxq.optim import blockwise, codes
 
@@ -270,14 +268,7 @@ def test_zero_gradients_and_bf16_params_stay_finite():
 
 
 def test_eight_simulated_devices_give_one_device_updates():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, WORKER], capture_output=True, text=True,
-                        timeout=600, env=env, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("JSON:")]
-  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-  results = json.loads(lines[-1][len("JSON:"):])
+  results = run_json_worker(WORKER)
   for bits in (8, 4):
     r = results[f"bits{bits}"]
     assert r["devices"] == 8

@@ -9,10 +9,7 @@ themselves are unit-tested in-process on abstract meshes.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+from _workers import run_json_worker
 from jaxq import sharding
 from jaxq.qarray import quantize
 from jaxq.spec import QuantSpec, Rule
@@ -30,15 +28,7 @@ LOSS_RTOL = 2e-3
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, WORKER], capture_output=True, text=True,
-                        timeout=600, env=env, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("JSON:")]
-  assert proc.returncode == 0 and lines, (
-      f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-  return json.loads(lines[-1][len("JSON:"):])
+  return run_json_worker(WORKER)
 
 
 TRAINING = ["params_w8a8", "model_w8a8", "params_act4", "model_act4"]
