@@ -9,12 +9,16 @@ The public API of ``DESIGN.md``'s contract:
 * training: :func:`quantize_params`, :func:`init_qstate`, :func:`quantize_model`
   (Linen), :func:`jaxq.nnx.quantize_model`;
 * PTQ and serving: :func:`calibrate`, :func:`convert`;
-* submodules :mod:`jaxq.act` (activation compression) and :mod:`jaxq.kernels`.
+* submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`, and the
+  op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`, :mod:`jaxq.nf4`.
 """
 
 from jaxq import act
+from jaxq import gptq
 from jaxq import kernels
+from jaxq import nf4
 from jaxq import nnx
+from jaxq import smoothing
 from jaxq.estimators import (
     fake_quant,
     log2_fake_quant,
@@ -33,8 +37,8 @@ from jaxq.spec import QuantSpec, Rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "init_qstate",
-    "kernels", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nnx",
+    "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
+    "init_qstate", "kernels", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nf4", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
-    "quantize_params",
+    "quantize_params", "smoothing",
 ]
