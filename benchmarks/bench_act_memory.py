@@ -156,17 +156,12 @@ def measure(variant, batch, steps, bits=None):
   compiled = lowered.compile()
   t2 = time.perf_counter()
   mem = compiled.memory_analysis()
-  times = []
-  for i in range(steps + 2):
-    t = time.perf_counter()
-    params, opt, loss = compiled(params, opt, x, y, jax.random.key(i))
-    loss.block_until_ready()
-    times.append(time.perf_counter() - t)
+  step_s = median_step_seconds(compiled, params, opt, x, y, steps)
   return {
       "variant": variant, "bits": bits, "residual_bytes": int(res),
       "temp_bytes": int(mem.temp_size_in_bytes),
       "trace_s": t1 - t0, "compile_s": t2 - t1,
-      "step_s": float(np.median(times[2:])),
+      "step_s": step_s,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
 
@@ -205,7 +200,11 @@ def step_seconds(variant, batch, steps) -> float:
   x, y = data(batch)
   tx = optax.adamw(1e-3)
   opt = tx.init(params)
-  step = make_step(block_fns(variant), tx)
+  return median_step_seconds(make_step(block_fns(variant), tx), params, opt, x, y, steps)
+
+
+def median_step_seconds(step, params, opt, x, y, steps) -> float:
+  """Median seconds of ``steps`` training steps, after two warm-up steps."""
   times = []
   for i in range(steps + 2):
     t = time.perf_counter()
