@@ -82,7 +82,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (Rule(path=".*", weight=QuantSpec()),)
 
 __all__ = ["DEFAULT_RULES", "quantize_params", "init_qstate", "leaf_group_axis",
            "leaf_role", "check_weight_axis", "init_weight_state", "fake_quantize_weight",
-           "key_name", "check_rules", "FLOAT_NAMES"]
+           "key_name", "check_rules", "per_layer", "FLOAT_NAMES"]
 
 
 def key_name(k) -> str:
@@ -333,7 +333,7 @@ def _quantizer(lf: _Leaf):
           lambda w: init_weight_state(w, lf.spec, ga))
 
 
-def _per_layer(fn, stack: int):
+def per_layer(fn, stack: int):
   """``fn`` mapped over ``stack`` leading stacking axes of all its arguments."""
   for _ in range(stack):
     fn = jax.vmap(fn)
@@ -359,7 +359,7 @@ def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None, *,
     node = qstate
     for k in lf.keys[:-1]:
       node = node.setdefault(k, {})
-    node[lf.keys[-1]] = _per_layer(init, lf.stack)(lf.leaf)
+    node[lf.keys[-1]] = per_layer(init, lf.stack)(lf.leaf)
   return qstate
 
 
@@ -381,7 +381,7 @@ def _checked_state(lf: _Leaf, qstate, init) -> dict[str, jax.Array]:
     raise ValueError(
         f"weight '{lf.where}' uses estimator={spec.estimator!r}, whose step is "
         "learned: pass qstate=jaxq.init_qstate(params, rules)")
-  want = jax.eval_shape(_per_layer(init, lf.stack), lf.leaf)
+  want = jax.eval_shape(per_layer(init, lf.stack), lf.leaf)
   if not isinstance(state, Mapping) or set(state) != set(want):
     got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
     raise ValueError(
@@ -440,5 +440,5 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
       k = jax.random.fold_in(key, lf.index)
       if lf.stack:
         k = jax.random.split(k, jnp.shape(lf.leaf)[0])
-    leaves[lf.index] = _per_layer(fq, lf.stack)(lf.leaf, state, k)
+    leaves[lf.index] = per_layer(fq, lf.stack)(lf.leaf, state, k)
   return jax.tree_util.tree_unflatten(treedef, leaves)

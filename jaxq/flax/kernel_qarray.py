@@ -20,11 +20,12 @@ from jaxq import calibration
 from jaxq import numerics
 from jaxq import quantizer
 from jaxq.flax.contraction import WEIGHT_ALPHA, WEIGHT_SCALE, WEIGHT_ZERO_POINT
+from jaxq.params import per_layer
 from jaxq.qarray import QArray, quantize_with
 from jaxq.spec import QuantSpec
 
 __all__ = ["SCALE_FORMATS", "check_axes", "convert_kernel", "infer_contract",
-           "kernel_stack", "learned_kernel", "per_layer", "quantize_kernel",
+           "kernel_stack", "learned_kernel", "quantize_kernel",
            "round_up_scale"]
 
 
@@ -197,13 +198,6 @@ def _infer_stack(kernel, bias) -> int:
     return 0
   stack = jnp.ndim(bias) - 1
   return stack if tuple(kernel.shape[:stack]) == tuple(jnp.shape(bias)[:stack]) else 0
-
-
-def per_layer(fn, stack: int):
-  """``fn`` mapped over ``stack`` leading stacking axes of all its arguments."""
-  for _ in range(stack):
-    fn = jax.vmap(fn)
-  return fn
 
 
 def kernel_stack(path: str, kernel, rank: int | None, bias) -> int:

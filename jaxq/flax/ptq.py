@@ -69,14 +69,14 @@ from jaxq import quantizer
 from jaxq.flax import fqvit
 from jaxq.flax import linen as qlinen
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
-                                     learned_kernel, per_layer, quantize_kernel,
+                                     learned_kernel, quantize_kernel,
                                      round_up_scale)
 from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
                              QuantizedModel, register_mode)
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec, match_rule
 from jaxq.flax.paths import module_path
-from jaxq.params import tree_get
+from jaxq.params import per_layer, tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
