@@ -82,7 +82,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (Rule(path=".*", weight=QuantSpec()),)
 
 __all__ = ["DEFAULT_RULES", "quantize_params", "init_qstate", "leaf_group_axis",
            "leaf_role", "check_weight_axis", "init_weight_state", "fake_quantize_weight",
-           "key_name", "check_rules", "per_layer", "FLOAT_NAMES"]
+           "key_name", "check_rules", "per_layer", "output_axes", "looks_stacked",
+           "FLOAT_NAMES"]
 
 
 def key_name(k) -> str:
@@ -222,7 +223,7 @@ class _Leaf(NamedTuple):
     return tuple(jnp.shape(self.leaf))[self.stack:]
 
 
-def _output_axes(kernel_shape, bias_shape) -> int:
+def output_axes(kernel_shape, bias_shape) -> int:
   """Output axes of a kernel: those of its bias when the kernel ends in its shape, else 1."""
   if bias_shape is not None and 1 <= len(bias_shape) < len(kernel_shape) and tuple(
       kernel_shape[len(kernel_shape) - len(bias_shape):]) == tuple(bias_shape):
@@ -230,10 +231,10 @@ def _output_axes(kernel_shape, bias_shape) -> int:
   return 1
 
 
-def _looks_stacked(kernel_shape, bias_shape) -> bool:
+def looks_stacked(kernel_shape, bias_shape) -> bool:
   """A bias ``(L, out)`` that the kernel ``(L, ..., out)`` starts with but does not end in."""
   return (bias_shape is not None and len(bias_shape) >= 2
-          and _output_axes(kernel_shape, bias_shape) == 1
+          and output_axes(kernel_shape, bias_shape) == 1
           and kernel_shape[-1] == bias_shape[-1]
           and kernel_shape[:len(bias_shape) - 1] == tuple(bias_shape[:-1]))
 
@@ -273,9 +274,9 @@ def _matched_leaves(params: PyTree, rules: tuple[Rule, ...], stacked: str | None
     n_out = 0
     if role == "kernel":
       bias = shapes.get(keys[:-1] + ("bias",))
-      n_out = _output_axes(tuple(jnp.shape(leaf))[stack:],
+      n_out = output_axes(tuple(jnp.shape(leaf))[stack:],
                            None if bias is None else bias[stack:])
-      if not stack and _looks_stacked(tuple(jnp.shape(leaf)), bias):
+      if not stack and looks_stacked(tuple(jnp.shape(leaf)), bias):
         warnings.warn(
             f"weight '{where}' of shape {tuple(jnp.shape(leaf))} with a bias of shape "
             f"{bias} looks like a stacked layer (nn.scan / nnx.vmap): its leading axis is "

@@ -20,7 +20,7 @@ from jaxq import calibration
 from jaxq import numerics
 from jaxq import quantizer
 from jaxq.flax.contraction import WEIGHT_ALPHA, WEIGHT_SCALE, WEIGHT_ZERO_POINT
-from jaxq.params import per_layer
+from jaxq.params import looks_stacked, output_axes, per_layer
 from jaxq.qarray import QArray, quantize_with
 from jaxq.spec import QuantSpec
 
@@ -180,24 +180,21 @@ def learned_kernel(w, spec: QuantSpec, contract, learned: dict) -> QArray:
 
 def infer_contract(kernel, bias) -> tuple[int, ...]:
   """Contraction axes of a kernel without a recorded layout: the kernel ends in the bias's
-  (output) shape, else in one output axis."""
-  nd = kernel.ndim
-  if bias is not None and 1 <= jnp.ndim(bias) < nd and tuple(kernel.shape[nd - jnp.ndim(
-      bias):]) == tuple(jnp.shape(bias)):
-    return tuple(range(nd - jnp.ndim(bias)))
-  return tuple(range(nd - 1))
+  (output) shape, else in one output axis (:func:`jaxq.params.output_axes`)."""
+  bias_shape = None if bias is None else tuple(jnp.shape(bias))
+  return tuple(range(kernel.ndim - output_axes(tuple(kernel.shape), bias_shape)))
 
 
 def _infer_stack(kernel, bias) -> int:
   """Leading stacking axes of a kernel without a recorded rank: those of a bias that the
-  kernel does not end in but starts with (``kernel (L, in, out)``, ``bias (L, out)``)."""
-  if bias is None or jnp.ndim(bias) < 2 or infer_contract(kernel, bias) != tuple(
-      range(kernel.ndim - 1)) or kernel.shape[-1] != jnp.shape(bias)[-1]:
+  kernel does not end in but starts with (``kernel (L, in, out)``, ``bias (L, out)``;
+  :func:`jaxq.params.looks_stacked`)."""
+  if bias is None:
     return 0
-  if tuple(kernel.shape[kernel.ndim - jnp.ndim(bias):]) == tuple(jnp.shape(bias)):
+  shape, bias_shape = tuple(kernel.shape), tuple(jnp.shape(bias))
+  if shape == bias_shape or not looks_stacked(shape, bias_shape):
     return 0
-  stack = jnp.ndim(bias) - 1
-  return stack if tuple(kernel.shape[:stack]) == tuple(jnp.shape(bias)[:stack]) else 0
+  return len(bias_shape) - 1
 
 
 def kernel_stack(path: str, kernel, rank: int | None, bias) -> int:
