@@ -16,6 +16,7 @@ The public API of ``DESIGN.md``'s contract:
 from jaxq import act
 from jaxq import gptq
 from jaxq import kernels
+from jaxq import layer
 from jaxq import nf4
 from jaxq import nnx
 from jaxq import smoothing
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
-    "init_qstate", "kernels", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nf4", "nnx",
+    "init_qstate", "kernels", "layer", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nf4", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
     "quantize_params", "smoothing",
 ]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxq import calibration
 from jaxq import numerics
 from jaxq import quantizer
-from jaxq.flax.contraction import WEIGHT_ALPHA, WEIGHT_SCALE, WEIGHT_ZERO_POINT
+from jaxq.layer.operands import WEIGHT_ALPHA, WEIGHT_SCALE, WEIGHT_ZERO_POINT
 from jaxq.params import looks_stacked, output_axes, per_layer
 from jaxq.qarray import QArray, quantize_with
 from jaxq.spec import QuantSpec

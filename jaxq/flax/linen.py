@@ -85,43 +85,36 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import module as nn_module
 from jax import lax
 
 from jaxq import calibration
-from jaxq import kernels
-from jaxq import numerics
-from jaxq import quantizer
-# The reserved names and RNG_STREAM are re-exported (jaxq.flax.ptq reads them from here).
 from jaxq.flax import fqvit
-from jaxq.flax.contraction import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
-                                   ACT_ZERO_POINT, RNG_STREAM, WEIGHT_ALPHA, WEIGHT_NAMES,
-                                   WEIGHT_SCALE, WEIGHT_ZERO_POINT, Contraction,
-                                   act_stat_shape, act_view_spec, conv_hook,
-                                   dot_general_hook, einsum_axes, fake_quantized_compute,
-                                   is_learned, is_observed, observer_view, patched,
-                                   resolve_op, state_names, weight_qparams,
-                                   weight_view_spec)
+from jaxq.flax.paths import module_path
+from jaxq.layer.int8 import INT8_MODES
+from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
+                                 act_stat_shape, act_view_spec, is_learned, is_observed,
+                                 observer_view, state_names, weight_qparams)
+from jaxq.layer.qat import qat_contraction
+from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
+                              patched, resolve_op)
 from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule, match_rule
-from jaxq.flax.paths import module_path
 
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
     "INT8_MODES", "LayerCall", "Contraction", "QUANT_STATS", "RNG_STREAM",
-    "RESERVED_NAMES", "layer_paths", "nan_scale",
+    "RESERVED_NAMES", "layer_paths",
 ]
 
 QUANT_STATS = "quant_stats"
 #: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS,)
-INT8_MODES = ("off", "forward", "all")
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
 
 # --------------------------------------------------------------------------------------
-# The contraction of one layer call (jaxq.flax.contraction.Contraction)
+# The contraction of one layer call (jaxq.layer.views.Contraction)
 # --------------------------------------------------------------------------------------
 
 
@@ -192,13 +185,8 @@ def _run_layer(call: LayerCall, handler, next_fun, args, kwargs):
 
 
 # --------------------------------------------------------------------------------------
-# Quantizers of the two operands (views and specs: jaxq.flax.contraction)
+# Quantizers of the two operands (views and specs: jaxq.layer.operands)
 # --------------------------------------------------------------------------------------
-
-
-def _act_view_spec(spec: QuantSpec, call: LayerCall, k: int) -> QuantSpec:
-  """:func:`jaxq.flax.contraction.act_view_spec` of a layer call (used by PTQ)."""
-  return act_view_spec(spec, call.path, k)
 
 
 def _param(module, name, init_fn):
@@ -252,121 +240,6 @@ def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
   return {"scale": scale, "zero_point": zp}
 
 
-def _int8_spec_ok(spec: QuantSpec | None, *, act: bool) -> bool:
-  if spec is None:
-    return False
-  ok = (spec.bits == 8 and spec.signed and spec.symmetric and spec.scheme == "uniform"
-        and spec.estimator == "ste" and spec.rounding == "nearest")
-  if act:
-    return ok and (spec.granularity == "tensor" or (spec.dynamic and spec.granularity ==
-                                                      "tensor"))
-  return ok and spec.granularity in ("tensor", "channel")
-
-
-# --------------------------------------------------------------------------------------
-# W8A8 matmul on int8 operands with the fake-quant (STE) backward
-# --------------------------------------------------------------------------------------
-
-
-def _to_int8(v: jax.Array, scale: jax.Array, noise: jax.Array | None = None) -> jax.Array:
-  r = v.astype(jnp.float32) / scale
-  r = jnp.round(r) if noise is None else jnp.floor(r + noise)
-  return jnp.clip(r, -128, 127).astype(jnp.int8)
-
-
-def _in_range(v, scale):
-  r = jnp.round(v.astype(jnp.float32) / scale)
-  return (r >= -128) & (r <= 127)
-
-
-def nan_scale(scale: jax.Array, v: jax.Array, axis: int) -> jax.Array:
-  """``scale`` (one per row of ``v`` for ``axis=1``, per column for ``axis=0``) made NaN
-  where that row / column of ``v`` holds a NaN.
-
-  The integer operands cannot carry a NaN; fake quantization propagates it to every
-  output that uses the element (its row of ``x @ w`` for an activation, its column for
-  a weight), which is what a NaN in the dequantizing epilogue's scale gives: one
-  reduction per operand, fused with its quantization.
-  """
-  return jnp.where(jnp.any(jnp.isnan(v), axis=axis), jnp.nan, scale)
-
-
-def _grad_noise(seed, index, shape):
-  if seed is None:
-    return None
-  return numerics.hash_uniform(numerics.derive_seed(seed, index), shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _w8a8(x2, w2, sx, sw, seed, cfg):
-  return _w8a8_fwd(x2, w2, sx, sw, seed, cfg)[0]
-
-
-def _w8a8_fwd(x2, w2, sx, sw, seed, cfg):
-  mask_x, mask_w, _ = cfg
-  m, n = x2.shape[0], w2.shape[1]
-  xq, wq = _to_int8(x2, sx), _to_int8(w2, sw)
-  a_scale = nan_scale(jnp.broadcast_to(sx, (m, 1)).reshape(m), x2, 1)
-  b_scale = nan_scale(jnp.broadcast_to(sw, (1, n)).reshape(n), w2, 0)
-  y = kernels.int8_matmul(xq, wq, a_scale, b_scale, out_dtype=jnp.float32).astype(x2.dtype)
-  mx = _in_range(x2, sx) if mask_x else None
-  mw = _in_range(w2, sw) if mask_w else None
-  # The backward uses the NaN-carrying scales too: NaN gradients where fake quant has them.
-  scales = (a_scale[:, None], b_scale[None, :], jnp.zeros_like(sx), jnp.zeros_like(sw))
-  return y, (xq, wq, scales, mx, mw, seed, jnp.zeros((0,), w2.dtype))
-
-
-def _w8a8_bwd(cfg, res, g):
-  _, _, bwd_int8 = cfg
-  xq, wq, (sx, sw, dsx, dsw), mx, mw, seed, w_dtype = res
-  k = xq.shape[1]
-  g2 = g.astype(jnp.float32)
-  if bwd_int8:
-    # dx = g @ (wq * sw)^T = (g * sw) @ wq^T: fold the weight scale into g (N is the
-    # contraction axis here), quantize per row; dw = (xq * sx)^T @ g = xq^T @ (sx * g):
-    # fold the activation scale, quantize per column.
-    gs = g2 * sw
-    sg = jnp.maximum(jnp.max(jnp.abs(gs), axis=1, keepdims=True) / 127.0, numerics.SCALE_EPS)
-    gq = _to_int8(gs, sg, _grad_noise(seed, 0, gs.shape))
-    dx = kernels.int8_matmul(gq, wq.T, sg[:, 0], jnp.ones((k,), jnp.float32))
-    gt = g2 * sx
-    st = jnp.maximum(jnp.max(jnp.abs(gt), axis=0, keepdims=True) / 127.0, numerics.SCALE_EPS)
-    gq2 = _to_int8(gt, st, _grad_noise(seed, 1, gt.shape))
-    dw = kernels.int8_matmul(xq.T, gq2, jnp.ones((k,), jnp.float32), st[0])
-  else:
-    w_hat = wq.astype(jnp.float32) * sw
-    x_hat = xq.astype(jnp.float32) * sx
-    dx = lax.dot_general(g2, w_hat, (((1,), (1,)), ((), ())))
-    dw = lax.dot_general(x_hat, g2, (((0,), (0,)), ((), ())))
-  if mx is not None:
-    dx = jnp.where(mx, dx, 0.0)
-  if mw is not None:
-    dw = jnp.where(mw, dw, 0.0)
-  seed_ct = None if seed is None else np.zeros(seed.shape, jax.dtypes.float0)
-  return dx.astype(g.dtype), dw.astype(w_dtype.dtype), dsx, dsw, seed_ct
-
-
-_w8a8.defvjp(_w8a8_fwd, _w8a8_bwd)
-
-
-def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wkw, akw):
-  w = jax.lax.stop_gradient(w2)
-  x = jax.lax.stop_gradient(x2)
-  sw = wkw["scale"] if wkw else quantizer.compute_qparams(w, wspec, group_axis=0)[0]
-  sx = akw["scale"] if akw else quantizer.compute_qparams(x, aspec, group_axis=1)[0]
-  sw, sx = jax.lax.stop_gradient(sw), jax.lax.stop_gradient(sx)
-  mask_w = bool(wkw) or wspec.pow2_scale
-  mask_x = bool(akw) or aspec.pow2_scale
-  seed = None
-  if call.int8 == "all":
-    key = call.rng()
-    if key is not None:
-      seed = numerics.seed_from_key(key)
-  cfg = (mask_x, mask_w, call.int8 == "all")
-  y2 = _w8a8(x2, w2, sx, sw, seed, cfg)
-  return op.out_from_matrix(y2)
-
-
 # --------------------------------------------------------------------------------------
 # Mode handlers
 # --------------------------------------------------------------------------------------
@@ -374,21 +247,9 @@ def _int8_contraction(call: LayerCall, op: Contraction, wspec, aspec, w2, x2, wk
 
 def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands)."""
-  wspec, aspec = call.rule.weight, call.rule.act
-  if op.lhs.size == 0:  # an empty batch: nothing to quantize, an empty result
-    return op.compute(op.lhs, op.rhs)
-  wspec_v = (None if wspec is None
-             else weight_view_spec(wspec, call.path, op.rhs.shape, op.rhs_contract))
-  aspec_v = None if aspec is None else act_view_spec(aspec, call.path, op.lhs_contract_size())
-  wkw = functools.partial(_weight_qparams, call, wspec_v)
-  akw = functools.partial(_act_qparams, call, aspec_v)
-  if (call.int8 != "off" and op.matmul_ok and _int8_spec_ok(wspec, act=False)
-      and _int8_spec_ok(aspec, act=True) and jnp.issubdtype(op.lhs.dtype, jnp.floating)
-      and jnp.issubdtype(op.rhs.dtype, jnp.floating)):
-    w2, _ = op.rhs_matrix()
-    x2, _ = op.lhs_matrix()
-    return _int8_contraction(call, op, wspec_v, aspec_v, w2, x2, wkw(w2), akw(x2))
-  return fake_quantized_compute(op, wspec_v, aspec_v, wkw, akw, call.rng)
+  return qat_contraction(op, call.path, call.rule.weight, call.rule.act,
+                         functools.partial(_weight_qparams, call),
+                         functools.partial(_act_qparams, call), call.rng, call.int8)
 
 
 def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:

@@ -48,6 +48,11 @@ Stochastic rounding (``rounding="stochastic"``) draws keys from the ``"jaxq"`` s
 an ``nnx.Rngs``: the one passed as ``rngs=``, else the first ``nnx.Rngs`` in the model
 that has a ``"jaxq"`` stream; without one it rounds to nearest.
 
+Integer arithmetic (``int8=``, as in :func:`jaxq.quantize_model`): with 8-bit symmetric
+signed STE specs for both operands, the forward matmul of ``nnx.Linear`` /
+``nnx.LinearGeneral`` runs on int8 operands (:mod:`jaxq.layer.int8`); ``int8="all"``
+runs the backward matmuls in int8 too; ``int8="off"`` simulates everything in float.
+
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
 
@@ -72,12 +77,14 @@ from jax import lax
 from jaxq import calibration
 from jaxq import numerics
 from jaxq import quantizer
-from jaxq.flax.contraction import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
-                                   Contraction, act_stat_shape, act_view_spec, conv_hook,
-                                   dot_general_hook, einsum_axes, einsum_hook,
-                                   fake_quantized_compute, is_learned, is_observed,
-                                   kernel_matrix, observer_view, patched, resolve_op,
-                                   state_names, weight_qparams, weight_view_spec)
+from jaxq.layer.int8 import INT8_MODES
+from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
+                                 act_stat_shape, act_view_spec, is_learned, is_observed,
+                                 observer_view, state_names, weight_qparams,
+                                 weight_view_spec)
+from jaxq.layer.qat import qat_contraction
+from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
+                              einsum_hook, kernel_matrix, patched, resolve_op)
 from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule
 
@@ -85,13 +92,13 @@ __all__ = [
     "QuantStats", "quantize_model", "quantized_layers", "LayerConfig", "Contraction",
     "LAYER_TYPES", "RESERVED_NAMES",
     "RNG_STREAM", "QuantizedLinear", "QuantizedLinearGeneral", "QuantizedConv",
-    "QuantizedEinsum",
+    "QuantizedEinsum", "MODES", "register_mode", "qat_handler",
 ]
 
 ACT_INITIALIZED = "jaxq_act_initialized"
-CONFIG, RNGS = "jaxq_config", "jaxq_rngs"
+CONFIG, RNGS, MODE = "jaxq_config", "jaxq_rngs", "jaxq_mode"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
-RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS)
+RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS, MODE)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 
@@ -115,6 +122,7 @@ class LayerConfig:
     kind: "dot_general" (Linear, LinearGeneral), "conv" or "einsum".
     weight: the weight spec on the ``(K, N)`` kernel view, or None.
     act: the activation spec on the ``(M, K)`` input view, or None.
+    int8: the ``int8`` mode of :func:`quantize_model`.
   """
 
   path: str
@@ -122,6 +130,7 @@ class LayerConfig:
   kind: str
   weight: QuantSpec | None
   act: QuantSpec | None
+  int8: str = "forward"
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,16 +228,36 @@ def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
   return {}
 
 
+def qat_handler(layer, op: Contraction) -> jax.Array:
+  """QAT (mode "qat"): :func:`jaxq.layer.qat.qat_contraction` with the layer's state."""
+  cfg: LayerConfig = getattr(layer, CONFIG)
+  return qat_contraction(
+      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(_weight_kwargs, layer),
+      functools.partial(_act_kwargs, layer, training=not layer.use_running_average),
+      lambda: _next_key(layer), cfg.int8)
+
+
+#: ``{mode: handler(layer, op) -> result}``: what a quantized layer's contraction does,
+#: selected by the layer's ``jaxq_mode`` attribute.
+MODES: dict[str, Callable[[nnx.Module, Contraction], jax.Array]] = {"qat": qat_handler}
+
+
+def register_mode(name: str, handler: Callable[[nnx.Module, Contraction], jax.Array]) -> None:
+  """Adds (or replaces) a mode: ``handler(layer, op)`` computes a quantized layer's
+  contraction ``op`` (:class:`jaxq.layer.views.Contraction`)."""
+  if not isinstance(name, str) or not callable(handler):
+    raise TypeError("register_mode(name: str, handler: callable)")
+  MODES[name] = handler
+
+
 def _hooks(layer, calls: list) -> dict[str, Callable]:
   """Replacement contraction ops for the duration of one call of ``layer``."""
   cfg: LayerConfig = getattr(layer, CONFIG)
+  handler = MODES[getattr(layer, MODE)]
 
   def run(op: Contraction):
     calls.append(op.kind)
-    return fake_quantized_compute(
-        op, cfg.weight, cfg.act, functools.partial(_weight_kwargs, layer, cfg.weight),
-        functools.partial(_act_kwargs, layer, cfg.act, training=not layer.use_running_average),
-        lambda: _next_key(layer))
+    return handler(layer, op)
 
   if cfg.kind == "dot_general":
     cls = getattr(layer, "dot_general_cls", None)
@@ -324,7 +353,7 @@ def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[i
   return init_weight_state(w2, spec, 0)
 
 
-def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
+def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
                      "attribute name)")
@@ -345,7 +374,7 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
   wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
                                                             kernel_shape, rhs_contract)
   aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
-  cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec)
+  cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec, int8)
 
   if is_learned(wspec, act=False):
     init = lambda w: _init_kernel_state(w, wspec, rhs_contract)  # noqa: E731
@@ -367,13 +396,15 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs) -> None:
         lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
+  setattr(layer, MODE, "qat")
   if not hasattr(layer, "use_running_average"):
     layer.use_running_average = False
   object.__setattr__(layer, "__class__", _quantized_class(type(layer)))
 
 
 def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
-                   rngs: nnx.Rngs | None = None, inplace: bool = False) -> nnx.Module:
+                   int8: str = "forward", rngs: nnx.Rngs | None = None,
+                   inplace: bool = False) -> nnx.Module:
   """Quantizes the layers of an NNX ``model`` that ``rules`` match (see module docstring).
 
   Args:
@@ -381,6 +412,9 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     rules: a :class:`~jaxq.Rule` or a sequence of them, matched against each layer's
       "/"-joined attribute path (list entries by index: ``"blocks/0/mlp/fc1"``); the
       first match wins; unmatched layers stay in float.
+    int8: "forward" (default): W8A8 Linear/LinearGeneral forward matmuls on int8
+      operands (:mod:`jaxq.layer.int8`); "all": the backward matmuls in int8 too;
+      "off": fake quantization only. As ``jaxq.quantize_model``'s.
     rngs: an ``nnx.Rngs`` with a ``"jaxq"`` stream for stochastic rounding (default: the
       first such ``nnx.Rngs`` in the model; none: round to nearest).
     inplace: convert ``model`` itself instead of a copy.
@@ -399,6 +433,8 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
   rules = check_rules(rules)
+  if int8 not in INT8_MODES:
+    raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
   if rngs is not None and (not isinstance(rngs, nnx.Rngs) or RNG_STREAM not in rngs):
     raise ValueError(f"rngs must be an nnx.Rngs with a {RNG_STREAM!r} stream, e.g. "
                      f"nnx.Rngs({RNG_STREAM}=0); got {rngs!r}")
@@ -430,7 +466,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
           f"{', '.join(layers)}; supported layers are nnx.Linear, nnx.LinearGeneral, "
           "nnx.Conv and nnx.Einsum (and their subclasses)")
   for module, path, rule in todo:
-    _quantize_layer(module, path, rule, rngs)
+    _quantize_layer(module, path, rule, rngs, int8)
   return model
 
 

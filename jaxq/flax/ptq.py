@@ -64,8 +64,6 @@ from flax import traverse_util
 from flax.core import meta
 
 from jaxq import calibration
-from jaxq import kernels
-from jaxq import quantizer
 from jaxq.flax import fqvit
 from jaxq.flax import linen as qlinen
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
@@ -73,6 +71,8 @@ from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack
                                      round_up_scale)
 from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
                              QuantizedModel, register_mode)
+from jaxq.layer import operands
+from jaxq.layer.serve import quantized_contraction, static_act
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec, match_rule
 from jaxq.flax.paths import module_path
@@ -89,8 +89,8 @@ SIM_MODE = "ptq_sim"
 KERNEL_AXES = "jaxq_kernel_axes"
 #: quant_stats entry: the kernel's rank as its layer's call sees it (one layer of a stack).
 KERNEL_RANK = "jaxq_kernel_rank"
-ACT_SCALE, ACT_ZERO_POINT = qlinen.ACT_SCALE, qlinen.ACT_ZERO_POINT
-_WEIGHT_NAMES = (qlinen.WEIGHT_SCALE, qlinen.WEIGHT_ZERO_POINT, qlinen.WEIGHT_ALPHA)
+ACT_SCALE, ACT_ZERO_POINT = operands.ACT_SCALE, operands.ACT_ZERO_POINT
+_WEIGHT_NAMES = operands.WEIGHT_NAMES
 
 # Kernel layouts seen while tracing a calibration step: {path: (contraction axes, rank)}.
 _RECORD = threading.local()
@@ -108,114 +108,22 @@ def normalize_batch(batch) -> tuple[tuple, dict]:
   return (batch,), {}
 
 
-def _matrix(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
-  """``x`` as ``(K, N)``: contracted axes (in order) rows, the other axes columns."""
-  free = [a for a in range(x.ndim) if a not in contract]
-  perm = tuple(contract) + tuple(free)
-  xt = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-  k = int(np.prod([x.shape[a] for a in contract], dtype=np.int64))
-  return xt.reshape(k, -1)
-
-
-def _int8_weight(q: QArray, op: Contraction):
-  """``(b_q int8[K, N], b_scale f32[N])`` when ``q`` can feed ``int8_matmul``, else None."""
-  s = q.spec
-  if not (s.bits == 8 and s.signed and s.symmetric and s.scheme == "uniform"
-          and s.granularity != "group" and q.shape == tuple(op.rhs.shape)):
-    return None
-  rc = tuple(a % q.ndim for a in op.rhs_contract)
-  scale = jnp.asarray(q.scale)
-  if scale.ndim != q.ndim or any(scale.shape[a] != 1 for a in rc):
-    return None
-  free_shape = [1 if a in rc else d for a, d in enumerate(q.shape)]
-  b_scale = jnp.broadcast_to(scale, free_shape).reshape(-1)
-  b_q = _matrix(q.int_values(), tuple(op.rhs_contract))
-  return b_q, b_scale.astype(jnp.float32)
-
-
 # --------------------------------------------------------------------------------------
 # The quantized contraction shared by serving and simulation
 # --------------------------------------------------------------------------------------
 
 
-def _act_spec_for_serving(spec: QuantSpec) -> QuantSpec:
-  """Learned steps are plain scales once trained: serve them as "ste"."""
-  return spec if spec.estimator == "ste" else spec.replace(estimator="ste")
-
-
-def _int8_act_ok(spec: QuantSpec) -> bool:
-  return (spec.bits == 8 and spec.signed and spec.scheme == "uniform"
-          and spec.granularity == "tensor")
-
-
-def quantized_contraction(call: LayerCall, op: Contraction, qw: QArray | None,
-                          act_qparams: dict | None) -> jax.Array:
-  """The contraction of a quantized layer with weight ``qw`` (None: ``op.rhs`` in float)
-  and static activation ``act_qparams`` ({"scale", "zero_point"}; None when the
-  activation spec is dynamic, non-uniform or absent)."""
-  aspec = call.rule.act
-  if op.lhs.size == 0:  # an empty batch: an empty result of the right shape
-    return op.compute(op.lhs, jnp.zeros(op.rhs.shape, op.rhs.dtype))
-  x2, x_unview = op.lhs_matrix()
-  aview = None
-  if aspec is not None:
-    aspec = _act_spec_for_serving(aspec)
-    aview = qlinen._act_view_spec(aspec, call, x2.shape[1])  # pylint: disable=protected-access
-  out_dtype = jnp.result_type(op.lhs.dtype, op.rhs.dtype)
-
-  w8 = None
-  if (qw is not None and aspec is not None and op.matmul_ok and _int8_act_ok(aspec)
-      and jnp.issubdtype(x2.dtype, jnp.floating)):
-    w8 = _int8_weight(qw, op)
-  if w8 is not None:
-    b_q, b_scale = w8
-    if aspec.dynamic:
-      sx, zx = quantizer.compute_qparams(jax.lax.stop_gradient(x2), aview, group_axis=1)
-    else:
-      sx, zx = act_qparams["scale"], act_qparams["zero_point"]
-    m = x2.shape[0]
-    sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (m, 1))
-    zx = jnp.broadcast_to(jnp.asarray(zx, jnp.float32).reshape(-1, 1), (m, 1))
-    xq = jnp.clip(jnp.round(x2.astype(jnp.float32) / sx) + zx, aspec.qmin, aspec.qmax)
-    xq = jnp.where(jnp.isnan(x2), zx, xq).astype(jnp.int8)
-    # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).
-    a_scale = qlinen.nan_scale(sx[:, 0], x2, 1)
-    y = kernels.int8_matmul(xq, b_q, a_scale, b_scale, out_dtype=jnp.float32)
-    if not aspec.symmetric:  # (xq - zx) @ b_q = xq @ b_q - zx * colsum(b_q)
-      colsum = jnp.sum(b_q.astype(jnp.int32), axis=0).astype(jnp.float32)
-      y = y - (zx * sx) * (colsum * b_scale)[None, :]
-    return op.out_from_matrix(y.astype(out_dtype))
-
-  rhs = op.rhs
-  if qw is not None:
-    if qw.shape != tuple(op.rhs.shape):
-      raise ValueError(f"layer '{call.path}': stored quantized kernel has shape {qw.shape}, "
-                       f"the layer expects {tuple(op.rhs.shape)}")
-    rhs = dequantize(qw).astype(op.rhs.dtype)
-  lhs = op.lhs
-  if aview is not None:
-    kw = {}
-    if act_qparams is not None:
-      kw = {"scale": act_qparams["scale"], "zero_point": act_qparams["zero_point"]}
-    lhs = x_unview(quantizer.fake_quantize(x2, aview, group_axis=1, require_key=False, **kw))
-  return op.compute(lhs, rhs)
-
-
-def _static_act(aspec: QuantSpec | None) -> bool:
-  return aspec is not None and not aspec.dynamic and aspec.scheme == "uniform"
-
-
 def _act_qparams_from_stats(call: LayerCall, x2_k: int) -> dict | None:
   """Static activation qparams from the layer's calibrated observer or learned step."""
   aspec = call.rule.act
-  if not _static_act(aspec):
+  if not static_act(aspec):
     return None
   m = call.module
   if aspec.estimator in ("lsq", "pact"):
     return _learned_act(aspec, lambda n: m.get_variable("params", n), call.path)
-  if not m.has_variable(QUANT_STATS, qlinen.ACT_STATS):
+  if not m.has_variable(QUANT_STATS, operands.ACT_STATS):
     raise ValueError(_uncalibrated(call.path))
-  st = m.get_variable(QUANT_STATS, qlinen.ACT_STATS)
+  st = m.get_variable(QUANT_STATS, operands.ACT_STATS)
   del x2_k
   scale, zp = calibration.observer_qparams(st, aspec)
   return {"scale": scale, "zero_point": zp}
@@ -224,16 +132,16 @@ def _act_qparams_from_stats(call: LayerCall, x2_k: int) -> dict | None:
 def _learned_act(aspec: QuantSpec, get, path: str) -> dict:
   try:
     if aspec.estimator == "pact":
-      scale = get(qlinen.ACT_ALPHA) / aspec.qmax
+      scale = get(operands.ACT_ALPHA) / aspec.qmax
       return {"scale": scale, "zero_point": jnp.zeros_like(scale)}
-    scale = get(qlinen.ACT_SCALE)
+    scale = get(operands.ACT_SCALE)
   except (KeyError, TypeError):
     scale = None
   if scale is None:
     raise ValueError(f"layer '{path}': the learned activation step of estimator="
                      f"{aspec.estimator!r} is missing from params (train or run "
                      "jaxq.flax.init_quant_params first)")
-  zp = get(qlinen.ACT_ZERO_POINT) if not aspec.symmetric else None
+  zp = get(operands.ACT_ZERO_POINT) if not aspec.symmetric else None
   return {"scale": scale, "zero_point": jnp.zeros_like(scale) if zp is None else zp}
 
 
@@ -263,10 +171,10 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
   if not isinstance(qw, QArray):
     qw = None
   act = None
-  if _static_act(call.rule.act):
+  if static_act(call.rule.act):
     spec = call.rule.act
     if not m.has_variable("params", ACT_SCALE):
-      if spec.estimator == "pact" and m.has_variable("params", qlinen.ACT_ALPHA):
+      if spec.estimator == "pact" and m.has_variable("params", operands.ACT_ALPHA):
         act = _learned_act(spec, lambda n: m.get_variable("params", n), call.path)
       else:
         raise ValueError(_uncalibrated(call.path) + " and convert it")
@@ -275,7 +183,7 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
       zp = (m.get_variable("params", ACT_ZERO_POINT)
             if m.has_variable("params", ACT_ZERO_POINT) else jnp.zeros_like(scale))
       act = {"scale": scale, "zero_point": zp}
-  return quantized_contraction(call, op, qw, act)
+  return quantized_contraction(op, call.path, call.rule.act, qw, act)
 
 
 def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
@@ -297,7 +205,7 @@ def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
     else:
       qw = quantize_kernel(w, wspec, op.rhs_contract)
   act = _act_qparams_from_stats(call, op.lhs.shape[-1])
-  y = quantized_contraction(call, op, qw, act)
+  y = quantized_contraction(op, call.path, call.rule.act, qw, act)
   m = call.module
   if m.has_variable(QUANT_STATS, SELECT):
     on = m.get_variable(QUANT_STATS, SELECT)
@@ -380,7 +288,7 @@ def _check_observers(qmodel: QuantizedModel, stats, recorded) -> None:
     rule = match_rule(qmodel.rules, path)
     if rule is None or rule.act is None or rule.act.dynamic:
       continue
-    st = tree_get(stats, _path_keys(path) + (qlinen.ACT_STATS,))
+    st = tree_get(stats, _path_keys(path) + (operands.ACT_STATS,))
     if st is None:
       missing.append(path)
     elif not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
@@ -525,7 +433,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     if rule is None or (rule.weight is None and rule.act is None):
       continue
     if recorded and lp not in recorded:
-      if _static_act(rule.act):
+      if static_act(rule.act):
         uncalibrated.append(path)
         continue
       unreached.append(path)
@@ -544,8 +452,8 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     for n in _WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
-    if _static_act(aspec) and aspec.estimator == "ste":
-      st = tree_get(stats, lp + (qlinen.ACT_STATS,))
+    if static_act(aspec) and aspec.estimator == "ste":
+      st = tree_get(stats, lp + (operands.ACT_STATS,))
       if st is None:
         raise ValueError(_uncalibrated(path))
       if not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
@@ -553,7 +461,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
       scale, zp = per_layer(lambda s: calibration.observer_qparams(s, aspec), stack)(st)
       flat[lp + (ACT_SCALE,)] = scale
       flat[lp + (ACT_ZERO_POINT,)] = zp
-    elif _static_act(aspec) and aspec.estimator == "lsq" and lp + (ACT_SCALE,) in flat \
+    elif static_act(aspec) and aspec.estimator == "lsq" and lp + (ACT_SCALE,) in flat \
         and aspec.symmetric:
       flat[lp + (ACT_ZERO_POINT,)] = jnp.zeros_like(flat[lp + (ACT_SCALE,)])
   if uncalibrated:
@@ -653,4 +561,4 @@ def serving_nbytes(tree) -> int:
 
 __all__ += ["serving_nbytes", "serve_handler", "sim_handler", "calibrate_handler",
             "split_static_kwargs",
-            "quantized_contraction", "SELECT", "round_up_scale", "SCALE_FORMATS"]
+            "SELECT", "round_up_scale", "SCALE_FORMATS"]

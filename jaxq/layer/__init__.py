@@ -1,0 +1,10 @@
+"""What happens to one quantized contraction, written once and independent of Flax.
+
+A quantizable layer (Dense/Linear, DenseGeneral/LinearGeneral, Conv, Einsum) computes one
+contraction of its input activation and its kernel (:mod:`jaxq.layer.views`). This
+package quantizes that contraction: operand view specs, learned steps and observers
+(:mod:`jaxq.layer.operands`), the W8A8 training matmul (:mod:`jaxq.layer.int8`), QAT
+(:mod:`jaxq.layer.qat`) and serving from QArray kernels (:mod:`jaxq.layer.serve`). The
+Linen and NNX adapters (:mod:`jaxq.flax.linen`, :mod:`jaxq.flax.nnx`) route a matched
+layer's contraction here and give it a place for its state.
+"""
