@@ -17,7 +17,7 @@ then quantize and train the folded weights (wrap the :class:`FoldedBatchNorm` in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -51,24 +51,42 @@ def fold_conv_bn(kernel: jax.Array, bias: jax.Array | None, gamma: jax.Array | N
   ``bias'_c = beta_c + (bias_c - mean_c) * gamma_c / sqrt(var_c + eps)``; a missing
   ``bias``/``beta`` counts as 0 and a missing ``gamma`` as 1. The arithmetic runs in
   float32 (or wider); results keep the kernel's dtype.
+
+  Stacked layers (``nn.scan`` / ``nnx.vmap``): statistics of shape ``(*lead, C)`` fold
+  into a kernel with the same leading axes ``(*lead, ..., C)``, one layer of the stack
+  at a time.
   """
   kernel = jnp.asarray(kernel)
   c = kernel.shape[-1]
   ct = jnp.promote_types(kernel.dtype, jnp.float32)
   mean, var = jnp.asarray(mean, ct), jnp.asarray(var, ct)
-  gamma = jnp.ones((c,), ct) if gamma is None else jnp.asarray(gamma, ct)
-  beta = jnp.zeros((c,), ct) if beta is None else jnp.asarray(beta, ct)
-  bias = jnp.zeros((c,), ct) if bias is None else jnp.asarray(bias, ct)
+  shape = mean.shape[:-1] + (c,)
+  lead = shape[:-1]
+  gamma = jnp.ones(shape, ct) if gamma is None else jnp.asarray(gamma, ct)
+  beta = jnp.zeros(shape, ct) if beta is None else jnp.asarray(beta, ct)
+  bias = jnp.zeros(shape, ct) if bias is None else jnp.asarray(bias, ct)
   for name, v in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var),
                   ("bias", bias)):
-    if v.shape != (c,):
+    if v.shape != shape:
       raise ValueError(
-          f"{name} must have shape ({c},) to match the kernel's {c} output channels "
+          f"{name} must have shape {shape} to match the kernel's {c} output channels "
           f"(kernel shape {kernel.shape}); got {v.shape}")
+  if kernel.ndim < len(lead) + 2 or kernel.shape[:len(lead)] != lead:
+    raise ValueError(
+        f"statistics of shape {shape} belong to a stack of {lead} layers: the kernel needs "
+        f"the same leading (stacking) axes and rank >= {len(lead) + 2}; got {kernel.shape}")
+  return _folded(kernel, bias, gamma, beta, mean, var, jnp.asarray(eps, ct))
+
+
+@jax.jit
+def _folded(kernel, bias, gamma, beta, mean, var, eps):
+  """:func:`fold_conv_bn`'s arithmetic on checked arrays (one compilation per shape)."""
   factor = gamma * jax.lax.rsqrt(var + eps)
-  new_kernel = (kernel.astype(ct) * factor).astype(kernel.dtype)
-  new_bias = beta + (bias - mean) * factor
-  return new_kernel, new_bias
+  lead = mean.ndim - 1
+  per_output = factor.reshape(factor.shape[:-1] + (1,) * (kernel.ndim - lead - 1)
+                              + factor.shape[-1:])
+  new_kernel = (kernel.astype(factor.dtype) * per_output).astype(kernel.dtype)
+  return new_kernel, beta + (bias - mean) * factor
 
 
 def fold_batchnorm(
@@ -136,6 +154,25 @@ def fold_batchnorm(
   return out_params, out_stats
 
 
+def abstract_call(fn: Callable, *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)`` under ``jax.eval_shape`` (nothing is computed).
+
+  Array leaves of ``args``/``kwargs`` (``jax.Array``, ``np.ndarray``,
+  ``jax.ShapeDtypeStruct``) are traced; every other leaf stays static (e.g.
+  ``train=False``). Returns the shapes and dtypes of the result.
+  """
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for a in leaves]
+
+  def call(*arrays):
+    it = iter(arrays)
+    a, k = jax.tree.unflatten(treedef, [next(it) if d else l
+                                        for l, d in zip(leaves, is_array)])
+    return fn(*a, **k)
+
+  return jax.eval_shape(call, *[l for l, d in zip(leaves, is_array) if d])
+
+
 def _module_path(module: nn.Module) -> str:
   return "/".join(module_path(module))
 
@@ -165,18 +202,11 @@ def find_conv_bn_pairs(model: nn.Module, *args, **kwargs) -> list[tuple[str, str
       produced[id(out)] = (_module_path(module), out)
     return out
 
-  # Arrays (and ShapeDtypeStructs) are traced; every other argument stays static.
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for a in leaves]
-
-  def init(*arrays):
-    it = iter(arrays)
-    a, k = jax.tree.unflatten(treedef, [next(it) if d else l
-                                        for l, d in zip(leaves, is_array)])
+  def init(*a, **k):
     with nn.intercept_methods(interceptor):
       return model.init(jax.random.key(0), *a, **k)
 
-  jax.eval_shape(init, *[l for l, d in zip(leaves, is_array) if d])
+  abstract_call(init, *args, **kwargs)
   pairs = []
   for oid, (layer_path, _) in produced.items():
     users = consumers.get(oid, [])

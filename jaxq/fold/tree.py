@@ -1,7 +1,7 @@
 """Layers of a parameter tree named by "/"-joined paths.
 
 A tree is nested dicts: Linen ``variables["params"]``, or the pure dict of an NNX state
-(``nnx.state(model, nnx.Param).to_pure_dict()``, whose list entries are keyed by int). A
+(``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, list entries keyed by int). A
 layer is the dict at a path (e.g. ``"Conv_0"``, ``"block/conv"``, ``"layers/0"``) holding a
 ``"kernel"`` (Dense ``(in, out)``, Conv ``(*window, in / groups, out)``: output channels
 on the last axis, input channels on the second to last) and optionally a ``"bias"``.
