@@ -111,6 +111,8 @@ def test_fold_nnx_matches_float64_reference_and_original():
     assert isinstance(getattr(folded, bn), fold.FoldedIdentity)
     assert getattr(folded, bn).folded_into == layer
   assert folded.conv1.use_bias and folded.conv1.bias.get_value().dtype == jnp.float32
+  half = jnp.ones((2, C1), jnp.bfloat16)
+  assert folded.bn1(half).dtype == model.bn1(half).dtype == jnp.float32  # BN's promotion
   np.testing.assert_allclose(run(folded, x), ref, rtol=1e-5, atol=1e-5)
   # Static folding: training mode runs the same function (no batch statistics).
   folded.train()
@@ -160,6 +162,9 @@ def test_fold_nnx_stacked_layers_and_sequential():
   np.testing.assert_allclose(fparams["blocks"]["conv"]["kernel"], k, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(fparams["blocks"]["conv"]["bias"], b, rtol=1e-5, atol=1e-6)
   assert isinstance(folded.head.layers[1], fold.FoldedIdentity)
+  with pytest.raises(ValueError, match="same leading \\(stacking\\) axes"):
+    fold.fold_conv_bn(np.ones((5, 6, 6)), None, None, None, stats["blocks"]["bn"]["mean"],
+                      stats["blocks"]["bn"]["var"])
   np.testing.assert_allclose(run(folded, x), run(model, x), rtol=1e-5, atol=1e-5)
 
 
