@@ -198,8 +198,10 @@ def test_bad_input_names_the_field():
     nf4.nf4_quantize(w, 0)
   with pytest.raises(ValueError, match="w must be a 2-D"):
     nf4.nf4_quantize(_gaussian((2, 16, 4)), 16)
-  with pytest.raises(ValueError, match="w must be a 2-D"):
-    nf4.nf4_fake_quant(_gaussian((16,)), 16)
+  with pytest.raises(ValueError, match="rank >= 1"):
+    nf4.nf4_fake_quant(jnp.float32(1.0), 16)
+  with pytest.raises(ValueError, match="axis must be an axis"):
+    nf4.nf4_codes(_gaussian((16, 4)), 16, axis=2)
   with pytest.raises(ValueError, match="axis must be"):
     nf4.nf4_quantize(w, 16, axis=2)
   with pytest.raises(ValueError, match="dtype int32"):
