@@ -24,7 +24,7 @@ LORA = jaxq.LoRA(rank=3, alpha=6.0)
 
 
 def _normal(seed, shape, scale=1.0):
-  return np.asarray(jax.random.normal(jax.random.key(seed), shape)) * scale
+  return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
 # --------------------------------------------------------------------------------------
