@@ -8,6 +8,10 @@ adapter next to its kernel: ``params[...]["lora_a"]`` ``(K, r)`` and ``["lora_b"
 * :func:`trainable` marks the adapter leaves, for ``optax.masked`` /
   ``optax.multi_transform`` (e.g. ``optax.multi_transform({True: optax.adamw(1e-3),
   False: optax.set_to_zero()}, jaxq.lora.trainable(params))``: every other leaf stays).
+* :func:`split` / :func:`combine` separate the adapters from the rest (a frozen base's
+  QArray holds integer leaves, which ``jax.grad`` cannot differentiate):
+  ``grads = jax.grad(lambda ad: loss(combine(ad, rest)))(adapters)`` with
+  ``adapters, rest = split(params)``, and an optax optimizer on ``adapters`` alone.
 * :func:`freeze` replaces the float kernel of each LoRA layer whose rule has a weight
   spec by its :class:`~jaxq.QArray` (QLoRA: NF4 codes, two a byte, plus one float32
   absmax per group; or uniform int8 / int4), so training holds no float copy of the base.
@@ -42,7 +46,7 @@ from jaxq.params import check_rules, key_name, output_axes, per_layer
 from jaxq.qarray import QArray, quantize
 from jaxq.spec import Rule, match_rule
 
-__all__ = ["trainable", "freeze", "merge", "freeze_kernel", "layer_contract",
+__all__ = ["trainable", "split", "combine", "freeze", "merge", "freeze_kernel", "layer_contract",
            "ADAPTER_NAMES"]
 
 #: Leaf names of a layer's adapter.
@@ -57,6 +61,32 @@ def trainable(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(key_name(k) in ADAPTER_NAMES for k in path), params,
       is_leaf=lambda x: isinstance(x, QArray))
+
+
+def split(params: Mapping) -> tuple[dict, dict]:
+  """``(adapters, rest)``: two nested dicts with the paths of ``params`` that hold the
+  ``lora_a`` / ``lora_b`` entries and everything else (Linen params, NNX pure dicts)."""
+  adapters, rest = {}, {}
+  for k, v in params.items():
+    if k in ADAPTER_NAMES:
+      adapters[k] = v
+    elif isinstance(v, Mapping):
+      sub_a, sub_r = split(v)
+      if sub_a:
+        adapters[k] = sub_a
+      if sub_r or not sub_a:
+        rest[k] = sub_r
+    else:
+      rest[k] = v
+  return adapters, rest
+
+
+def combine(adapters: Mapping, rest: Mapping) -> dict:
+  """Inverse of :func:`split`: the two nested dicts merged."""
+  out = dict(rest)
+  for k, v in adapters.items():
+    out[k] = combine(v, out.get(k, {})) if isinstance(v, Mapping) else v
+  return out
 
 
 def _rules(qmodel) -> tuple[Rule, ...]:

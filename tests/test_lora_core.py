@@ -423,3 +423,39 @@ def test_tree_level_bad_input_names_the_layer():
     jaxq.lora.freeze(RULES, {"attn": {"q": {"kernel": jnp.zeros((6, 8)),
                                             "lora_a": jnp.zeros((6, 3)),
                                             "lora_b": jnp.zeros((3, 8))}}})
+
+
+def test_training_the_adapters_of_a_frozen_base_changes_nothing_else(frozen_params):
+  frozen = frozen_params[1]["params"]
+  adapters, rest = jaxq.lora.split(frozen)
+  assert jaxq.lora.combine(adapters, rest).keys() == frozen.keys()
+  assert set(adapters) == {"attn", "blocks", "plain"} and set(adapters["blocks"]) == {
+      "lora_a", "lora_b"} and "lora_a" not in rest["blocks"]
+  q = rest["attn"]["q"]
+  x = jnp.asarray(_normal(60, (4, 16)), jnp.float32)
+  target = jnp.asarray(_normal(61, (4, 2, 8)), jnp.float32)
+
+  def loss(ad):
+    p = jaxq.lora.combine(ad, rest)["attn"]["q"]
+    op = _dense(x, jnp.zeros((16, 2, 8)))  # the layer's placeholder; base from the QArray
+    base = llora.frozen_base(op, "attn/q", p["kernel"])
+    y = llora.lora_contraction(op, base.compute(base.lhs, base.rhs) + p["bias"],
+                               p["lora_a"], p["lora_b"], LORA)
+    return jnp.mean((y - target) ** 2)
+
+  tx = optax.adamw(1e-2)
+
+  @jax.jit
+  def step(ad, st):
+    updates, st = tx.update(jax.grad(loss)(ad), st, ad)
+    return optax.apply_updates(ad, updates), st
+
+  ad, st = adapters, tx.init(adapters)
+  first = float(loss(ad))
+  for _ in range(5):
+    ad, st = step(ad, st)
+  assert float(loss(ad)) < first
+  assert not np.array_equal(ad["attn"]["q"]["lora_b"], adapters["attn"]["q"]["lora_b"])
+  after = jaxq.lora.combine(ad, rest)
+  for a, b in zip(jax.tree.leaves(after["attn"]["q"]["kernel"]), jax.tree.leaves(q["kernel"])):
+    assert a is b  # the frozen base is untouched (bit-identical, not even copied)
