@@ -47,8 +47,7 @@ def _is_real(value) -> bool:
 def _check_real(name: str, value, lo: float, hi: float, *, hi_open: bool) -> None:
   """``value`` must be a real number (not a bool or a string) in ``(lo, hi)`` or
   ``(lo, hi]``."""
-  ok = (isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, (bool, np.bool_)))
+  ok = _is_real(value)
   if ok:
     v = float(value)
     ok = lo < v < hi or (not hi_open and v == hi)
