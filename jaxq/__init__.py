@@ -9,6 +9,8 @@ The public API of ``DESIGN.md``'s contract:
 * training: :func:`quantize_params`, :func:`init_qstate`, :func:`quantize_model`
   (Linen), :func:`jaxq.nnx.quantize_model`;
 * PTQ and serving: :func:`calibrate`, :func:`convert`;
+* LoRA / QLoRA: :class:`LoRA` (``Rule(lora=...)``), :mod:`jaxq.lora` (``trainable``,
+  ``freeze``, ``merge``);
 * submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`, and the
   op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`, :mod:`jaxq.nf4`.
 """
@@ -17,6 +19,7 @@ from jaxq import act
 from jaxq import gptq
 from jaxq import kernels
 from jaxq import layer
+from jaxq import lora
 from jaxq import nf4
 from jaxq import nnx
 from jaxq import smoothing
@@ -33,13 +36,13 @@ from jaxq.flax.linen import quantize_model
 from jaxq.flax.ptq import calibrate, convert
 from jaxq.params import init_qstate, quantize_params
 from jaxq.qarray import QArray, dequantize, quantize
-from jaxq.spec import QuantSpec, Rule
+from jaxq.spec import LoRA, QuantSpec, Rule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
-    "init_qstate", "kernels", "layer", "log2_fake_quant", "log2_quantize", "lsq_fake_quant", "nf4", "nnx",
+    "LoRA", "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
+    "init_qstate", "kernels", "layer", "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "nf4", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
     "quantize_params", "smoothing",
 ]

@@ -60,7 +60,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from jaxq import numerics
-from jaxq.qarray import pack_bits, unpack_bits
+from jaxq.bitpack import pack_bits, unpack_bits
 
 #: Probability of the largest NF4 quantile: ``1 - (1/30 + 1/32) / 2``.
 NF4_OFFSET = 0.9677083
@@ -124,6 +124,23 @@ def check_nf4_fields(bits, granularity, group_size, signed=True, symmetric=True,
                      f"got {group_size!r}")
 
 
+def _check_grouping(shape, group_size, axis) -> int:
+  """Validates the grouping of an array of any rank >= 1; returns the grouped axis."""
+  if not shape:
+    raise ValueError("NF4 needs an array of rank >= 1; got a scalar")
+  if isinstance(axis, bool) or not isinstance(axis, int) or not -len(shape) <= axis < len(
+      shape):
+    raise ValueError(f"axis must be an axis of an array of shape {tuple(shape)}; got "
+                     f"{axis!r}")
+  axis %= len(shape)
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f"group_size must be a positive int; got {group_size!r}")
+  if shape[axis] % group_size:
+    raise ValueError(f"group_size={group_size} must divide the length {shape[axis]} of "
+                     f"the grouped axis {axis} (shape {tuple(shape)})")
+  return axis
+
+
 def _check_view(shape, group_size, axis, name: str = "w") -> int:
   """Validates a 2-D kernel view and its grouping; returns the grouped axis (0 or 1)."""
   if len(shape) != 2:
@@ -132,13 +149,7 @@ def _check_view(shape, group_size, axis, name: str = "w") -> int:
   if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (-2, -1, 0, 1):
     raise ValueError(f"axis must be the contraction axis of the 2-D view, one of "
                      f"0, 1, -1, -2; got {axis!r}")
-  axis = axis % 2
-  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-    raise ValueError(f"group_size must be a positive int; got {group_size!r}")
-  if shape[axis] % group_size:
-    raise ValueError(f"group_size={group_size} must divide the length {shape[axis]} of "
-                     f"the contraction axis {axis} (shape {tuple(shape)})")
-  return axis
+  return _check_grouping(shape, group_size, axis)
 
 
 def _check_float(w) -> jax.Array:
@@ -146,6 +157,27 @@ def _check_float(w) -> jax.Array:
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"w must be a floating array for NF4; got dtype {w.dtype}")
   return w
+
+
+def nf4_codes(w: jax.Array, group_size: int, axis: int = 0):
+  """``(codes, absmax)`` of ``w`` (any rank >= 1) grouped along ``axis``.
+
+  One absmax per ``group_size`` consecutive elements of ``axis`` and per index of every
+  other axis. ``codes``: uint8 in ``[0, 16)`` of ``w``'s shape (unpacked); ``absmax``:
+  float32 in the keepdims layout of the grouped view
+  (:func:`jaxq.numerics.to_groups`: ``axis`` split into ``(n / g, 1)``).
+  """
+  w = _check_float(w)
+  axis = _check_grouping(w.shape, group_size, axis)
+  return _codes_and_absmax(w, group_size, axis)
+
+
+def nf4_values(codes: jax.Array, absmax: jax.Array, group_size: int, axis: int = 0
+               ) -> jax.Array:
+  """Inverse of :func:`nf4_codes`: ``level[code] * absmax`` in float32."""
+  codes = jnp.asarray(codes)
+  axis = _check_grouping(codes.shape, group_size, axis)
+  return _levels_times_absmax(codes, jnp.asarray(absmax, jnp.float32), group_size, axis)
 
 
 def _codes_and_absmax(w: jax.Array, group_size: int, axis: int):
@@ -245,14 +277,15 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def nf4_fake_quant(w: jax.Array, group_size: int, axis: int = 0) -> jax.Array:
-  """``nf4_dequantize(*nf4_quantize(w, ...))`` in ``w``'s dtype, straight-through.
+  """``nf4_values(*nf4_codes(w, ...))`` in ``w``'s dtype, straight-through.
 
-  The forward equals the quantize/dequantize round trip bit for bit (float32 scales);
-  the gradient is the identity (``d w_hat / d w = 1``, Bengio et al. 2013), for QAT of
-  the base weights.
+  ``w`` has any rank >= 1, grouped along ``axis`` (:func:`nf4_codes`); for a 2-D view
+  the forward equals ``nf4_dequantize(*nf4_quantize(w, ...))`` bit for bit (float32
+  scales). The gradient is the identity (``d w_hat / d w = 1``, Bengio et al. 2013),
+  for QAT of the base weights.
   """
   w = _check_float(w)
-  axis = _check_view(w.shape, group_size, axis)
+  axis = _check_grouping(w.shape, group_size, axis)
   return _fake_quant(w, group_size, axis)
 
 
@@ -273,11 +306,13 @@ def double_quantize_absmax(absmax: jax.Array) -> DoubleQuantAbsmax:
 
 
 def recover_absmax(dq: DoubleQuantAbsmax) -> jax.Array:
-  """The flat float32 absmaxes ``mean + code * block_scale`` (NaN where code is -128)."""
+  """The flat float32 absmaxes ``mean + code * block_scale`` (NaN where code is -128);
+  leading (stacking) axes of all three arrays are kept."""
   codes = jnp.asarray(dq.codes)
-  n = codes.shape[0]
-  scale = jnp.repeat(jnp.asarray(dq.block_scale, jnp.float32), DOUBLE_QUANT_BLOCK)[:n]
-  absmax = dq.mean + codes.astype(jnp.float32) * scale
+  n = codes.shape[-1]
+  scale = jnp.repeat(jnp.asarray(dq.block_scale, jnp.float32), DOUBLE_QUANT_BLOCK,
+                     axis=-1)[..., :n]
+  absmax = jnp.asarray(dq.mean, jnp.float32)[..., None] + codes.astype(jnp.float32) * scale
   return jnp.where(codes == _NONFINITE_CODE, jnp.nan, absmax)
 
 

@@ -19,6 +19,17 @@ Storage (what :attr:`QArray.nbytes` counts):
   ``uint8`` when unsigned; it is stored (as zeros) for symmetric specs too, so every
   QArray has the same three leaves.
 
+NF4 (``QuantSpec(4, scheme="nf4", granularity="group", group_size=g)``, QLoRA's
+NormalFloat-4, :mod:`jaxq.nf4`): ``values`` are the packed 4-bit codes (unsigned, code
+``c`` stands for ``NF4_LEVELS[c]``), ``scale`` the float32 absmax of each group of ``g``
+consecutive elements of ``group_axis`` and each index of every other axis (keepdims
+layout of the grouped view; ``spec.axis`` does not apply), or with
+``quantize(..., double_quant=True)`` its double-quantized form
+(:class:`jaxq.nf4.DoubleQuantAbsmax`: int8 codes, one float32 scale per 256 absmaxes in
+flattened order, a float32 mean); ``zero_point`` is a scalar int8 zero. It dequantizes
+to ``level[code] * absmax``, so ``levels * absmax`` round-trips exactly with float32
+scales.
+
 Serialization: QArray is registered with :mod:`flax.serialization` (a self-describing
 dict of its three arrays, bit-exact, plus its static metadata; :func:`qarray_from_state`
 rebuilds it without a target) and with ``jax.export`` (pytree name "jaxq.QArray"), so
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 
 import jax
@@ -40,8 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from jaxq import nf4
 from jaxq import numerics
 from jaxq import quantizer
+from jaxq.bitpack import pack_bits, unpack_bits  # re-exported: jaxq.qarray.pack_bits
 from jaxq.spec import QuantSpec
 
 PACKED_BITS = (1, 2, 4)
@@ -49,73 +63,6 @@ PACKED_BITS = (1, 2, 4)
 
 def _storage_dtype(signed: bool) -> jnp.dtype:
   return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
-
-
-# ---------------------------------------------------------------------------------------
-# Bit packing
-# ---------------------------------------------------------------------------------------
-
-
-def _check_pack_bits(bits: int) -> int:
-  if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
-    raise ValueError(f"bits must be one of 1, 2, 4, 8 for bit packing; got {bits!r}")
-  return int(bits)
-
-
-def pack_bits(q: jax.Array, bits: int, axis: int = -1) -> jax.Array:
-  """Packs integers of width ``bits`` (1, 2, 4, 8) into ``uint8`` along ``axis``.
-
-  Each value contributes its low ``bits`` bits (two's complement for negative
-  values); ``8 // bits`` consecutive elements share a byte, element ``j`` at bits
-  ``[j*bits, (j+1)*bits)``. ``axis`` (length ``n``) is zero-padded to a multiple of
-  ``8 // bits`` and becomes ``ceil(n * bits / 8)`` long.
-  """
-  bits = _check_pack_bits(bits)
-  q = jnp.asarray(q)
-  if not jnp.issubdtype(q.dtype, jnp.integer):
-    raise TypeError(f"pack_bits needs an integer array; got dtype {q.dtype}")
-  if q.ndim == 0:
-    raise ValueError("pack_bits needs an array of rank >= 1; got a scalar")
-  axis = numerics.normalize_axis(axis, q.ndim)
-  per = 8 // bits
-  u = jnp.moveaxis(q, axis, -1).astype(jnp.uint8) & jnp.uint8(2**bits - 1)
-  n = u.shape[-1]
-  pad = -n % per
-  if pad:
-    u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
-  u = u.reshape(u.shape[:-1] + ((n + pad) // per, per)).astype(jnp.uint32)
-  shifts = jnp.arange(per, dtype=jnp.uint32) * bits
-  packed = jnp.sum(u << shifts, axis=-1).astype(jnp.uint8)  # disjoint bits: sum == or
-  return jnp.moveaxis(packed, -1, axis)
-
-
-def unpack_bits(packed: jax.Array, bits: int, n: int, axis: int = -1, *,
-                signed: bool = False) -> jax.Array:
-  """Inverse of :func:`pack_bits`: the first ``n`` elements along ``axis``.
-
-  Returns ``int8`` (sign-extended from ``bits`` bits) when ``signed`` else ``uint8``.
-  """
-  bits = _check_pack_bits(bits)
-  packed = jnp.asarray(packed)
-  if packed.dtype != jnp.uint8:
-    raise TypeError(f"unpack_bits needs a uint8 array; got dtype {packed.dtype}")
-  if packed.ndim == 0:
-    raise ValueError("unpack_bits needs an array of rank >= 1; got a scalar")
-  axis = numerics.normalize_axis(axis, packed.ndim)
-  per = 8 // bits
-  m = packed.shape[axis]
-  if not (m - 1) * per < n <= m * per and not (m == 0 and n == 0):
-    raise ValueError(
-        f"n={n} elements do not fit {m} packed bytes of {per} {bits}-bit values along "
-        f"axis {axis} (need ceil(n / {per}) == {m})")
-  p = jnp.moveaxis(packed, axis, -1)
-  shifts = jnp.arange(per, dtype=jnp.uint8) * bits
-  u = (p[..., None] >> shifts) & jnp.uint8(2**bits - 1)
-  u = u.reshape(p.shape[:-1] + (m * per,))[..., :n]
-  if signed:
-    v = u.astype(jnp.int16)
-    u = jnp.where(v >= 2 ** (bits - 1), v - 2**bits, v).astype(jnp.int8)
-  return jnp.moveaxis(u, -1, axis)
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,17 +125,19 @@ class QArray:
 
   @property
   def nbytes(self) -> int:
-    """Bytes of storage: ``values`` + ``scale`` + ``zero_point``."""
+    """Bytes of storage: ``values`` + ``scale`` (all its arrays) + ``zero_point``."""
     return sum(int(np.prod(jnp.shape(a), dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
-               for a in (self.values, self.scale, self.zero_point))
+               for a in jax.tree_util.tree_leaves((self.values, self.scale,
+                                                   self.zero_point)))
 
   def int_values(self) -> jax.Array:
-    """The integers ``q`` in the logical shape (int8 signed / uint8 unsigned)."""
+    """The integers ``q`` in the logical shape (int8 signed / uint8 unsigned; the
+    uint8 codes of an NF4 array)."""
     if not self.packed:
       return self.values
     flat_shape = self.shape if self.shape else (1,)
     q = unpack_bits(self.values, self.bits, flat_shape[-1], axis=-1,
-                    signed=self.spec.signed)
+                    signed=self.spec.signed and self.spec.scheme == "uniform")
     return q.reshape(q.shape[:q.ndim - len(flat_shape)] + self.shape)
 
   def dequantize(self) -> jax.Array:
@@ -200,29 +149,46 @@ class QArray:
             f"signed={s.signed}, symmetric={s.symmetric}, granularity={s.granularity!r}"
             f"{f', group_size={s.group_size}' if s.group_size else ''}, "
             f"values={getattr(self.values, 'dtype', '?')}{tuple(jnp.shape(self.values))}, "
-            f"scale={tuple(jnp.shape(self.scale))}, nbytes={self.nbytes})")
+            f"scale={_scale_repr(self.scale)}, nbytes={self.nbytes})")
 
 
-def _as_uniform_spec(spec) -> QuantSpec:
+def _scale_repr(scale) -> str:
+  if isinstance(scale, nf4.DoubleQuantAbsmax):
+    return f"double-quantized{tuple(jnp.shape(scale.codes))}"
+  return str(tuple(jnp.shape(scale)))
+
+
+def _as_qarray_spec(spec, schemes=("uniform", "nf4")) -> QuantSpec:
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  if spec.scheme != "uniform":
+  if spec.scheme not in schemes:
     raise ValueError(
-        f"QArray stores uniform quantization only: QuantSpec.scheme must be 'uniform'; "
-        f"got {spec.scheme!r}")
+        f"QArray stores uniform or NF4 quantization: QuantSpec.scheme must be one of "
+        f"{', '.join(map(repr, schemes))}; got {spec.scheme!r}")
   return spec
 
 
+def _as_uniform_spec(spec) -> QuantSpec:
+  return _as_qarray_spec(spec, ("uniform",))
+
+
 def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
-             group_axis: int = 0) -> QArray:
+             group_axis: int = 0, double_quant: bool = False) -> QArray:
   """Quantizes ``x`` with min-max qparams at ``spec.granularity`` into a :class:`QArray`.
 
   "group" splits ``group_axis`` (axis 0 by default, as the contract says for a bare
   array) into groups of ``spec.group_size``, keeping ``spec.axis`` as the channel axis
   when it is another axis. ``spec.rounding == "stochastic"`` needs ``key``.
+  ``scheme="nf4"``: packed NF4 codes and a float32 absmax per group (module docstring);
+  ``double_quant=True`` stores the absmaxes double-quantized (QLoRA; NF4 only).
   """
-  spec = _as_uniform_spec(spec)
+  spec = _as_qarray_spec(spec)
   x = quantizer._check_float(x)
+  if spec.scheme == "nf4":
+    return _quantize_nf4(x, spec, group_axis, double_quant)
+  if double_quant:
+    raise ValueError("double_quant=True applies to scheme='nf4' absmaxes only; got "
+                     f"scheme={spec.scheme!r}")
   scale, zero_point = quantizer.compute_qparams(x, spec, group_axis=group_axis)
   return quantize_with(x, spec, scale, zero_point, key=key, group_axis=group_axis)
 
@@ -273,11 +239,40 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
                 spec=spec, shape=x.shape, dtype=x.dtype, group_axis=group_axis)
 
 
+def _quantize_nf4(x: jax.Array, spec: QuantSpec, group_axis: int, double_quant: bool
+                  ) -> QArray:
+  if x.ndim == 0:
+    raise ValueError("scheme='nf4' needs an array of rank >= 1; got a scalar")
+  ga = numerics.normalize_axis(group_axis, x.ndim, "group_axis")
+  codes, absmax = nf4.nf4_codes(x, spec.group_size, ga)
+  scale = nf4.double_quantize_absmax(absmax) if double_quant else absmax
+  return QArray(pack_bits(codes, 4, axis=-1), scale, jnp.zeros((), jnp.int8), spec=spec,
+                shape=x.shape, dtype=x.dtype, group_axis=ga)
+
+
+def nf4_absmax(q: QArray) -> jax.Array:
+  """The float32 absmax of an NF4 :class:`QArray` (recovered when double-quantized), in
+  the keepdims layout of its grouped view."""
+  if not isinstance(q.scale, nf4.DoubleQuantAbsmax):
+    return jnp.asarray(q.scale, jnp.float32)
+  ga = q.group_axis % q.ndim
+  stat = q.shape[:ga] + (q.shape[ga] // q.spec.group_size, 1) + q.shape[ga + 1:]
+  flat = nf4.recover_absmax(q.scale)
+  return flat.reshape(flat.shape[:-1] + stat)
+
+
 def dequantize(q: QArray) -> jax.Array:
   """``(q - zero_point) * scale`` in the logical shape and the original dtype (a grid
-  point beyond the largest finite float, for a range reaching it, gives that float)."""
+  point beyond the largest finite float, for a range reaching it, gives that float);
+  ``level[code] * absmax`` for NF4."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize needs a QArray; got {type(q).__name__}")
+  if q.spec.scheme == "nf4":
+    codes = q.int_values()
+    lead = codes.ndim - q.ndim
+    values = nf4.nf4_values(codes, nf4_absmax(q), q.spec.group_size,
+                            lead + q.group_axis % q.ndim)
+    return values.astype(q.dtype)
   scale = jnp.asarray(q.scale)
   dtype = numerics.float_dtype(scale)
   ints = q.int_values().astype(dtype)
@@ -308,8 +303,10 @@ def _from_meta(meta: Mapping) -> dict:
 
 
 def qarray_to_state(q: QArray) -> dict:
-  """A QArray as a msgpack-able dict: its arrays as they are plus its metadata."""
-  return {STATE_MARK: True, "values": q.values, "scale": q.scale,
+  """A QArray as a msgpack-able dict: its arrays as they are plus its metadata (a
+  double-quantized NF4 absmax as the dict of its three arrays)."""
+  scale = q.scale._asdict() if isinstance(q.scale, nf4.DoubleQuantAbsmax) else q.scale
+  return {STATE_MARK: True, "values": q.values, "scale": scale,
           "zero_point": q.zero_point, "meta": _meta(q.spec, q.shape, q.dtype, q.group_axis)}
 
 
@@ -323,8 +320,15 @@ def qarray_from_state(state: Mapping) -> QArray:
     meta = _from_meta(state["meta"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"malformed QArray metadata {state['meta']!r}: {e}") from None
-  check_arrays(state["values"], state["scale"], state["zero_point"], **meta)
-  return QArray(state["values"], state["scale"], state["zero_point"], **meta)
+  scale = state["scale"]
+  if isinstance(scale, Mapping):
+    if set(scale) != set(nf4.DoubleQuantAbsmax._fields):
+      raise ValueError(f"not a serialized QArray: a dict scale must hold the arrays "
+                       f"{nf4.DoubleQuantAbsmax._fields} of a double-quantized NF4 absmax; "
+                       f"got {sorted(scale)}")
+    scale = nf4.DoubleQuantAbsmax(**scale)
+  check_arrays(state["values"], scale, state["zero_point"], **meta)
+  return QArray(state["values"], scale, state["zero_point"], **meta)
 
 
 def storage_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -364,8 +368,12 @@ def check_arrays(values, scale, zero_point, *, spec: QuantSpec, shape, dtype,
                        f"does not fit its logical shape {shape}")
     ga = group_axis % len(shape)
     view = shape[:ga] + (shape[ga] // spec.group_size, spec.group_size) + shape[ga + 1:]
-  for name, a, kind in (("scale", scale, jnp.floating), ("zero_point", zero_point,
-                                                         jnp.integer)):
+  checked = (("zero_point", zero_point, jnp.integer),)
+  if isinstance(scale, nf4.DoubleQuantAbsmax):
+    _check_double_quant(scale, spec, view, lead)
+  else:
+    checked = (("scale", scale, jnp.floating),) + checked
+  for name, a, kind in checked:
     ashape = tuple(np.shape(a))
     core = ashape[lead:] if ashape[:lead] == vshape[:lead] else ashape
     if len(core) > len(view) or any(c not in (1, d) for c, d in zip(core[::-1], view[::-1])):
@@ -373,6 +381,22 @@ def check_arrays(values, scale, zero_point, *, spec: QuantSpec, shape, dtype,
                        f"quantized view of shape {view} (logical shape {shape})")
     if not jnp.issubdtype(a.dtype, kind):
       raise ValueError(f"QArray {name} must be {kind.__name__}; got dtype {a.dtype}")
+
+
+def _check_double_quant(dq, spec: QuantSpec, view, lead: int) -> None:
+  """A double-quantized absmax must be NF4's, with one int8 code per group."""
+  if spec.scheme != "nf4":
+    raise ValueError(f"a double-quantized scale belongs to scheme='nf4'; got "
+                     f"scheme={spec.scheme!r}")
+  groups = math.prod(view) // spec.group_size
+  blocks = -(-groups // nf4.DOUBLE_QUANT_BLOCK)
+  want = {"codes": ((groups,), jnp.int8), "block_scale": ((blocks,), jnp.float32),
+          "mean": ((), jnp.float32)}
+  for name, (shape, dtype) in want.items():
+    a = getattr(dq, name)
+    if tuple(np.shape(a))[lead:] != shape or np.dtype(a.dtype) != dtype:
+      raise ValueError(f"QArray double-quantized scale {name} must be {np.dtype(dtype)}"
+                       f"{shape} for {groups} groups; got {a.dtype}{tuple(np.shape(a))}")
 
 
 serialization.register_serialization_state(

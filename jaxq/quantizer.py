@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import estimators
+from jaxq import nf4
 from jaxq import numerics
 from jaxq.spec import QuantSpec
 
@@ -131,6 +132,9 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, group_axis: int = 0
   for "group".
   """
   spec = _check_spec(spec)
+  if spec.scheme == "nf4":
+    raise ValueError("scheme='nf4' has no (scale, zero_point): its absmax per group comes "
+                     "from jaxq.nf4.nf4_codes")
   x = _check_float(x)
   xv = quant_view(x, spec, group_axis)
   lo, hi = numerics.minmax(xv, quant_axes(x.ndim, spec, group_axis))
@@ -197,6 +201,9 @@ def fake_quantize(
     last axis; ``spec.granularity`` does not apply). Give ``scale``, ``zero_point`` and
     ``factor_exp`` together, or none of them to calibrate on ``x`` with
     :func:`jaxq.estimators.ptf_calibrate` (behind ``stop_gradient``).
+  * "nf4": :func:`jaxq.nf4.nf4_fake_quant` (straight-through): one absmax per
+    ``group_size`` consecutive elements of ``group_axis`` and per index of every other
+    axis (``spec.axis`` does not apply); no parameters.
 
   ``zero_point`` defaults to 0 when ``scale`` is given for a symmetric spec; an
   asymmetric spec with an explicit ``scale`` needs it too. Scales and zero points
@@ -242,6 +249,13 @@ def fake_quantize(
           estimators.ptf_calibrate(xc, spec.bits, signed=spec.signed))
     return estimators.ptf_fake_quant(
         xc, scale, zero_point, factor_exp, spec.qmin, spec.qmax, key=key).astype(dtype)
+
+  if spec.scheme == "nf4":
+    if scale is not None or zero_point is not None:
+      raise ValueError("scheme='nf4' takes its absmax from x; do not pass scale or "
+                       "zero_point")
+    return nf4.nf4_fake_quant(x, spec.group_size,
+                              numerics.normalize_axis(group_axis, x.ndim, "group_axis"))
 
   xv = quant_view(xc, spec, group_axis)
   if spec.estimator == "pact":

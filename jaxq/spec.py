@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 
 from jaxq import numerics
+from jaxq.nf4 import check_nf4_fields
 
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic")
 ESTIMATORS = ("ste", "lsq", "pact")
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse")
-SCHEMES = ("uniform", "log2", "ptf")
+SCHEMES = ("uniform", "log2", "ptf", "nf4")
+#: Schemes a layer's weight (kernel) may use; "nf4" is weight-only.
+WEIGHT_SCHEMES = ("uniform", "nf4")
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:
@@ -36,17 +39,38 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_real(value) -> bool:
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)))
+
+
 def _check_real(name: str, value, lo: float, hi: float, *, hi_open: bool) -> None:
   """``value`` must be a real number (not a bool or a string) in ``(lo, hi)`` or
   ``(lo, hi]``."""
-  ok = (isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, (bool, np.bool_)))
+  ok = _is_real(value)
   if ok:
     v = float(value)
     ok = lo < v < hi or (not hi_open and v == hi)
   if not ok:
     interval = f"({lo:g}, {hi:g}{')' if hi_open else ']'}"
     raise ValueError(f"QuantSpec.{name} must be a number in {interval}; got {value!r}")
+
+
+#: NF4 rounds to the nearest level with absmax ranges and a straight-through gradient:
+#: the only values these fields may take with ``scheme="nf4"``.
+_NF4_FIXED = (("estimator", "ste"), ("rounding", "nearest"), ("calibration", "minmax"),
+              ("pow2_scale", False), ("dynamic", False))
+
+
+def _check_nf4(spec) -> None:
+  """``scheme="nf4"``: 4 bits, "group", signed, symmetric, and nothing NF4 would ignore."""
+  check_nf4_fields(spec.bits, spec.granularity, spec.group_size, spec.signed,
+                   spec.symmetric)
+  for name, value in _NF4_FIXED:
+    if getattr(spec, name) != value:
+      raise ValueError(f"QuantSpec.{name} must be {value!r} for scheme='nf4' (absmax per "
+                       f"group, nearest level, straight-through); got "
+                       f"{getattr(spec, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +98,10 @@ class QuantSpec:
       "percentile" or "mse" (search over clipping ranges).
     pow2_scale: round every scale to a power of two.
     scheme: "uniform"; "log2" (FQ-ViT log2 quantizer for attention probabilities in
-      (0, 1]) or "ptf" (FQ-ViT power-of-two factors per channel, for LayerNorm inputs).
+      (0, 1]) or "ptf" (FQ-ViT power-of-two factors per channel, for LayerNorm inputs);
+      "nf4" (QLoRA's NormalFloat-4 codebook with absmax per group, :mod:`jaxq.nf4`;
+      weights only): needs ``bits=4``, ``granularity="group"`` with a ``group_size``,
+      signed and symmetric.
     percentile: upper percentile of ``|x|`` (or of each tail) used by "percentile".
     ema_decay: decay of the "ema" observer.
     dynamic: activations only: compute the range from each input at run time, per
@@ -120,6 +147,8 @@ class QuantSpec:
       raise ValueError(
           "QuantSpec.group_size is only allowed with granularity='group'; got "
           f"group_size={self.group_size!r} with granularity={self.granularity!r}")
+    if self.scheme == "nf4":
+      _check_nf4(self)
     if self.symmetric and self.scheme == "uniform":
       try:
         numerics.check_symmetric_range(self.bits, self.signed)
@@ -160,12 +189,15 @@ class Rule:
     act_compress: None, or bits (1, 2, 4, 8), or per-sample widths
       (:class:`jaxq.act.SampleBits`), for activation-compressed training of the matched
       module's whole computation (:func:`jaxq.act.compressed_vjp`).
+    lora: None, or a :class:`LoRA`: the matched layer learns a low-rank adapter over
+      its frozen (quantized, with a weight spec) kernel (:mod:`jaxq.layer.lora`).
   """
 
   path: str = ".*"
   weight: QuantSpec | None = dataclasses.field(default_factory=QuantSpec)
   act: QuantSpec | None = None
   act_compress: Any = None  # int | jaxq.act.SampleBits | None
+  lora: LoRA | None = None
 
   def __post_init__(self):
     if not isinstance(self.path, str):
@@ -179,11 +211,17 @@ class Rule:
       value = getattr(self, name)
       if value is not None and not isinstance(value, QuantSpec):
         raise ValueError(f"Rule.{name} must be a QuantSpec or None; got {value!r}")
-    if self.weight is not None and self.weight.scheme != "uniform":
+    if self.weight is not None and self.weight.scheme not in WEIGHT_SCHEMES:
       raise ValueError(
-          f"Rule.weight: QuantSpec.scheme must be 'uniform' for weights; got "
+          f"Rule.weight: QuantSpec.scheme must be 'uniform' or 'nf4' for weights; got "
           f"{self.weight.scheme!r} (log2 and ptf are activation schemes: log2 codes only "
           "(0, 1], ptf is per LayerNorm channel)")
+    if self.act is not None and self.act.scheme == "nf4":
+      raise ValueError("Rule.act: QuantSpec.scheme='nf4' is a weight-only codebook (NF4 "
+                       "levels fit normally distributed weights); use scheme='uniform' "
+                       "for activations")
+    if self.lora is not None and not isinstance(self.lora, LoRA):
+      raise ValueError(f"Rule.lora must be a jaxq.LoRA or None; got {self.lora!r}")
     from jaxq.act.adaptive import SampleBits  # pylint: disable=import-outside-toplevel
     c = self.act_compress
     if c is not None and not isinstance(c, SampleBits) and (
@@ -193,6 +231,43 @@ class Rule:
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.path, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A low-rank adapter (Hu et al. 2021, "LoRA"; over a 4-bit base: Dettmers et al.
+  2023, "QLoRA").
+
+  A matched layer computes ``base(x) + (alpha / rank) * (dropout(x) @ A) @ B`` on its
+  2-D views, ``A: (K, rank)``, ``B: (rank, N)`` (:mod:`jaxq.layer.lora`).
+
+  Attributes:
+    rank: the adapter's rank, an int >= 1.
+    alpha: the scaling numerator, a number > 0; None means ``rank`` (scaling 1).
+    dropout: dropout rate on the adapter's input, in ``[0, 1)``.
+  """
+
+  rank: int
+  alpha: float | None = None
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    if not _is_int(self.rank) or self.rank < 1:
+      raise ValueError(f"LoRA.rank must be an int >= 1; got {self.rank!r}")
+    object.__setattr__(self, "rank", int(self.rank))
+    alpha = self.rank if self.alpha is None else self.alpha
+    if not _is_real(alpha) or not 0 < float(alpha) < float("inf"):
+      raise ValueError(f"LoRA.alpha must be a finite number > 0 (or None: rank); got "
+                       f"{self.alpha!r}")
+    object.__setattr__(self, "alpha", float(alpha))
+    if not _is_real(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"LoRA.dropout must be a number in [0, 1); got {self.dropout!r}")
+    object.__setattr__(self, "dropout", float(self.dropout))
+
+  @property
+  def scaling(self) -> float:
+    """``alpha / rank``, the factor on the adapter's output."""
+    return self.alpha / self.rank
 
 
 def match_rule(rules, path: str) -> Rule | None:

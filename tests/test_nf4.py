@@ -5,9 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import serialization
+
+from jaxq import checkpoint
 from jaxq import nf4
-from jaxq.qarray import dequantize, pack_bits, quantize, unpack_bits
-from jaxq.spec import QuantSpec
+from jaxq import quantizer
+from jaxq.layer.qat import qat_contraction
+from jaxq.layer.views import dot_general_contraction
+from jaxq.params import quantize_params
+from jaxq.qarray import (QArray, dequantize, pack_bits, qarray_from_state, qarray_to_state,
+                         quantize, unpack_bits)
+from jaxq.spec import QuantSpec, Rule
 
 # The NF4 code table as printed in the QLoRA paper's appendix and in bitsandbytes.
 PUBLISHED = np.array([
@@ -198,8 +206,10 @@ def test_bad_input_names_the_field():
     nf4.nf4_quantize(w, 0)
   with pytest.raises(ValueError, match="w must be a 2-D"):
     nf4.nf4_quantize(_gaussian((2, 16, 4)), 16)
-  with pytest.raises(ValueError, match="w must be a 2-D"):
-    nf4.nf4_fake_quant(_gaussian((16,)), 16)
+  with pytest.raises(ValueError, match="rank >= 1"):
+    nf4.nf4_fake_quant(jnp.float32(1.0), 16)
+  with pytest.raises(ValueError, match="axis must be an axis"):
+    nf4.nf4_codes(_gaussian((16, 4)), 16, axis=2)
   with pytest.raises(ValueError, match="axis must be"):
     nf4.nf4_quantize(w, 16, axis=2)
   with pytest.raises(ValueError, match="dtype int32"):
@@ -225,3 +235,117 @@ def test_bad_input_names_the_field():
   with pytest.raises(ValueError, match=r"layer\.signed must be True"):
     nf4.check_nf4_fields(4, "group", 64, signed=False, owner="layer")
   nf4.check_nf4_fields(4, "group", 64)
+
+
+# --------------------------------------------------------------------------------------
+# QuantSpec(scheme="nf4"): QArray storage, serialization, fake quant, params, QAT
+# --------------------------------------------------------------------------------------
+
+NF4_SPEC = QuantSpec(4, scheme="nf4", granularity="group", group_size=16)
+
+
+def test_qarray_holds_packed_codes_and_float32_absmax():
+  w = _gaussian((64, 6), seed=10)
+  q = quantize(w, NF4_SPEC)
+  packed, absmax = nf4.nf4_quantize(w, 16)
+  np.testing.assert_array_equal(q.values, packed)
+  np.testing.assert_array_equal(q.scale, absmax)
+  np.testing.assert_array_equal(q.int_values(), unpack_bits(packed, 4, 6))
+  assert q.int_values().dtype == jnp.uint8 and int(q.int_values().max()) <= 15
+  np.testing.assert_array_equal(dequantize(q), nf4.nf4_dequantize(packed, absmax, w.shape, 16))
+  assert q.nbytes == 64 * 6 // 2 + 4 * (64 // 16) * 6 + 1  # codes + absmax + int8 zero
+  k, n = 4096, 64
+  big = quantize(jnp.zeros((k, n)), NF4_SPEC.replace(group_size=64))
+  assert big.nbytes == k * n // 2 + 4 * k * n // 64 + 1
+
+
+@pytest.mark.parametrize("group_axis", [0, 1, 2])
+def test_qarray_round_trips_levels_times_absmax_exactly(group_axis):
+  rng = np.random.default_rng(11)
+  shape = [2, 3, 4]
+  shape[group_axis] = 32
+  codes = rng.integers(0, 16, size=shape)
+  codes = np.moveaxis(codes, group_axis, 0)
+  codes[0], codes[16] = 15, 0  # every group reaches +-absmax
+  codes = np.moveaxis(codes, 0, group_axis)
+  stat = list(shape)
+  stat[group_axis:group_axis + 1] = [2, 1]
+  absmax = (10.0 ** rng.uniform(-20, 20, size=stat)).astype(np.float32)
+  view = list(shape)
+  view[group_axis:group_axis + 1] = [2, 16]
+  w = (nf4.NF4_LEVELS[codes].reshape(view) * absmax).reshape(shape)
+  q = quantize(jnp.asarray(w), NF4_SPEC, group_axis=group_axis)
+  np.testing.assert_array_equal(q.scale, absmax)
+  np.testing.assert_array_equal(q.int_values(), codes)
+  np.testing.assert_array_equal(dequantize(q), w)
+  fq = quantizer.fake_quantize(jnp.asarray(w), NF4_SPEC, group_axis=group_axis)
+  np.testing.assert_array_equal(fq, w)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qarray_serialization_and_checkpoint_round_trip(tmp_path, double_quant):
+  w = _gaussian((512, 10), seed=12)  # 320 groups: two double-quant blocks
+  q = quantize(w, NF4_SPEC, double_quant=double_quant)
+  assert isinstance(q.scale, nf4.DoubleQuantAbsmax) == double_quant
+  state = {"params": {"dense": {"kernel": q, "bias": jnp.ones(10)}}}
+  blob = serialization.msgpack_serialize(serialization.to_state_dict(state))
+  back = serialization.from_state_dict(state, serialization.msgpack_restore(blob))
+  checkpoint.save(tmp_path / "ckpt", state)
+  for restored in (back, checkpoint.restore(tmp_path / "ckpt"),
+                   checkpoint.restore(tmp_path / "ckpt", state)):
+    r = restored["params"]["dense"]["kernel"]
+    assert isinstance(r, QArray) and r.spec == NF4_SPEC and r.nbytes == q.nbytes
+    for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(q)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(dequantize(r), dequantize(q))
+  if double_quant:
+    np.testing.assert_array_equal(
+        dequantize(q), nf4.nf4_dequantize(q.values, q.scale, w.shape, 16))
+    bad = qarray_to_state(q)
+    bad["scale"] = {"codes": bad["scale"]["codes"][:5], "block_scale": bad["scale"][
+        "block_scale"], "mean": bad["scale"]["mean"]}
+    with pytest.raises(ValueError, match="double-quantized scale codes must be int8"):
+      qarray_from_state(bad)
+
+
+def test_spec_fake_quant_is_nf4_with_straight_through_gradient():
+  w = _gaussian((2, 32, 5), seed=13)
+  c = _gaussian((2, 32, 5), seed=14)
+  fq = jax.jit(lambda w: quantizer.fake_quantize(w, NF4_SPEC, group_axis=1))
+  np.testing.assert_array_equal(fq(w), jax.vmap(lambda v: nf4.nf4_fake_quant(v, 16))(w))
+  grad = jax.grad(lambda w: jnp.sum(c * quantizer.fake_quantize(w, NF4_SPEC, group_axis=1)))
+  np.testing.assert_array_equal(grad(w), c)
+  with pytest.raises(ValueError, match="do not pass scale"):
+    quantizer.fake_quantize(w, NF4_SPEC, scale=jnp.ones(()))
+  with pytest.raises(ValueError, match="scheme='nf4' has no"):
+    quantizer.compute_qparams(w, NF4_SPEC)
+  with pytest.raises(ValueError, match="double_quant=True applies to scheme='nf4'"):
+    quantize(w, QuantSpec(4), double_quant=True)
+
+
+def test_quantize_params_and_qat_use_the_kernel_view():
+  params = {"dense": {"kernel": _gaussian((32, 6), seed=15), "bias": jnp.zeros(6)},
+            # DenseGeneral over (2, 16) inputs: groups along the inner input axis
+            "general": {"kernel": _gaussian((2, 16, 3, 4), seed=16),
+                        "bias": jnp.zeros((3, 4))}}
+  out = quantize_params(params, Rule(weight=NF4_SPEC))
+  np.testing.assert_array_equal(out["dense"]["kernel"],
+                                nf4.nf4_fake_quant(params["dense"]["kernel"], 16))
+  kg = params["general"]["kernel"]
+  np.testing.assert_array_equal(
+      out["general"]["kernel"], nf4.nf4_fake_quant(kg.reshape(32, 12), 16).reshape(kg.shape))
+  np.testing.assert_array_equal(out["general"]["bias"], params["general"]["bias"])
+  grads = jax.grad(lambda p: jnp.sum(quantize_params(p, Rule(weight=NF4_SPEC))["dense"][
+      "kernel"] ** 2))(params)
+  np.testing.assert_array_equal(grads["dense"]["kernel"], 2 * out["dense"]["kernel"])
+  # QAT of one contraction: the kernel view fake-quantized with NF4
+  x = _gaussian((3, 32), seed=17)
+  dn = (((2, 3), (0, 1)), ((), ()))
+  xg = x.reshape(3, 2, 16)[:, None]
+  op = dot_general_contraction(xg, kg, dn, lambda l, r: jax.lax.dot_general(l, r, dn), "g")
+  got = qat_contraction(op, "g", NF4_SPEC, None, lambda s, v: {}, lambda s, v: {},
+                        lambda: None, "off")
+  np.testing.assert_array_equal(got, jax.lax.dot_general(xg, out["general"]["kernel"], dn))
+  with pytest.raises(ValueError, match="layer 'g': weight group_size=32 does not divide"):
+    qat_contraction(op, "g", NF4_SPEC.replace(group_size=32), None, lambda s, v: {},
+                    lambda s, v: {}, lambda: None, "off")

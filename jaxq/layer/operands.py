@@ -26,7 +26,7 @@ from jaxq import calibration
 from jaxq import quantizer
 from jaxq.layer.views import Contraction
 from jaxq.params import check_weight_axis
-from jaxq.spec import QuantSpec
+from jaxq.spec import WEIGHT_SCHEMES, QuantSpec
 
 __all__ = [
     "weight_view_spec", "act_view_spec", "is_learned", "is_observed",
@@ -58,9 +58,9 @@ _ONE_SHOT_CALIBRATIONS = ("percentile", "mse")
 def weight_view_spec(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
                      rhs_contract: Sequence[int]) -> QuantSpec:
   """``spec`` as it applies to the ``(K, N)`` kernel view (checked against the kernel)."""
-  if spec.scheme != "uniform":
-    raise ValueError(f"layer '{path}': weight QuantSpec.scheme must be 'uniform'; got "
-                     f"{spec.scheme!r} (log2/ptf are activation schemes)")
+  if spec.scheme not in WEIGHT_SCHEMES:
+    raise ValueError(f"layer '{path}': weight QuantSpec.scheme must be 'uniform' or 'nf4'; "
+                     f"got {spec.scheme!r} (log2/ptf are activation schemes)")
   check_weight_axis(spec, path, kernel_shape, rhs_contract)
   if spec.granularity == "group":
     inner = kernel_shape[rhs_contract[-1]]
