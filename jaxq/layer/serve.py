@@ -1,12 +1,22 @@
 """Serving one quantized contraction from its stored QArray kernel and activation scales.
 
-A layer whose weight is an 8-bit per-tensor / per-channel QArray and whose activation
-spec is 8-bit signed per tensor (static, or ``dynamic=True`` per token) computes its
-matmul with :func:`jaxq.kernels.int8_matmul` (int8 x int8 -> int32, dequantizing
-epilogue; an activation zero point is corrected with the kernel's column sums). Every
-other quantized layer (weight-only W8/W4, Conv, Einsum, per-group activations)
-dequantizes its weight and fake-quantizes its input with the stored scales. Used alike by
-the Linen and NNX serving models and by the PTQ simulation of :mod:`jaxq.analysis`.
+A Dense / DenseGeneral layer whose weight is a signed symmetric per-tensor / per-channel
+QArray and whose activation spec is 8-bit signed per tensor (static, or ``dynamic=True``
+per token) computes its matmul on integers (Contract 7, "Serving kernels"):
+
+* 8-bit weights: :func:`jaxq.kernels.int8_matmul` (int8 x int8 -> int32, dequantizing
+  epilogue), or :func:`jaxq.kernels.int8_matmul_dynamic` for symmetric per-token
+  activations (their quantization fused into the kernel);
+* 4 bits or fewer: :func:`jaxq.kernels.int4_matmul` (int4 x int8), the codes repacked
+  from the QArray's layout (two per byte along the output features) to the kernel's
+  (two per byte along K) in integers.
+
+An activation zero point is corrected with the kernel's column sums. Every other
+quantized layer (weight-only, per-group weights, asymmetric weights, Conv, Einsum,
+per-group activations) dequantizes its weight and fake-quantizes its input with the
+stored scales: the same values. A smoothed layer (:mod:`jaxq.layer.smooth`) divides its
+input by ``s`` in the same elementwise pass that quantizes it. Used alike by the Linen
+and NNX serving models and by the PTQ simulation of :mod:`jaxq.analysis`.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from jaxq import kernels
 from jaxq import quantizer
 from jaxq.layer.int8 import nan_scale
 from jaxq.layer.operands import act_view_spec
+from jaxq.layer.smooth import smoothed_input
 from jaxq.layer.views import Contraction
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec
@@ -35,10 +46,12 @@ def _matrix(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
   return xt.reshape(k, -1)
 
 
-def _int8_weight(q: QArray, op: Contraction):
-  """``(b_q int8[K, N], b_scale f32[N])`` when ``q`` can feed ``int8_matmul``, else None."""
+def _integer_weight(q: QArray, op: Contraction):
+  """``(b_q int8[K, N], b_scale f32[N])`` when ``q`` is a signed symmetric uniform
+  QArray of at most 8 bits with one scale per output feature (or per tensor), else
+  None (per-group scales, zero points: the dequantizing path)."""
   s = q.spec
-  if not (s.bits == 8 and s.signed and s.symmetric and s.scheme == "uniform"
+  if not (s.bits <= 8 and s.signed and s.symmetric and s.scheme == "uniform"
           and s.granularity != "group" and q.shape == tuple(op.rhs.shape)):
     return None
   rc = tuple(a % q.ndim for a in op.rhs_contract)
@@ -51,6 +64,26 @@ def _int8_weight(q: QArray, op: Contraction):
   return b_q, b_scale.astype(jnp.float32)
 
 
+def _int4_operands(xq: jax.Array, b_q: jax.Array):
+  """``(a_q, b_packed)`` for :func:`jaxq.kernels.int4_matmul`: the codes packed two per
+  byte along K (``pack_int4``; QArray packs along its last axis, the output features, so
+  the integer codes are repacked here: integer ops only, no float kernel), K padded to
+  even with a zero input channel."""
+  if b_q.shape[0] % 2:
+    b_q = jnp.pad(b_q, ((0, 1), (0, 0)))
+    xq = jnp.pad(xq, ((0, 0), (0, 1)))
+  return xq, kernels.pack_int4(b_q)
+
+
+def _finite_clip(x2: jax.Array) -> jax.Array:
+  """``x2`` with +-Inf clipped to the row's largest finite magnitude (NaN kept): the
+  per-token quantizer of ``int8_matmul_dynamic`` then saturates them as fake
+  quantization does (which ranges over finite values)."""
+  finite = jnp.isfinite(x2)
+  amax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=1, keepdims=True)
+  return jnp.clip(x2, -amax, amax)
+
+
 def serving_act_spec(spec: QuantSpec) -> QuantSpec:
   """Learned steps are plain scales once trained: serve them as "ste"."""
   return spec if spec.estimator == "ste" else spec.replace(estimator="ste")
@@ -61,42 +94,76 @@ def _int8_act_ok(spec: QuantSpec) -> bool:
           and spec.granularity == "tensor")
 
 
+def _static_act_codes(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams):
+  """``(xq int8[M, K], sx f32[M, 1], zx f32[M, 1])``: the activation's integer codes."""
+  if aspec.dynamic:
+    sx, zx = quantizer.compute_qparams(jax.lax.stop_gradient(x2), aview, group_axis=1)
+  else:
+    sx, zx = act_qparams["scale"], act_qparams["zero_point"]
+  m = x2.shape[0]
+  sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (m, 1))
+  zx = jnp.broadcast_to(jnp.asarray(zx, jnp.float32).reshape(-1, 1), (m, 1))
+  xq = jnp.clip(jnp.round(x2.astype(jnp.float32) / sx) + zx, aspec.qmin, aspec.qmax)
+  return jnp.where(jnp.isnan(x2), zx, xq).astype(jnp.int8), sx, zx
+
+
+def _integer_contraction(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams, b_q,
+                         b_scale, bits: int) -> jax.Array:
+  """``x2 @ W`` with integer operands: W8 (per-token symmetric dynamic activations:
+  ``int8_matmul_dynamic``, quantization fused in the kernel; else ``int8_matmul``) or
+  W4 and narrower (``int4_matmul``, int4 x int8)."""
+  if bits == 8 and aspec.dynamic and aspec.symmetric:
+    return kernels.int8_matmul_dynamic(_finite_clip(x2), b_q, b_scale,
+                                       out_dtype=jnp.float32)
+  xq, sx, zx = _static_act_codes(x2, aspec, aview, act_qparams)
+  # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).
+  a_scale = nan_scale(sx[:, 0], x2, 1)
+  if bits == 8:
+    y = kernels.int8_matmul(xq, b_q, a_scale, b_scale, out_dtype=jnp.float32)
+  else:
+    a_q, b_packed = _int4_operands(xq, b_q)
+    y = kernels.int4_matmul(a_q, b_packed, a_scale, b_scale, out_dtype=jnp.float32)
+  if not aspec.symmetric:  # (xq - zx) @ b_q = xq @ b_q - zx * colsum(b_q)
+    colsum = jnp.sum(b_q.astype(jnp.int32), axis=0).astype(jnp.float32)
+    y = y - (zx * sx) * (colsum * b_scale)[None, :]
+  return y
+
+
 def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
-                          qw: QArray | None, act_qparams: dict | None) -> jax.Array:
+                          qw: QArray | None, act_qparams: dict | None,
+                          smooth: jax.Array | None = None) -> jax.Array:
   """The contraction of the quantized layer at ``path`` with weight ``qw`` (None:
-  ``op.rhs`` in float), activation spec ``aspec`` (the rule's) and static activation
-  ``act_qparams`` ({"scale", "zero_point"}; None when ``aspec`` is dynamic, non-uniform
-  or absent)."""
+  ``op.rhs`` in float), activation spec ``aspec`` (the rule's), static activation
+  ``act_qparams`` ({"scale", "zero_point"} of the smoothed input; None when ``aspec`` is
+  dynamic, non-uniform or absent) and smoothing ``smooth`` (``f32[K]``, the input is
+  divided by it before its quantization; None: no smoothing; :mod:`jaxq.layer.smooth`).
+
+  Integer kernels: a signed symmetric per-channel / per-tensor QArray weight with an
+  8-bit per-tensor (static) or per-token (dynamic) activation runs ``int8_matmul``
+  (8-bit weights; ``int8_matmul_dynamic`` for symmetric dynamic activations) or
+  ``int4_matmul`` (4 bits or fewer). Everything else dequantizes the weight and
+  fake-quantizes the input (the same values).
+  """
   if op.lhs.size == 0:  # an empty batch: an empty result of the right shape
     return op.compute(op.lhs, jnp.zeros(op.rhs.shape, op.rhs.dtype))
   x2, x_unview = op.lhs_matrix()
+  if smooth is not None:
+    if jnp.shape(smooth) != (x2.shape[1],):
+      raise ValueError(f"layer '{path}': stored smoothing scale has shape "
+                       f"{jnp.shape(smooth)}, the layer has {x2.shape[1]} input features")
+    x2 = smoothed_input(x2, smooth)
   aview = None
   if aspec is not None:
     aspec = serving_act_spec(aspec)
     aview = act_view_spec(aspec, path, x2.shape[1])
   out_dtype = jnp.result_type(op.lhs.dtype, op.rhs.dtype)
 
-  w8 = None
+  wi = None
   if (qw is not None and aspec is not None and op.matmul_ok and _int8_act_ok(aspec)
-      and jnp.issubdtype(x2.dtype, jnp.floating)):
-    w8 = _int8_weight(qw, op)
-  if w8 is not None:
-    b_q, b_scale = w8
-    if aspec.dynamic:
-      sx, zx = quantizer.compute_qparams(jax.lax.stop_gradient(x2), aview, group_axis=1)
-    else:
-      sx, zx = act_qparams["scale"], act_qparams["zero_point"]
-    m = x2.shape[0]
-    sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (m, 1))
-    zx = jnp.broadcast_to(jnp.asarray(zx, jnp.float32).reshape(-1, 1), (m, 1))
-    xq = jnp.clip(jnp.round(x2.astype(jnp.float32) / sx) + zx, aspec.qmin, aspec.qmax)
-    xq = jnp.where(jnp.isnan(x2), zx, xq).astype(jnp.int8)
-    # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).
-    a_scale = nan_scale(sx[:, 0], x2, 1)
-    y = kernels.int8_matmul(xq, b_q, a_scale, b_scale, out_dtype=jnp.float32)
-    if not aspec.symmetric:  # (xq - zx) @ b_q = xq @ b_q - zx * colsum(b_q)
-      colsum = jnp.sum(b_q.astype(jnp.int32), axis=0).astype(jnp.float32)
-      y = y - (zx * sx) * (colsum * b_scale)[None, :]
+      and jnp.issubdtype(x2.dtype, jnp.floating) and (qw.spec.bits <= 4 or qw.spec.bits == 8)):
+    wi = _integer_weight(qw, op)
+  if wi is not None:
+    y = _integer_contraction(x2, aspec, aview, act_qparams, *wi, qw.spec.bits)
     return op.out_from_matrix(y.astype(out_dtype))
 
   rhs = op.rhs
@@ -105,7 +172,7 @@ def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
       raise ValueError(f"layer '{path}': stored quantized kernel has shape {qw.shape}, "
                        f"the layer expects {tuple(op.rhs.shape)}")
     rhs = dequantize(qw).astype(op.rhs.dtype)
-  lhs = op.lhs
+  lhs = op.lhs if smooth is None else x_unview(x2)
   if aview is not None:
     kw = {}
     if act_qparams is not None:
