@@ -27,9 +27,11 @@ ENV_VAR = "JAXQ_KERNEL_BACKEND"
 
 __all__ = [
     "BACKENDS", "resolve_backend", "quantize_pack", "unpack_dequantize", "int8_matmul",
-    "int8_matmul_dynamic", "int4_matmul", "pack_int4", "unpack_int4",
+    "int8_matmul_dynamic", "int4_matmul", "pack_int4", "unpack_int4", "TINY",
 ]
 
+#: Floor of ``int8_matmul_dynamic``'s per-token absmax (``a_scale = max(amax, TINY) / 127``).
+TINY = _pk.TINY
 pack_int4 = _pk.pack_int4
 unpack_int4 = _pk.unpack_int4
 

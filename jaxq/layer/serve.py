@@ -75,13 +75,25 @@ def _int4_operands(xq: jax.Array, b_q: jax.Array):
   return xq, kernels.pack_int4(b_q)
 
 
-def _finite_clip(x2: jax.Array) -> jax.Array:
-  """``x2`` with +-Inf clipped to the row's largest finite magnitude (NaN kept): the
-  per-token quantizer of ``int8_matmul_dynamic`` then saturates them as fake
-  quantization does (which ranges over finite values)."""
+def _dynamic_int8(x2: jax.Array, b_q: jax.Array, b_scale: jax.Array) -> jax.Array:
+  """Symmetric per-token W8A8 through ``int8_matmul_dynamic``, with fake quantization's
+  numerics on non-finite inputs: NaN gives a NaN row (the kernel's NaN row scale); +-Inf
+  saturate, so they are clipped to the row's largest finite magnitude (the kernel then
+  codes them +-127) and, only when a -Inf is present (``lax.cond``), the code -128 that
+  fake quantization gives it is restored with one more integer product."""
   finite = jnp.isfinite(x2)
   amax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=1, keepdims=True)
-  return jnp.clip(x2, -amax, amax)
+  y = kernels.int8_matmul_dynamic(jnp.clip(x2, -amax, amax), b_q, b_scale,
+                                  out_dtype=jnp.float32)
+  neg_inf = x2 == -jnp.inf
+
+  def restore_qmin(y):
+    a_scale = jnp.maximum(amax.astype(jnp.float32), kernels.TINY) / 127.0
+    extra = jax.lax.dot_general(neg_inf.astype(jnp.int8), b_q, (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+    return y - a_scale * extra.astype(jnp.float32) * b_scale[None, :]
+
+  return jax.lax.cond(jnp.any(neg_inf), restore_qmin, lambda y: y, y)
 
 
 def serving_act_spec(spec: QuantSpec) -> QuantSpec:
@@ -113,8 +125,7 @@ def _integer_contraction(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams, b_
   ``int8_matmul_dynamic``, quantization fused in the kernel; else ``int8_matmul``) or
   W4 and narrower (``int4_matmul``, int4 x int8)."""
   if bits == 8 and aspec.dynamic and aspec.symmetric:
-    return kernels.int8_matmul_dynamic(_finite_clip(x2), b_q, b_scale,
-                                       out_dtype=jnp.float32)
+    return _dynamic_int8(x2, b_q, b_scale)
   xq, sx, zx = _static_act_codes(x2, aspec, aview, act_qparams)
   # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).
   a_scale = nan_scale(sx[:, 0], x2, 1)
