@@ -118,6 +118,7 @@ def test_grouped_and_weight_only_low_bit_serving_is_the_dequantized_reference(ws
 def test_dynamic_w8a8_runs_int8_matmul_dynamic_with_fake_quant_numerics(monkeypatch):
   """Per-token activations quantized inside int8_matmul_dynamic equal fake quantization;
   a NaN gives a NaN row, +-Inf saturates (the row's other entries still served)."""
+  monkeypatch.setenv(kernels.ENV_VAR, "interpret")  # the Pallas kernel, interpreted
   count = _Count(monkeypatch, "int8_matmul_dynamic")
   x, w = _data(m=5, k=16, n=6, seed=3)
   x = x.at[1, 2].set(jnp.nan).at[3, 0].set(jnp.inf).at[4, 5].set(-jnp.inf)
@@ -128,6 +129,10 @@ def test_dynamic_w8a8_runs_int8_matmul_dynamic_with_fake_quant_numerics(monkeypa
   np.testing.assert_array_equal(np.isnan(y).any(1), [0, 1, 0, 0, 0])
   np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
   np.testing.assert_allclose(np.nan_to_num(y), np.nan_to_num(ref), rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv(kernels.ENV_VAR, "xla")  # codes computed in XLA: the same numbers
+  y_xla = serve.quantized_contraction(_op(x, w), "layer", A8_DYN, qw, None)
+  assert count.n == 1
+  np.testing.assert_allclose(y_xla, y, rtol=1e-6, atol=1e-6)
 
 
 def test_nan_input_row_is_nan_through_int4_serving():

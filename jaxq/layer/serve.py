@@ -6,7 +6,7 @@ per token) computes its matmul on integers (Contract 7, "Serving kernels"):
 
 * 8-bit weights: :func:`jaxq.kernels.int8_matmul` (int8 x int8 -> int32, dequantizing
   epilogue), or :func:`jaxq.kernels.int8_matmul_dynamic` for symmetric per-token
-  activations (their quantization fused into the kernel);
+  activations (their quantization fused into the kernel; Pallas backends);
 * 4 bits or fewer: :func:`jaxq.kernels.int4_matmul` (int4 x int8), the codes repacked
   from the QArray's layout (two per byte along the output features) to the kernel's
   (two per byte along K) in integers.
@@ -122,9 +122,12 @@ def _static_act_codes(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams):
 def _integer_contraction(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams, b_q,
                          b_scale, bits: int) -> jax.Array:
   """``x2 @ W`` with integer operands: W8 (per-token symmetric dynamic activations:
-  ``int8_matmul_dynamic``, quantization fused in the kernel; else ``int8_matmul``) or
+  ``int8_matmul_dynamic``, quantization fused in the kernel, when the kernels run as
+  Pallas; on the XLA backend the same codes computed here feed ``int8_matmul``, which
+  measured faster on the CPU, benchmarks/bench_serve_int4.py; else ``int8_matmul``) or
   W4 and narrower (``int4_matmul``, int4 x int8)."""
-  if bits == 8 and aspec.dynamic and aspec.symmetric:
+  if (bits == 8 and aspec.dynamic and aspec.symmetric
+      and kernels.resolve_backend() != "xla"):
     return _dynamic_int8(x2, b_q, b_scale)
   xq, sx, zx = _static_act_codes(x2, aspec, aview, act_qparams)
   # A NaN input gives a NaN row, as in fake quantization (int8 cannot hold it).

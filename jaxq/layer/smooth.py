@@ -31,6 +31,7 @@ first (Dense / DenseGeneral layouts).
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -211,6 +212,13 @@ def gptq_kernel(kernel: jax.Array, contract, spec: QuantSpec,
     raise ValueError(f"layer '{path}': GPTQ rounds the kernel's rows with the Hessian of "
                      f"its inputs; the kernel has {w2.shape[0]} contracted rows for "
                      f"{hs.xtx.shape[0]} input channels (a Conv with a spatial kernel)")
+  if int(hs.count) < w2.shape[0]:
+    warnings.warn(
+        f"layer '{path}': GPTQ from {int(hs.count)} calibration tokens for {w2.shape[0]} "
+        "inputs: with fewer tokens than inputs GPTQ measured worse than round-to-nearest "
+        "on unseen tokens (benchmarks/RESULTS.md, 'GPTQ, AWQ and SmoothQuant at the op "
+        "level'); calibrate on more tokens or raise the damping", UserWarning,
+        stacklevel=2)
   h = gptq.hessian(hs)
   if s is not None:
     h = smoothing.smooth_hessian(h, s)
