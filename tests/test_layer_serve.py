@@ -104,15 +104,54 @@ def test_int4_serving_is_jittable_and_bf16_inputs_keep_their_dtype(monkeypatch):
   assert yb.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("wspec,aspec", [(W4G, A8), (W4, None), (W4G, None)],
-                         ids=["w4g-a8", "w4-weight-only", "w4g-weight-only"])
-def test_grouped_and_weight_only_low_bit_serving_is_the_dequantized_reference(wspec,
-                                                                              aspec):
-  x, w = _data(k=16)
+@pytest.mark.parametrize("wspec,aspec,k", [
+    (W4G, A8, 16), (W4G, A8_ASYM, 16), (W4G, A8_DYN, 24), (W4, None, 15), (W4G, None, 16),
+    (W2, None, 16)],
+    ids=["w4g-a8", "w4g-asym", "w4g-dynamic", "w4-weight-only-oddk", "w4g-weight-only",
+         "w2-weight-only"])
+def test_grouped_and_weight_only_low_bit_weights_are_served_by_int4_matmul_grouped(
+    monkeypatch, wspec, aspec, k):
+  """Group scales and weight-only inputs (dequantization in the kernel) through
+  int4_matmul_grouped equal the dequantize-then-matmul reference; NaN rows stay NaN."""
+  count = _Count(monkeypatch, "int4_matmul_grouped")
+  x, w = _data(k=k)
   qw = quantize(w, wspec)
   act = _act_qparams(x, aspec)
-  y = serve.quantized_contraction(_op(x, w), "layer", aspec, qw, act)
-  np.testing.assert_allclose(y, _reference(x, qw, aspec, act), rtol=1e-5, atol=1e-5)
+  x = x.at[2, 3].set(jnp.nan)
+  y = np.asarray(serve.quantized_contraction(_op(x, w), "layer", aspec, qw, act))
+  assert count.n == 1
+  ref = _reference(x, qw, aspec, act)
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+  np.testing.assert_array_equal(np.isnan(y).any(1), [0, 0, 1, 0, 0, 0])
+  np.testing.assert_allclose(np.nan_to_num(y), np.nan_to_num(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("a_dtype", [jnp.int8, jnp.float32, jnp.bfloat16])
+def test_int4_matmul_grouped_kernel_matches_float64_reference(a_dtype):
+  """The Pallas kernel (interpreted) and its XLA reference against numpy float64."""
+  rng = np.random.default_rng(7)
+  m, k, n, g = 5, 64, 24, 16
+  w = rng.integers(-8, 8, size=(k, n))
+  scale = rng.uniform(0.01, 1.0, size=(k // g, n)).astype(np.float32)
+  bias = rng.normal(size=n).astype(np.float32)
+  if a_dtype == jnp.int8:
+    a = rng.integers(-127, 128, size=(m, k)).astype(np.int8)
+    a_scale = rng.uniform(0.1, 1.0, size=m).astype(np.float32)
+  else:
+    a = np.asarray(jnp.asarray(rng.normal(size=(m, k)), a_dtype).astype(jnp.float32))
+    a_scale = None
+  w_deq = (w.reshape(k // g, g, n) * scale[:, None, :]).reshape(k, n)
+  ref = (a.astype(np.float64) * (1.0 if a_scale is None else a_scale[:, None])) @ w_deq
+  ref = np.maximum(ref + bias, 0.0)
+  args = (jnp.asarray(a, a_dtype), kernels.pack_int4(jnp.asarray(w, jnp.int8)),
+          jnp.asarray(scale), None if a_scale is None else jnp.asarray(a_scale),
+          jnp.asarray(bias))
+  for backend in ("xla", "interpret"):
+    y = kernels.int4_matmul_grouped(*args, group_size=g, activation="relu",
+                                    backend=backend)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  with pytest.raises(ValueError, match="b_scale must have shape"):
+    kernels.int4_matmul_grouped(*args[:2], args[2][:, :5], *args[3:], group_size=g)
 
 
 def test_dynamic_w8a8_runs_int8_matmul_dynamic_with_fake_quant_numerics(monkeypatch):

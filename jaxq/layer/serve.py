@@ -7,14 +7,16 @@ per token) computes its matmul on integers (Contract 7, "Serving kernels"):
 * 8-bit weights: :func:`jaxq.kernels.int8_matmul` (int8 x int8 -> int32, dequantizing
   epilogue), or :func:`jaxq.kernels.int8_matmul_dynamic` for symmetric per-token
   activations (their quantization fused into the kernel; Pallas backends);
-* 4 bits or fewer: :func:`jaxq.kernels.int4_matmul` (int4 x int8), the codes repacked
-  from the QArray's layout (two per byte along the output features) to the kernel's
-  (two per byte along K) in integers.
+* 4 bits or fewer: :func:`jaxq.kernels.int4_matmul` (int4 x int8, per-channel
+  weights) or :func:`jaxq.kernels.int4_matmul_grouped` (per-group weights with int8
+  activations, and every weight-only 4-bit layer: float input, dequantization in the
+  kernel), the codes repacked from the QArray's layout (two per byte along the output
+  features) to the kernels' (two per byte along K) in integers.
 
 An activation zero point is corrected with the kernel's column sums. Every other
-quantized layer (weight-only, per-group weights, asymmetric weights, Conv, Einsum,
-per-group activations) dequantizes its weight and fake-quantizes its input with the
-stored scales: the same values. A smoothed layer (:mod:`jaxq.layer.smooth`) divides its
+quantized layer (5..7-bit or asymmetric weights, Conv, Einsum, per-group activations)
+dequantizes its weight and fake-quantizes its input with the stored scales: the same
+values. A smoothed layer (:mod:`jaxq.layer.smooth`) divides its
 input by ``s`` in the same elementwise pass that quantizes it. Used alike by the Linen
 and NNX serving models and by the PTQ simulation of :mod:`jaxq.analysis`.
 """
@@ -62,6 +64,38 @@ def _integer_weight(q: QArray, op: Contraction):
   b_scale = jnp.broadcast_to(scale, free_shape).reshape(-1)
   b_q = _matrix(q.int_values(), tuple(op.rhs_contract))
   return b_q, b_scale.astype(jnp.float32)
+
+
+def _group_rows(k: int) -> int:
+  """Rows per scale for a per-channel weight served by ``int4_matmul_grouped``: the
+  kernel's K block, the largest even divisor of ``k`` up to 128 (``k`` even)."""
+  return next(g for g in (128, 64, 32, 16, 8, 4, 2) if k % g == 0)
+
+
+def _grouped_weight(q: QArray, op: Contraction):
+  """``(b_q int8[K, N], b_scale f32[K/g, N], g)`` for ``int4_matmul_grouped``: a signed
+  symmetric uniform QArray of at most 4 bits, per group of K rows (the kernel's
+  contracted axes leading, groups along the innermost one) or per channel / tensor
+  (its scale repeated over groups of rows); else None."""
+  s = q.spec
+  if not (s.bits <= 4 and s.signed and s.symmetric and s.scheme == "uniform"
+          and q.shape == tuple(op.rhs.shape)):
+    return None
+  if s.granularity != "group":
+    w = _integer_weight(q, op)
+    if w is None:
+      return None
+    b_q, b_scale = w
+    k = b_q.shape[0] + b_q.shape[0] % 2
+    g = _group_rows(k)
+    return b_q, jnp.broadcast_to(b_scale[None, :], (k // g, b_q.shape[1])), g
+  nc = len(op.rhs_contract)
+  if (tuple(a % q.ndim for a in op.rhs_contract) != tuple(range(nc))
+      or q.group_axis % q.ndim != nc - 1 or s.group_size % 2):
+    return None
+  b_q = _matrix(q.int_values(), tuple(op.rhs_contract))
+  b_scale = jnp.asarray(q.scale, jnp.float32).reshape(b_q.shape[0] // s.group_size, -1)
+  return b_q, b_scale, s.group_size
 
 
 def _int4_operands(xq: jax.Array, b_q: jax.Array):
@@ -143,6 +177,26 @@ def _integer_contraction(x2, aspec: QuantSpec, aview: QuantSpec, act_qparams, b_
   return y
 
 
+def _grouped_contraction(x2, aspec: QuantSpec | None, aview, act_qparams, b_q, b_scale,
+                         g: int) -> jax.Array:
+  """``x2 @ W`` for int4 weights with group scales (``int4_matmul_grouped``): int8
+  activation codes (W4A8), or the float input itself (weight-only: dequantization in
+  the kernel)."""
+  if aspec is None:
+    a, b_packed = _int4_operands(x2, b_q)
+    return kernels.int4_matmul_grouped(a, b_packed, b_scale, None, out_dtype=jnp.float32,
+                                       group_size=g)
+  xq, sx, zx = _static_act_codes(x2, aspec, aview, act_qparams)
+  a_q, b_packed = _int4_operands(xq, b_q)
+  y = kernels.int4_matmul_grouped(a_q, b_packed, b_scale, nan_scale(sx[:, 0], x2, 1),
+                                  out_dtype=jnp.float32, group_size=g)
+  if not aspec.symmetric:  # zx * sx * column sums of the dequantized kernel
+    k = b_q.shape[0]
+    cols = jnp.sum(b_q.astype(jnp.float32).reshape(k // g, g, -1), axis=1) * b_scale
+    y = y - (zx * sx) * jnp.sum(cols, axis=0)[None, :]
+  return y
+
+
 def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
                           qw: QArray | None, act_qparams: dict | None,
                           smooth: jax.Array | None = None) -> jax.Array:
@@ -152,11 +206,11 @@ def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
   dynamic, non-uniform or absent) and smoothing ``smooth`` (``f32[K]``, the input is
   divided by it before its quantization; None: no smoothing; :mod:`jaxq.layer.smooth`).
 
-  Integer kernels: a signed symmetric per-channel / per-tensor QArray weight with an
-  8-bit per-tensor (static) or per-token (dynamic) activation runs ``int8_matmul``
-  (8-bit weights; ``int8_matmul_dynamic`` for symmetric dynamic activations) or
-  ``int4_matmul`` (4 bits or fewer). Everything else dequantizes the weight and
-  fake-quantizes the input (the same values).
+  Integer kernels (module docstring): signed symmetric QArray weights of 8 bits (per
+  channel / tensor) or of 4 bits or fewer (per channel / tensor / group) with an 8-bit
+  per-tensor (static) or per-token (dynamic) activation, or with none (<= 4 bits).
+  Everything else dequantizes the weight and fake-quantizes the input (the same
+  values).
   """
   if op.lhs.size == 0:  # an empty batch: an empty result of the right shape
     return op.compute(op.lhs, jnp.zeros(op.rhs.shape, op.rhs.dtype))
@@ -178,6 +232,13 @@ def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
     wi = _integer_weight(qw, op)
   if wi is not None:
     y = _integer_contraction(x2, aspec, aview, act_qparams, *wi, qw.spec.bits)
+    return op.out_from_matrix(y.astype(out_dtype))
+  wg = None
+  if (qw is not None and op.matmul_ok and jnp.issubdtype(x2.dtype, jnp.floating)
+      and (aspec is None or _int8_act_ok(aspec))):
+    wg = _grouped_weight(qw, op)
+  if wg is not None:
+    y = _grouped_contraction(x2, aspec, aview, act_qparams, *wg)
     return op.out_from_matrix(y.astype(out_dtype))
 
   rhs = op.rhs
