@@ -1,8 +1,9 @@
-"""W4 serving of one Dense contraction: ``int4_matmul`` (int4 x int8, what
-:func:`jaxq.layer.serve.quantized_contraction` runs for a 4-bit per-channel weight with
-an 8-bit activation) vs dequantize + float matmul (what it ran before), and symmetric
-dynamic W8A8 through ``int8_matmul_dynamic`` vs quantize-then-``int8_matmul`` (serving
-takes the first on Pallas backends, the second on XLA).
+"""W4 serving of one Dense contraction through the kernels that
+:func:`jaxq.layer.serve.quantized_contraction` now runs (``int4_matmul`` for per-channel
+W4A8, ``int4_matmul_grouped`` for group-32 W4A8 and weight-only W4) vs dequantize +
+float matmul (what it ran before), and symmetric dynamic W8A8 through
+``int8_matmul_dynamic`` vs quantize-then-``int8_matmul`` (serving takes the first on
+Pallas backends, the second on XLA).
 
 Each pair is timed interleaved in one run (median of ``--iters`` jitted calls per
 variant, alternating), so the ratio survives a shared machine's noise; absolute times
@@ -15,6 +16,7 @@ jnp references); the GPU (Pallas) ratio is not measured here.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -43,15 +45,16 @@ def _served(aspec):
 
 
 @jax.jit
-def _dequant_w4a8(x, qw, act):
-  """The previous W4 serving path: fake-quantized input @ dequantized float kernel."""
-  xq = quantizer.fake_quantize(x, A8, scale=act["scale"], zero_point=act["zero_point"])
-  return xq @ dequantize(qw)
+def _dequant(x, qw, act):
+  """The previous <= 4-bit serving path: (fake-quantized) input @ dequantized kernel."""
+  if act is not None:
+    x = quantizer.fake_quantize(x, A8, scale=act["scale"], zero_point=act["zero_point"])
+  return x @ dequantize(qw)
 
 
 @jax.jit
 def _quantize_then_int8(x, qw):
-  """The previous dynamic W8A8 path: per-token codes in XLA, then ``int8_matmul``."""
+  """Per-token codes in XLA, then ``int8_matmul`` (serving's XLA-backend path)."""
   view = A8.replace(granularity="channel", axis=0)
   sx, _ = quantizer.compute_qparams(x, view, group_axis=1)
   xq = jnp.clip(jnp.round(x / sx), -128, 127).astype(jnp.int8)
@@ -79,24 +82,33 @@ def main():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(args.k, args.n)) / np.sqrt(args.k), jnp.float32)
   q4 = quantize(w, QuantSpec(4))
+  q4g = quantize(w, QuantSpec(4, granularity="group", group_size=32))
   q8 = quantize(w, QuantSpec(8))
   print(f"backend {jax.default_backend()}, K={args.k}, N={args.n}; kernel bytes: float "
-        f"{w.nbytes}, W4 {q4.nbytes}, W8 {q8.nbytes}")
-  print("| M | W4A8 int4_matmul ms | W4A8 dequantize + matmul ms | ratio | "
-        "W8A8-dyn int8_matmul_dynamic ms | W8A8-dyn quantize + int8_matmul ms | ratio |")
-  print("|---|---|---|---|---|---|---|")
-  w4a8 = _served(A8)
+        f"{w.nbytes}, W4 {q4.nbytes}, W4 g32 {q4g.nbytes}, W8 {q8.nbytes}")
+  print("| variant | M | kernel ms | reference ms | reference / kernel |")
+  print("|---|---|---|---|---|")
   b_q, b_scale = q8.int_values(), q8.scale.reshape(-1)
   w8dyn = jax.jit(lambda x: kernels.int8_matmul_dynamic(x, b_q, b_scale))
+  variants = (("W4A8 per-channel: int4_matmul vs dequantize", q4, A8),
+              ("W4A8 g32: int4_matmul_grouped vs dequantize", q4g, A8),
+              ("W4 g32 weight-only: int4_matmul_grouped vs dequantize", q4g, None))
   for m in (1, 16, 256):
     x = jnp.asarray(rng.normal(size=(m, args.k)), jnp.float32)
     s, z = quantizer.compute_qparams(x, A8)
     act = {"scale": s, "zero_point": z}
-    t = _interleaved([lambda: w4a8(x, w, q4, act), lambda: _dequant_w4a8(x, q4, act),
-                      lambda: w8dyn(x), lambda: _quantize_then_int8(x, q8)],
-                     args.iters)
-    print(f"| {m} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f}x | {t[2]:.3f} | "
-          f"{t[3]:.3f} | {t[3] / t[2]:.2f}x |")
+    fns = []
+    for _, q, aspec in variants:
+      a = act if aspec is not None else None
+      fns += [functools.partial(_served(aspec), x, w, q, a),
+              functools.partial(_dequant, x, q, a)]
+    fns += [lambda: w8dyn(x), lambda: _quantize_then_int8(x, q8)]
+    t = _interleaved(fns, args.iters)
+    names = [v[0] for v in variants] + [
+        "W8A8 dynamic: int8_matmul_dynamic vs codes + int8_matmul"]
+    for i, name in enumerate(names):
+      print(f"| {name} | {m} | {t[2 * i]:.3f} | {t[2 * i + 1]:.3f} | "
+            f"{t[2 * i + 1] / t[2 * i]:.2f}x |")
 
 
 if __name__ == "__main__":

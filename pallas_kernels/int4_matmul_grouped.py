@@ -66,19 +66,15 @@ def _check(a, b_packed, b_scale, a_scale, bias, out_dtype, activation, group_siz
 
 def int4_matmul_grouped_ref(a, b_packed, b_scale, a_scale=None, bias=None,
                             out_dtype=jnp.float32, *, group_size: int, activation=None):
-  """Pure-jnp (XLA) reference of :func:`int4_matmul_grouped`."""
+  """Pure-jnp (XLA) reference of :func:`int4_matmul_grouped`: the kernel dequantized in
+  float32, then one float32 matmul (full precision). Equal to the kernel up to float32
+  rounding (each group's int32 partial sum is exact in float32 below 2^24); a batched
+  per-group integer product measured 5-10x slower than this on the CPU."""
   m, k, n, out_dtype = _check(a, b_packed, b_scale, a_scale, bias, out_dtype, activation,
                               group_size)
-  g = k // group_size
-  w = unpack_int4(b_packed).reshape(g, group_size, n)
-  ag = jnp.transpose(a.reshape(m, g, group_size), (1, 0, 2))
-  if a.dtype == jnp.int8:
-    part = lax.dot_general(ag, w, (((2,), (1,)), ((0,), (0,))),
-                           preferred_element_type=jnp.int32).astype(jnp.float32)
-  else:
-    part = lax.dot_general(ag, w.astype(a.dtype), (((2,), (1,)), ((0,), (0,))),
-                           preferred_element_type=jnp.float32)
-  y = jnp.sum(part * b_scale.astype(jnp.float32)[:, None, :], axis=0)
+  w = unpack_int4(b_packed).astype(jnp.float32).reshape(k // group_size, group_size, n)
+  w = (w * b_scale.astype(jnp.float32)[:, None, :]).reshape(k, n)
+  y = jnp.matmul(a.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
   if a_scale is not None:
     y = y * a_scale.astype(jnp.float32)[:, None]
   if bias is not None:

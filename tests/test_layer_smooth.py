@@ -107,9 +107,12 @@ def test_gptq_kernel_of_a_dense_general_kernel_keeps_codes_and_layout():
   dequantizes to the GPTQ result of its (K, N) view."""
   rng = np.random.default_rng(2)
   kernel = jnp.asarray(rng.normal(size=(2, 32, 4, 16)), jnp.float32)
-  x = jnp.asarray(rng.normal(size=(50, 64)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(80, 64)), jnp.float32)
   spec = W4G.replace(rounding="gptq")  # the shapes and spec of the block below: one compile
   rule = Rule(weight=spec)
+  few = calibration_update(calibration_init(rule, 64), x[:20])
+  with pytest.warns(UserWarning, match="layer 'dg': GPTQ from 20 calibration tokens for 64"):
+    smooth.convert_weight(kernel, (0, 1), rule, few, path="dg")
   st = calibration_update(calibration_init(rule, 64), x)
   q, sm = smooth.convert_weight(kernel, (0, 1), rule, st)
   assert sm is None and isinstance(q, QArray) and q.shape == kernel.shape
