@@ -108,9 +108,9 @@ def check_gptq_spec(spec) -> QuantSpec:
     raise ValueError(f"GPTQ needs QuantSpec.scheme='uniform'; got {spec.scheme!r}")
   if spec.dynamic:
     raise ValueError("GPTQ rounds weights: QuantSpec.dynamic=True is an activation spec")
-  if spec.rounding != "nearest":
-    raise ValueError("GPTQ is itself the rounding: QuantSpec.rounding must be 'nearest'; "
-                     f"got {spec.rounding!r}")
+  if spec.rounding not in ("nearest", "gptq"):
+    raise ValueError("GPTQ is itself the rounding: QuantSpec.rounding must be 'gptq' (or "
+                     f"'nearest'); got {spec.rounding!r}")
   if spec.calibration not in ("minmax", "ema"):
     raise ValueError("GPTQ chooses min-max scales as it rounds: QuantSpec.calibration "
                      f"must be 'minmax' (or 'ema', min-max for a weight); got "

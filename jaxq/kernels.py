@@ -27,9 +27,12 @@ ENV_VAR = "JAXQ_KERNEL_BACKEND"
 
 __all__ = [
     "BACKENDS", "resolve_backend", "quantize_pack", "unpack_dequantize", "int8_matmul",
-    "int8_matmul_dynamic", "int4_matmul", "pack_int4", "unpack_int4",
+    "int8_matmul_dynamic", "int4_matmul", "int4_matmul_grouped", "pack_int4", "unpack_int4",
+    "TINY",
 ]
 
+#: Floor of ``int8_matmul_dynamic``'s per-token absmax (``a_scale = max(amax, TINY) / 127``).
+TINY = _pk.TINY
 pack_int4 = _pk.pack_int4
 unpack_int4 = _pk.unpack_int4
 
@@ -51,6 +54,8 @@ _xla_int8_matmul = jax.jit(_pk.int8_matmul_ref, static_argnames=("out_dtype", "a
 _xla_int8_matmul_dynamic = jax.jit(_pk.int8_matmul_dynamic_ref,
                                    static_argnames=("out_dtype", "activation"))
 _xla_int4_matmul = jax.jit(_pk.int4_matmul_ref, static_argnames=("out_dtype", "activation"))
+_xla_int4_matmul_grouped = jax.jit(_pk.int4_matmul_grouped_ref,
+                                   static_argnames=("group_size", "out_dtype", "activation"))
 
 
 def _pick(xla_fn, pallas_fn, backend):
@@ -106,3 +111,18 @@ def int4_matmul(a_q, b_packed, a_scale, b_scale, bias=None, out_dtype=jnp.float3
   :func:`int8_matmul` epilogue."""
   fn = _pick(_xla_int4_matmul, _pk.int4_matmul, backend)
   return fn(a_q, b_packed, a_scale, b_scale, bias, out_dtype, activation=activation)
+
+
+def int4_matmul_grouped(a, b_packed, b_scale, a_scale=None, bias=None, out_dtype=jnp.float32,
+                        *, group_size: int, activation: str | None = None,
+                        backend: str | None = None):
+  """Int4 weights packed by :func:`pack_int4` (``uint8[K/2, N]``) with one scale per
+  ``group_size`` rows and column (``b_scale: f32[K/group_size, N]``), times ``int8[M, K]``
+  activations (``a_scale: f32[M]``; exact int32 per group) or float ``[M, K]`` ones
+  (``a_scale`` None: weight-only, dequantized in the kernel)::
+
+      out = act(a_scale[:, None] * sum_j (a[:, G_j] @ w[G_j]) * b_scale[j] + bias)
+  """
+  fn = _pick(_xla_int4_matmul_grouped, _pk.int4_matmul_grouped, backend)
+  return fn(a, b_packed, b_scale, a_scale, bias, out_dtype, group_size=group_size,
+            activation=activation)

@@ -212,7 +212,8 @@ def fake_quantize(
   Rounding: ``spec.rounding == "stochastic"`` rounds ``floor(v + u)`` with ``key``
   (not available for "log2"). A missing key raises ValueError, unless ``require_key=False``,
   which rounds to nearest instead (the Flax contract: "rounds to nearest otherwise").
-  With ``rounding="nearest"`` the key is ignored.
+  With ``rounding="nearest"`` or ``"gptq"`` (GPTQ happens in ``convert``; here a
+  weight rounds to nearest) the key is ignored.
 
   Inputs narrower than float32 (bf16, f16) are quantized in float32 and cast back.
   NaN propagates; +-Inf saturates to the ends of the range.

@@ -165,11 +165,14 @@ def _fake_act(x_fit, x_eval, spec: QuantSpec | None):
   """The evaluation tokens quantized as served: static ranges from the fit tokens."""
   if spec is None:
     return x_eval
-  if spec.dynamic:
-    dyn = spec.replace(granularity="channel", axis=0, dynamic=False)
-    return quantizer.fake_quantize(x_eval, dyn)
-  scale, zp = quantizer.compute_qparams(x_fit, spec)
-  return quantizer.fake_quantize(x_eval, spec, scale=scale, zero_point=zp)
+  if spec.dynamic:  # per row (and group along K), from the row itself
+    dyn = spec.replace(granularity="channel" if spec.granularity == "tensor" else
+                       spec.granularity, axis=0, dynamic=False)
+    return quantizer.fake_quantize(x_eval, dyn, group_axis=1)
+  if spec.granularity != "tensor":  # per input channel / group of channels
+    spec = spec.replace(axis=-1)
+  scale, zp = quantizer.compute_qparams(x_fit, spec, group_axis=1)
+  return quantizer.fake_quantize(x_eval, spec, scale=scale, zero_point=zp, group_axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("weight_spec", "act_spec", "weight_only"))

@@ -16,7 +16,8 @@ from jaxq import numerics
 from jaxq.nf4 import check_nf4_fields
 
 GRANULARITIES = ("tensor", "channel", "group")
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "gptq")
+SMOOTH_MODES = ("auto",)
 ESTIMATORS = ("ste", "lsq", "pact")
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse")
 SCHEMES = ("uniform", "log2", "ptf", "nf4")
@@ -92,6 +93,9 @@ class QuantSpec:
       :func:`jaxq.quantizer.fake_quantize` and :func:`jaxq.quantize_params` raise
       ValueError; the Flax modules (``jaxq.quantize_model``, ``jaxq.nnx.quantize_model``)
       draw keys from the rng stream "jaxq" and round to nearest when it is not given.
+      "gptq" (weights only): ``convert`` rounds the kernel with GPTQ (:mod:`jaxq.gptq`)
+      from the Hessian that ``calibrate`` accumulates; everywhere else (QAT, ``quantize``,
+      fake quantization) it rounds to nearest.
     estimator: gradient of the fake-quant op: "ste", "lsq" (learned step size, LSQ+ when
       asymmetric) or "pact" (learned clipping level; unsigned).
     calibration: range setting: "minmax", "ema" (bias-corrected EMA of min/max),
@@ -189,6 +193,10 @@ class Rule:
     act_compress: None, or bits (1, 2, 4, 8), or per-sample widths
       (:class:`jaxq.act.SampleBits`), for activation-compressed training of the matched
       module's whole computation (:func:`jaxq.act.compressed_vjp`).
+    smooth: None, a float alpha in [0, 1] or "auto": equivalent per-input-channel
+      scaling ``quant(x / s) @ quant(s W)`` chosen at ``convert`` from calibration
+      statistics (SmoothQuant's formula for alpha; "auto": a search on held-back
+      calibration tokens, AWQ's for a weight-only rule; :mod:`jaxq.layer.smooth`).
     lora: None, or a :class:`LoRA`: the matched layer learns a low-rank adapter over
       its frozen (quantized, with a weight spec) kernel (:mod:`jaxq.layer.lora`).
   """
@@ -197,6 +205,7 @@ class Rule:
   weight: QuantSpec | None = dataclasses.field(default_factory=QuantSpec)
   act: QuantSpec | None = None
   act_compress: Any = None  # int | jaxq.act.SampleBits | None
+  smooth: Any = None  # float in [0, 1] | "auto" | None
   lora: LoRA | None = None
 
   def __post_init__(self):
@@ -228,6 +237,7 @@ class Rule:
         not _is_int(c) or c not in (1, 2, 4, 8)):
       raise ValueError(f"Rule.act_compress must be None, one of 1, 2, 4, 8, or a "
                        f"jaxq.act.SampleBits; got {c!r}")
+    _check_ptq_fields(self)
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.path, path) is not None
@@ -268,6 +278,34 @@ class LoRA:
   def scaling(self) -> float:
     """``alpha / rank``, the factor on the adapter's output."""
     return self.alpha / self.rank
+
+
+def _check_ptq_fields(rule: Rule) -> None:
+  """``Rule.act`` cannot be GPTQ-rounded; ``Rule.smooth`` needs a spec to smooth for,
+  and a static activation range it can rescale exactly (min-max, uniform)."""
+  if rule.act is not None and rule.act.rounding == "gptq":
+    raise ValueError("Rule.act: QuantSpec.rounding='gptq' rounds weights only (convert "
+                     "GPTQ-rounds the kernel); use 'nearest' or 'stochastic' for the "
+                     "activation")
+  sm = rule.smooth
+  if sm is None:
+    return
+  if isinstance(sm, str):
+    if sm not in SMOOTH_MODES:
+      raise ValueError(f"Rule.smooth must be None, a float in [0, 1] or 'auto'; got {sm!r}")
+  elif isinstance(sm, (bool, np.bool_)) or not isinstance(
+      sm, (int, float, np.integer, np.floating)) or not 0.0 <= float(sm) <= 1.0:
+    raise ValueError(f"Rule.smooth must be None, a float in [0, 1] or 'auto'; got {sm!r}")
+  if rule.weight is None and rule.act is None:
+    raise ValueError("Rule.smooth needs Rule.weight or Rule.act: smoothing moves "
+                     "quantization difficulty between them; both are None")
+  a = rule.act
+  if a is not None and (a.scheme != "uniform" or a.estimator != "ste" or (
+      not a.dynamic and a.calibration != "minmax")):
+    raise ValueError(
+        "Rule.smooth with Rule.act needs a uniform 'ste' activation spec that is dynamic "
+        "or calibrated 'minmax' (its range is rescaled exactly by 1/s at convert); got "
+        f"scheme={a.scheme!r}, estimator={a.estimator!r}, calibration={a.calibration!r}")
 
 
 def match_rule(rules, path: str) -> Rule | None:

@@ -7,6 +7,7 @@ references elsewhere.
 
 from pallas_kernels._common import TINY, VALID_BITS
 from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_ref, pack_int4, unpack_int4
+from pallas_kernels.int4_matmul_grouped import int4_matmul_grouped, int4_matmul_grouped_ref
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_ref
 from pallas_kernels.int8_matmul_dynamic import (
     int8_matmul_dynamic, int8_matmul_dynamic_ref, quantize_rows_ref)
@@ -20,4 +21,5 @@ __all__ = [
     "int8_matmul", "int8_matmul_ref",
     "int8_matmul_dynamic", "int8_matmul_dynamic_ref", "quantize_rows_ref",
     "int4_matmul", "int4_matmul_ref", "pack_int4", "unpack_int4",
+    "int4_matmul_grouped", "int4_matmul_grouped_ref",
 ]

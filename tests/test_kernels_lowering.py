@@ -53,6 +53,12 @@ def _cases():
   yield "int4_matmul", pk.int4_matmul, (a, S((256, 384), u8), sa, sb, sb)
   yield "int4_matmul-decode", pk.int4_matmul, (S((4, 512), i8), S((256, 384), u8),
                                                S((4,), f32), sb)
+  gs = S((16, 384), f32)
+  yield "int4_matmul_grouped-w4a8", lambda a, b, s, sa: pk.int4_matmul_grouped(
+      a, b, s, sa, group_size=32), (a, S((256, 384), u8), gs, sa)
+  yield "int4_matmul_grouped-bf16", lambda x, b, s, bias: pk.int4_matmul_grouped(
+      x, b, s, None, bias, jnp.bfloat16, group_size=32, activation="gelu"), \
+      (S((4, 512), jnp.bfloat16), S((256, 384), u8), gs, sb)
 
 
 CASES = list(_cases())

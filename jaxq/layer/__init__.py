@@ -4,7 +4,9 @@ A quantizable layer (Dense/Linear, DenseGeneral/LinearGeneral, Conv, Einsum) com
 contraction of its input activation and its kernel (:mod:`jaxq.layer.views`). This
 package quantizes that contraction: operand view specs, learned steps and observers
 (:mod:`jaxq.layer.operands`), the W8A8 training matmul (:mod:`jaxq.layer.int8`), QAT
-(:mod:`jaxq.layer.qat`) and serving from QArray kernels (:mod:`jaxq.layer.serve`). The
+(:mod:`jaxq.layer.qat`), serving from QArray kernels (:mod:`jaxq.layer.serve`), and
+Contract 7's per-layer calibration state (:mod:`jaxq.layer.calib`) and convert-time
+smoothing / GPTQ (:mod:`jaxq.layer.smooth`). The
 Linen and NNX adapters (:mod:`jaxq.flax.linen`, :mod:`jaxq.flax.nnx`) route a matched
 layer's contraction here and give it a place for its state.
 """

@@ -36,7 +36,7 @@ def int8_spec_ok(spec: QuantSpec | None, *, act: bool) -> bool:
   if spec is None:
     return False
   ok = (spec.bits == 8 and spec.signed and spec.symmetric and spec.scheme == "uniform"
-        and spec.estimator == "ste" and spec.rounding == "nearest")
+        and spec.estimator == "ste" and spec.rounding in ("nearest", "gptq"))
   if act:
     return ok and (spec.granularity == "tensor" or (spec.dynamic and spec.granularity ==
                                                       "tensor"))
