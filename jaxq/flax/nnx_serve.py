@@ -31,6 +31,9 @@ compilation serves every one-layer-at-a-time choice.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,6 +43,7 @@ from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, LayerConfig, kernel_layout,
                            register_mode)
 from jaxq.flax.nnx_ptq import quantized_modules
+from jaxq.flax.ptq import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
@@ -48,7 +52,7 @@ from jaxq.params import per_layer
 from jaxq.qarray import QArray
 
 __all__ = ["convert", "serve_handler", "sim_handler", "serving_class", "SimSelect",
-           "SERVE_MODE", "SIM_MODE", "SELECT"]
+           "simulator", "eval_forward", "SERVE_MODE", "SIM_MODE", "SELECT"]
 
 SERVE_MODE, SIM_MODE = "serve", "sim"
 #: Attribute of a layer in the "sim" mode: its selection flag (:class:`SimSelect`).
@@ -207,3 +211,58 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
     # No public NNX route turns an object into an instance of a subclass.
     object.__setattr__(layer, "__class__", serving_class(type(layer)))
   return serving
+
+
+# --------------------------------------------------------------------------------------
+# Simulation, one layer at a time (jaxq.analysis)
+# --------------------------------------------------------------------------------------
+
+
+def _forward(graphdef, static_kwargs, *states_args):
+  *states, args, kwargs = states_args
+  return nnx.merge(graphdef, *states)(*args, **kwargs, **dict(static_kwargs))
+
+
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+
+
+def eval_forward(model: nnx.Module) -> Callable:
+  """``run(args, kwargs)``: ``model`` called as at inference (``deterministic=True``,
+  ``use_running_average=True``), compiled once per argument shapes."""
+  graphdef, state = nnx.split(nnx.view(model, deterministic=True, use_running_average=True,
+                                       raise_if_not_found=False))
+
+  def run(args, kwargs):
+    static, arrays = split_static_kwargs(kwargs)
+    return _forward_jit(graphdef, static, state, args, arrays)
+
+  return run
+
+
+def simulator(qmodel: nnx.Module) -> tuple[list[str], dict[str, int], Callable]:
+  """``(paths, sizes, run)`` for a calibrated quantized model: the quantized layers'
+  paths, their kernel sizes, and ``run(path, args, kwargs)``, the model's output with only
+  the layer at ``path`` quantized (mode "sim", serving numerics) and evaluated as at
+  inference. One compilation serves every ``path`` (the layers' :class:`SimSelect`
+  flags are an argument)."""
+  sim = nnx.clone(qmodel)
+  layers = list(quantized_modules(sim))
+  sizes = {}
+  for path, layer, cfg in layers:
+    stack, _, _ = kernel_layout(layer)
+    shape = layer.kernel.get_value().shape
+    sizes[path] = math.prod(shape)
+    setattr(layer, SELECT, SimSelect(jnp.zeros(shape[:stack], jnp.float32)))
+    setattr(layer, MODE, SIM_MODE)
+  view = nnx.view(sim, deterministic=True, use_running_average=True,
+                  raise_if_not_found=False)
+  graphdef, _, rest = nnx.split(view, SimSelect, ...)
+  flags = {path: getattr(layer, SELECT) for path, layer, _ in quantized_modules(view)}
+
+  def run(path, args, kwargs):
+    for p, var in flags.items():
+      var.set_value(jnp.full(var.get_value().shape, float(p == path), jnp.float32))
+    static, arrays = split_static_kwargs(kwargs)
+    return _forward_jit(graphdef, static, nnx.state(view, SimSelect), rest, args, arrays)
+
+  return [p for p, _, _ in layers], sizes, run
