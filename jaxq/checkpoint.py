@@ -13,7 +13,7 @@ Writes are atomic (a temporary file renamed into place).
 
 Flax NNX: an ``nnx.State`` or an ``nnx.Module`` (anywhere in ``state``, e.g. the serving
 model of :func:`jaxq.nnx.convert`) is stored as its values (``nnx.to_pure_dict``: nested
-dicts, QArrays kept). Restoring into a ``target`` ``nnx.State`` gives an ``nnx.State``;
+dicts, QArrays kept, RNG keys as their raw data). Restoring into a ``target`` ``nnx.State`` gives an ``nnx.State``;
 into an ``nnx.Module``, a new module (the target's graph, the stored values); the target
 itself is not modified.
 """
@@ -48,23 +48,37 @@ def _is_nnx(x) -> bool:
   return isinstance(x, (nnx.State, nnx.Module))
 
 
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _nnx_values(x) -> PyTree:
+  """Nested dicts of the values of an NNX state or module (``nnx.to_pure_dict``)."""
+  return nnx.to_pure_dict(nnx.state(x) if isinstance(x, nnx.Module) else x)
+
+
 def _pure(x):
-  """The stored form of an NNX state or module: nested dicts of its values."""
-  if isinstance(x, nnx.Module):
-    x = nnx.state(x)
-  return nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x
+  """The stored form of an NNX state or module: its values, the raw data of its RNG
+  keys (``nnx.Rngs``, Dropout streams)."""
+  if not _is_nnx(x):
+    return x
+  return jax.tree_util.tree_map(lambda v: jax.random.key_data(v) if _is_key(v) else v,
+                                _nnx_values(x))
 
 
 def _as_target(target, values):
   """``values`` (the stored form of ``target``) in ``target``'s NNX type."""
+  if not _is_nnx(target):
+    return values
+  values = jax.tree_util.tree_map(
+      lambda t, v: jax.random.wrap_key_data(v, impl=jax.random.key_impl(t))
+      if _is_key(t) else v, _nnx_values(target), values)
   if isinstance(target, nnx.Module):
     graphdef, _ = nnx.split(target)
     return nnx.merge(graphdef, values)
-  if isinstance(target, nnx.State):
-    state = jax.tree_util.tree_map(lambda v: v, target)
-    nnx.replace_by_pure_dict(state, values)
-    return state
-  return values
+  state = jax.tree_util.tree_map(lambda v: v, target)
+  nnx.replace_by_pure_dict(state, values)
+  return state
 
 
 def save(path: str | os.PathLike, state: PyTree) -> None:
