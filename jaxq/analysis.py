@@ -12,7 +12,9 @@ output ``y`` over the batches:
 
 One compilation per candidate bit width serves every layer: each layer's choice between
 its quantized and float result is a flag ``"jaxq_select"`` in its "quant_stats" (stacked
-like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one path).
+like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one path); for
+Flax NNX models, the "sim" mode of :mod:`jaxq.flax.nnx_serve` with a ``jaxq_select``
+variable per layer. :func:`sensitivity` dispatches on the model's API.
 
 Bit allocation (:func:`allocate_bits`): every layer starts at the smallest candidate width;
 the upgrade with the largest output-noise reduction per extra weight bit (noise power

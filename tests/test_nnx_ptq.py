@@ -175,3 +175,35 @@ def test_checkpoint_and_export_roundtrip(tmp_path):
 
   exp = jexport.load_serving(jexport.export_serving(sm, state, x).serialize())
   np.testing.assert_array_equal(exp.call(jexport.serving_state(sm), x), want)
+
+
+class Stack(nnx.Module):
+  """Three Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return nnx.Linear(8, 8, rngs=nnx.Rngs(params=key))
+
+    self.layers = make(jax.random.split(jax.random.key(0), 3))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, layer):
+      return nnx.relu(layer(h))
+
+    return body(x, self.layers)
+
+
+def test_stacked_layers_serve_what_qat_evaluates():
+  """A stack converts one layer at a time (stacking axes on every QArray leaf) and serves
+  exactly what QAT computes in evaluation mode from the calibrated observers."""
+  x = _x((4, 8), 9)
+  rule = Rule(".*", weight=W8, act=QuantSpec(8, granularity="tensor", calibration="ema"))
+  q = jaxq.nnx.quantize_model(Stack(), rule)
+  served = jaxq.nnx.convert(jaxq.nnx.calibrate(q, [x]))
+  kernel = served.layers.kernel.get_value()
+  assert kernel.shape == (8, 8) and kernel.values.shape == (3, 8, 8)
+  assert served.layers.jaxq_act_scale.get_value().shape == (3, 1, 1)
+  q.eval()
+  np.testing.assert_allclose(served(x), q(x), rtol=1e-6, atol=1e-6)

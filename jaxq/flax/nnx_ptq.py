@@ -42,7 +42,7 @@ from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
 
 __all__ = ["calibrate", "calibrate_handler", "quantized_modules", "modes",
-           "CALIBRATE_MODE"]
+           "inference_view", "CALIBRATE_MODE"]
 
 CALIBRATE_MODE = "calibrate"
 
@@ -70,6 +70,13 @@ def modes(model: nnx.Module, mode: str):
   finally:
     for m, o in zip(layers, old):
       setattr(m, MODE, o)
+
+
+def inference_view(model: nnx.Module) -> nnx.Module:
+  """``model`` as at inference (``nnx.view``: ``deterministic=True``,
+  ``use_running_average=True`` where a module has them), sharing its arrays."""
+  return nnx.view(model, deterministic=True, use_running_average=True,
+                  raise_if_not_found=False)
 
 
 def calibrate_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
@@ -137,9 +144,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
         reset or not isinstance(getattr(layer, ACT_STATS, None), QuantStats)):
       setattr(layer, ACT_STATS, QuantStats(_fresh_observer(layer, cfg)))
   with modes(qmodel, CALIBRATE_MODE):
-    view = nnx.view(qmodel, deterministic=True, use_running_average=True,
-                    raise_if_not_found=False)
-    graphdef, stats, rest = nnx.split(view, QuantStats, ...)
+    graphdef, stats, rest = nnx.split(inference_view(qmodel), QuantStats, ...)
   reached: set[str] = set()
   seen = False
   for batch in batches:

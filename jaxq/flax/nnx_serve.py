@@ -42,7 +42,7 @@ from jaxq import calibration
 from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, LayerConfig, kernel_layout,
                            register_mode)
-from jaxq.flax.nnx_ptq import quantized_modules
+from jaxq.flax.nnx_ptq import inference_view, quantized_modules
 from jaxq.flax.ptq import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
@@ -229,8 +229,7 @@ _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
 def eval_forward(model: nnx.Module) -> Callable:
   """``run(args, kwargs)``: ``model`` called as at inference (``deterministic=True``,
   ``use_running_average=True``), compiled once per argument shapes."""
-  graphdef, state = nnx.split(nnx.view(model, deterministic=True, use_running_average=True,
-                                       raise_if_not_found=False))
+  graphdef, state = nnx.split(inference_view(model))
 
   def run(args, kwargs):
     static, arrays = split_static_kwargs(kwargs)
@@ -254,8 +253,7 @@ def simulator(qmodel: nnx.Module) -> tuple[list[str], dict[str, int], Callable]:
     sizes[path] = math.prod(shape)
     setattr(layer, SELECT, SimSelect(jnp.zeros(shape[:stack], jnp.float32)))
     setattr(layer, MODE, SIM_MODE)
-  view = nnx.view(sim, deterministic=True, use_running_average=True,
-                  raise_if_not_found=False)
+  view = inference_view(sim)
   graphdef, _, rest = nnx.split(view, SimSelect, ...)
   flags = {path: getattr(layer, SELECT) for path, layer, _ in quantized_modules(view)}
 
