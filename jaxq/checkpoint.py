@@ -13,9 +13,9 @@ Writes are atomic (a temporary file renamed into place).
 
 Flax NNX: an ``nnx.State`` or an ``nnx.Module`` (anywhere in ``state``, e.g. the serving
 model of :func:`jaxq.nnx.convert`) is stored as its values (``nnx.to_pure_dict``: nested
-dicts, QArrays kept, RNG keys as their raw data). Restoring into a ``target`` ``nnx.State`` gives an ``nnx.State``;
-into an ``nnx.Module``, a new module (the target's graph, the stored values); the target
-itself is not modified.
+dicts, QArrays kept, RNG keys as their raw data). Restoring into a ``target``
+``nnx.State`` gives an ``nnx.State``; into an ``nnx.Module``, a new module (the target's
+graph, the stored values, RNG keys rewrapped); the target itself is not modified.
 """
 
 from __future__ import annotations

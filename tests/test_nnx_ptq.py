@@ -116,6 +116,8 @@ def test_errors_name_the_layer():
     served = jaxq.nnx.convert(jaxq.nnx.quantize_model(model, Rule(".*", weight=W8,
                                                                   act=act)))
     assert isinstance(served.fc.kernel.get_value(), QArray)
+  with pytest.raises(ValueError, match="'fc' hold QArray kernels already"):
+    jaxq.nnx.convert(served)
 
 
 def test_calibration_runs_as_at_inference():

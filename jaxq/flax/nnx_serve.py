@@ -187,12 +187,16 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
   Raises:
     ValueError: a static activation spec that was never calibrated (or whose observer saw
       no finite value) or a learned step never initialised, naming the layer; a kernel
-      the weight spec does not fit.
+      the weight spec does not fit; a model converted already.
   """
   layers = list(quantized_modules(qmodel))
   if not layers:
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
+  served = [p for p, layer, _ in layers if isinstance(layer.kernel.get_value(), QArray)]
+  if served:
+    raise ValueError(f"layer(s) {', '.join(repr(p) for p in served)} hold QArray kernels "
+                     "already: convert the quantized model, not its serving model")
   serving = nnx.clone(qmodel)
   for _, layer, cfg in list(quantized_modules(serving)):
     rule, path = cfg.rule, cfg.path
