@@ -52,7 +52,8 @@ from jaxq.params import per_layer
 from jaxq.qarray import QArray
 
 __all__ = ["convert", "serve_handler", "sim_handler", "serving_class", "SimSelect",
-           "simulator", "eval_forward", "SERVE_MODE", "SIM_MODE", "SELECT"]
+           "simulator", "eval_forward", "act_qparams", "SERVE_MODE", "SIM_MODE",
+           "SELECT"]
 
 SERVE_MODE, SIM_MODE = "serve", "sim"
 #: Attribute of a layer in the "sim" mode: its selection flag (:class:`SimSelect`).
