@@ -109,6 +109,7 @@ def test_errors_name_the_layer():
     jaxq.nnx.calibrate(q, [jnp.zeros((0, 32))])
   with pytest.raises(ValueError, match="no finite activation value at layer.*'fc'"):
     jaxq.nnx.calibrate(q, [jnp.full((2, 32), jnp.nan)])
+  assert not hasattr(q.fc, "jaxq_act")  # a failed calibration leaves the model as it was
   with pytest.raises(ValueError, match="no quantized layer"):
     jaxq.nnx.calibrate(model, [jnp.ones((2, 32))])
   # Dynamic activations and weight-only rules need no calibration.

@@ -133,18 +133,19 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
 
   Raises:
     ValueError: no non-empty batch; a layer the batches reached whose observer saw no
-      finite value (naming the layers).
+      finite value (naming the layers). ``qmodel`` is then left as it was.
   """
-  layers = list(quantized_modules(qmodel))
-  if not layers:
+  if not list(quantized_modules(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
+  work = nnx.clone(qmodel)  # qmodel changes only when calibration succeeds
+  layers = list(quantized_modules(work))
   for _, layer, cfg in layers:
     if cfg.act is not None and not cfg.act.dynamic and (
         reset or not isinstance(getattr(layer, ACT_STATS, None), QuantStats)):
       setattr(layer, ACT_STATS, QuantStats(_fresh_observer(layer, cfg)))
-  with modes(qmodel, CALIBRATE_MODE):
-    graphdef, stats, rest = nnx.split(inference_view(qmodel), QuantStats, ...)
+  with modes(work, CALIBRATE_MODE):
+    graphdef, stats, rest = nnx.split(inference_view(work), QuantStats, ...)
   reached: set[str] = set()
   seen = False
   for batch in batches:
@@ -163,7 +164,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
   if not seen:
     raise ValueError("batches is empty (or every batch is): calibration needs at least "
                      "one non-empty batch")
-  nnx.update(qmodel, stats)
+  nnx.update(work, stats)
   empty = [path for path, layer, cfg in layers
            if cfg.path in reached and cfg.act is not None and not cfg.act.dynamic
            and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0))]
@@ -173,4 +174,10 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
         f"{', '.join(repr(p) for p in empty)} (every batch was NaN/Inf there, in the "
         "whole tensor or some of its channels); calibrate on data that reaches them with "
         "finite values")
+  for (_, layer, _), (_, target, _) in zip(layers, quantized_modules(qmodel)):
+    value = getattr(layer, ACT_STATS).get_value() if hasattr(layer, ACT_STATS) else None
+    if isinstance(getattr(target, ACT_STATS, None), QuantStats):
+      getattr(target, ACT_STATS).set_value(value)
+    elif value is not None:
+      setattr(target, ACT_STATS, QuantStats(value))
   return qmodel
