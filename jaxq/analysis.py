@@ -12,7 +12,9 @@ output ``y`` over the batches:
 
 One compilation per candidate bit width serves every layer: each layer's choice between
 its quantized and float result is a flag ``"jaxq_select"`` in its "quant_stats" (stacked
-like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one path).
+like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one path); for
+Flax NNX models, the "sim" mode of :mod:`jaxq.flax.nnx_serve` with a ``jaxq_select``
+variable per layer. :func:`sensitivity` dispatches on the model's API.
 
 Bit allocation (:func:`allocate_bits`): every layer starts at the smallest candidate width;
 the upgrade with the largest output-noise reduction per extra weight bit (noise power
@@ -32,10 +34,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax import traverse_util
 
+from jaxq.flax import nnx as jnnx
+from jaxq.flax import nnx_ptq
+from jaxq.flax import nnx_serve
 from jaxq.flax import ptq
 from jaxq.flax.linen import layer_paths, quantize_model
+from jaxq.layer.operands import ACT_STATS
 from jaxq.spec import QuantSpec, Rule, match_rule
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "sensitivity", "Allocation",
@@ -137,74 +144,135 @@ def _kernel_size(params, path: str) -> int:
   return int(np.prod(jnp.shape(k))) if k is not None else 0
 
 
-def sensitivity(model: nn.Module, variables: dict, batches: Iterable,
-                rules: Rule | Sequence[Rule] | None = None, *,
-                bits: Sequence[int] | None = None, **apply_kwargs) -> SensitivityReport:
-  """Per-layer sensitivity of ``model``'s output to quantizing that layer alone.
-
-  Args:
-    model: the float Linen model.
-    variables: its variables.
-    batches: calibration/evaluation batches (positional tuples, bare arrays or kwarg
-      dicts, as :func:`jaxq.flax.ptq.calibrate`); used for activation ranges and for
-      the output comparison.
-    rules: which layers and how (default: int8 per-channel weights, static per-tensor
-      int8 activations); every layer they match with a weight or activation spec is
-      analysed (:func:`jaxq.flax.linen.layer_paths` order).
-    bits: candidate weight widths; each layer is measured at each (the rules' weight
-      specs with ``bits`` replaced). None: the rules as given.
-    **apply_kwargs: passed to every model call.
-
-  Returns:
-    A :class:`SensitivityReport` (``.rows``, ``.table()``, ``.paths``).
-  """
+def _check_rules(rules) -> tuple[Rule, ...]:
   if rules is None:
     rules = (Rule(".*", weight=QuantSpec(8), act=QuantSpec(8, granularity="tensor")),)
-  rules = (rules,) if isinstance(rules, Rule) else tuple(rules)
+  return (rules,) if isinstance(rules, Rule) else tuple(rules)
+
+
+def _with_bits(rules: tuple[Rule, ...], b: int | None) -> tuple[Rule, ...]:
+  """``rules`` with every weight spec at ``b`` bits (None: as given)."""
+  return tuple(r if b is None or r.weight is None else
+               dataclasses.replace(r, weight=r.weight.replace(bits=b)) for r in rules)
+
+
+def _normalized(batches: Iterable) -> tuple[list, list]:
   raw = list(batches)
-  batches = [ptq.normalize_batch(b) for b in raw]
-  if not batches:
+  if not raw:
     raise ValueError("batches is empty: sensitivity needs at least one batch")
+  return raw, [ptq.normalize_batch(b) for b in raw]
+
+
+def _measure(batches, rules, bits, float_out, quantized) -> SensitivityReport:
+  """The report: for each width ``b``, ``quantized(rules at b) -> (paths, sizes, run)``,
+  ``run(path, args, kwargs)`` the output with only ``path`` quantized."""
+  refs = [_flat(float_out(a, k)) for a, k in batches]
+  signal = float(sum(float(jnp.sum(r**2)) for r in refs))
+  rows: list[LayerSensitivity] = []
+  for b in (list(bits) if bits is not None else [None]):
+    paths, sizes, run = quantized(_with_bits(rules, b))
+    if not paths:
+      raise ValueError("the rules match no Dense/DenseGeneral/Conv/Einsum (Linen) or "
+                       "Linear/LinearGeneral/Conv/Einsum (NNX) layer of the model")
+    for p in paths:
+      noise, cos = 0.0, []
+      for (a, k), ref in zip(batches, refs):
+        y = _flat(run(p, a, k))
+        noise += float(jnp.sum((y - ref) ** 2))
+        cos.append(float(jnp.dot(y, ref) / jnp.maximum(
+            jnp.linalg.norm(y) * jnp.linalg.norm(ref), 1e-30)))
+      snr = float("inf") if noise == 0.0 else float(10.0 * np.log10(signal / noise))
+      rows.append(LayerSensitivity(p, sizes[p], b, snr, float(np.mean(cos))))
+  return SensitivityReport(rows, rules, signal)
+
+
+def _linen_sensitivity(model: nn.Module, variables: dict, batches: Iterable,
+                       rules=None, *, bits=None, **apply_kwargs) -> SensitivityReport:
+  rules = _check_rules(rules)
+  raw, batches = _normalized(batches)
   args0, kw0 = batches[0]
   paths = []
   for p in layer_paths(model, *args0, **kw0, **apply_kwargs):
     r = match_rule(rules, p)
     if r is not None and (r.weight is not None or r.act is not None):
       paths.append(p)
-  if not paths:
-    raise ValueError("the rules match no Dense/DenseGeneral/Conv/Einsum layer of the model")
-  params = variables["params"]
+  sizes = {p: _kernel_size(variables["params"], p) for p in paths}
 
   @jax.jit
   def float_out(v, args, kwargs):
     return model.apply(v, *args, **kwargs, **apply_kwargs)
 
-  refs = [_flat(float_out(variables, a, k)) for a, k in batches]
-  signal = float(sum(float(jnp.sum(r**2)) for r in refs))
-  rows: list[LayerSensitivity] = []
   stats = None
-  for b in (list(bits) if bits is not None else [None]):
-    rb = tuple(r if b is None or r.weight is None else
-               dataclasses.replace(r, weight=r.weight.replace(bits=b)) for r in rules)
+
+  def quantized(rb):
+    nonlocal stats
     qmodel = quantize_model(model, rb, mode=ptq.SIM_MODE)
     if stats is None:
       stats = ptq.calibrate(qmodel, variables, raw, **apply_kwargs)["quant_stats"]
 
     @jax.jit
-    def quant_out(v, select, args, kwargs, qmodel=qmodel):
+    def quant_out(v, select, args, kwargs):
       return qmodel.apply({**v, "quant_stats": select}, *args, **kwargs, **apply_kwargs)
 
-    for p in paths:
-      select = _with_select(stats, paths, p)
-      noise, cos = 0.0, []
-      for (a, k), ref in zip(batches, refs):
-        y = _flat(quant_out(variables, select, a, k))
-        noise += float(jnp.sum((y - ref) ** 2))
-        cos.append(float(jnp.dot(y, ref) / jnp.maximum(
-            jnp.linalg.norm(y) * jnp.linalg.norm(ref), 1e-30)))
-      snr = float("inf") if noise == 0.0 else float(10.0 * np.log10(signal / noise))
-      rows.append(LayerSensitivity(p, _kernel_size(params, p), b, snr, float(np.mean(cos))))
-  return SensitivityReport(rows, rules, signal)
+    return paths, sizes, lambda p, a, k: quant_out(variables, _with_select(stats, paths, p),
+                                                   a, k)
+
+  return _measure(batches, rules, bits, lambda a, k: float_out(variables, a, k), quantized)
+
+
+def _nnx_sensitivity(model: nnx.Module, batches: Iterable, rules=None, *, bits=None,
+                     **call_kwargs) -> SensitivityReport:
+  rules = _check_rules(rules)
+  raw, batches = _normalized(batches)
+  float_run = nnx_serve.eval_forward(model)
+  observers = None
+
+  def quantized(rb):
+    nonlocal observers
+    qmodel = jnnx.quantize_model(model, rb)
+    if observers is None:
+      nnx_ptq.calibrate(qmodel, raw, **call_kwargs)
+      observers = {path: getattr(layer, ACT_STATS)
+                   for path, layer, _ in nnx_ptq.quantized_modules(qmodel)
+                   if hasattr(layer, ACT_STATS)}
+    else:  # activation ranges do not depend on the weight width
+      for path, layer, _ in nnx_ptq.quantized_modules(qmodel):
+        if path in observers:
+          setattr(layer, ACT_STATS, jnnx.QuantStats(observers[path].get_value()))
+    paths, sizes, run = nnx_serve.simulator(qmodel)
+    return paths, sizes, lambda p, a, k: run(p, a, {**k, **call_kwargs})
+
+  return _measure(batches, rules, bits, lambda a, k: float_run(a, {**k, **call_kwargs}),
+                  quantized)
+
+
+def sensitivity(model, *args, **kwargs) -> SensitivityReport:
+  """Per-layer sensitivity of ``model``'s output to quantizing that layer alone.
+
+  Linen: ``sensitivity(model, variables, batches, rules=None, *, bits=None,
+  **apply_kwargs)``; Flax NNX: ``sensitivity(model, batches, rules=None, *, bits=None,
+  **call_kwargs)`` (the model holds its variables; it is run as at inference,
+  ``deterministic=True``, ``use_running_average=True``, and left unchanged).
+
+  Args:
+    model: the float model (``flax.linen.Module`` or ``flax.nnx.Module``).
+    variables: (Linen) its variables.
+    batches: calibration/evaluation batches (positional tuples, bare arrays or kwarg
+      dicts, as :func:`jaxq.flax.ptq.calibrate`); used for activation ranges and for
+      the output comparison.
+    rules: which layers and how (default: int8 per-channel weights, static per-tensor
+      int8 activations); every layer they match with a weight or activation spec is
+      analysed (Linen: :func:`jaxq.flax.linen.layer_paths` order; NNX: attribute order).
+    bits: candidate weight widths; each layer is measured at each (the rules' weight
+      specs with ``bits`` replaced). None: the rules as given.
+    **apply_kwargs / call_kwargs: passed to every model call.
+
+  Returns:
+    A :class:`SensitivityReport` (``.rows``, ``.table()``, ``.paths``).
+  """
+  if isinstance(model, nnx.Module):
+    return _nnx_sensitivity(model, *args, **kwargs)
+  return _linen_sensitivity(model, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,12 @@ nested dicts with QArrays rebuilt (they are self-describing, :mod:`jaxq.qarray`)
 QArray's metadata is checked against its arrays. Errors name the key path and what was
 expected.
 Writes are atomic (a temporary file renamed into place).
+
+Flax NNX: an ``nnx.State`` or an ``nnx.Module`` (anywhere in ``state``, e.g. the serving
+model of :func:`jaxq.nnx.convert`) is stored as its values (``nnx.to_pure_dict``: nested
+dicts, QArrays kept, RNG keys as their raw data). Restoring into a ``target``
+``nnx.State`` gives an ``nnx.State``; into an ``nnx.Module``, a new module (the target's
+graph, the stored values, RNG keys rewrapped); the target itself is not modified.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from flax import serialization
 
 from jaxq import qarray
@@ -37,8 +44,46 @@ def _check_keys(state: PyTree) -> None:
                       "jax.random.key_data(key) instead")
 
 
+def _is_nnx(x) -> bool:
+  return isinstance(x, (nnx.State, nnx.Module))
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _nnx_values(x) -> PyTree:
+  """Nested dicts of the values of an NNX state or module (``nnx.to_pure_dict``)."""
+  return nnx.to_pure_dict(nnx.state(x) if isinstance(x, nnx.Module) else x)
+
+
+def _pure(x):
+  """The stored form of an NNX state or module: its values, the raw data of its RNG
+  keys (``nnx.Rngs``, Dropout streams)."""
+  if not _is_nnx(x):
+    return x
+  return jax.tree_util.tree_map(lambda v: jax.random.key_data(v) if _is_key(v) else v,
+                                _nnx_values(x))
+
+
+def _as_target(target, values):
+  """``values`` (the stored form of ``target``) in ``target``'s NNX type."""
+  if not _is_nnx(target):
+    return values
+  values = jax.tree_util.tree_map(
+      lambda t, v: jax.random.wrap_key_data(v, impl=jax.random.key_impl(t))
+      if _is_key(t) else v, _nnx_values(target), values)
+  if isinstance(target, nnx.Module):
+    graphdef, _ = nnx.split(target)
+    return nnx.merge(graphdef, values)
+  state = jax.tree_util.tree_map(lambda v: v, target)
+  nnx.replace_by_pure_dict(state, values)
+  return state
+
+
 def save(path: str | os.PathLike, state: PyTree) -> None:
   """Writes ``state`` to ``path`` (a file; parent directories are created)."""
+  state = jax.tree_util.tree_map(_pure, state, is_leaf=_is_nnx)
   _check_keys(state)
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -139,13 +184,16 @@ def restore(path: str | os.PathLike, target: PyTree = None) -> PyTree:
   shape or dtype differs, a QArray's metadata does not describe its arrays
   (:func:`jaxq.qarray.check_arrays`) or differs from the target's; and naming the file
   when it is not a checkpoint at all. Without ``target``: nested dicts, QArrays rebuilt.
+  An ``nnx.State`` / ``nnx.Module`` target gives an ``nnx.State`` / a new module.
   """
   path = os.fspath(path)
   raw = _read(path)
   rebuilt = _rebuild(raw)  # checks every QArray's metadata against its arrays
   if target is None:
     return rebuilt
-  _compare(raw, serialization.to_state_dict(target))
-  restored = serialization.from_state_dict(target, raw)
-  return jax.tree_util.tree_map(
-      lambda t, r: jax.numpy.asarray(r) if isinstance(t, jax.Array) else r, target, restored)
+  pure = jax.tree_util.tree_map(_pure, target, is_leaf=_is_nnx)
+  _compare(raw, serialization.to_state_dict(pure))
+  restored = serialization.from_state_dict(pure, raw)
+  restored = jax.tree_util.tree_map(
+      lambda t, r: jax.numpy.asarray(r) if isinstance(t, jax.Array) else r, pure, restored)
+  return jax.tree_util.tree_map(_as_target, target, restored, is_leaf=_is_nnx)

@@ -1,7 +1,8 @@
 """Flax integration: Linen QAT wrapper (:mod:`jaxq.flax.linen`).
 
 The NNX wrapper lives in :mod:`jaxq.flax.nnx` and PTQ (``calibrate`` / ``convert``) in
-:mod:`jaxq.flax.ptq`; import them from there.
+:mod:`jaxq.flax.ptq` (NNX: :mod:`jaxq.flax.nnx_ptq`, :mod:`jaxq.flax.nnx_serve`, public as
+``jaxq.nnx.calibrate`` / ``jaxq.nnx.convert``); import them from there.
 """
 
 from jaxq.flax.linen import (

@@ -26,7 +26,7 @@ from jaxq.spec import QuantSpec
 
 __all__ = ["SCALE_FORMATS", "check_axes", "convert_kernel", "infer_contract",
            "kernel_stack", "learned_kernel", "quantize_kernel",
-           "round_up_scale"]
+           "round_up_scale", "served_kernel"]
 
 
 def check_axes(shape, contract) -> tuple[int, ...]:
@@ -178,6 +178,16 @@ def learned_kernel(w, spec: QuantSpec, contract, learned: dict) -> QArray:
   return quantize_with(w, spec.replace(rounding="nearest"), scale, zp, group_axis=ga)
 
 
+def served_kernel(w, spec: QuantSpec, contract, learned: dict, *, compact: bool = False
+                  ) -> QArray:
+  """The QArray that serving stores for one layer's kernel ``w``: from the step learned
+  in QAT when ``spec`` learns one and ``learned`` ({variable name: value}) holds it, else
+  from ``spec.calibration`` (:func:`quantize_kernel`)."""
+  if spec.estimator in ("lsq", "pact") and learned:
+    return learned_kernel(w, spec, contract, learned)
+  return quantize_kernel(w, spec, contract, compact=compact)
+
+
 def infer_contract(kernel, bias) -> tuple[int, ...]:
   """Contraction axes of a kernel without a recorded layout: the kernel ends in the bias's
   (output) shape, else in one output axis (:func:`jaxq.params.output_axes`)."""
@@ -219,11 +229,8 @@ def convert_kernel(path: str, spec: QuantSpec, kernel, bias, contract, learned: 
     contract = infer_contract(kernel[(0,) * stack],
                                None if bias is None else bias[(0,) * stack])
   try:
-    if spec.estimator in ("lsq", "pact") and learned:
-      return per_layer(lambda w, l: learned_kernel(w, spec, contract, l), stack)(
-          kernel, learned)
-    return per_layer(lambda w: quantize_kernel(w, spec, contract, compact=compact),
-                      stack)(kernel)
+    return per_layer(lambda w, l: served_kernel(w, spec, contract, l, compact=compact),
+                     stack)(kernel, learned)
   except ValueError as e:
     raise ValueError(f"layer '{path}' (kernel of shape {tuple(jnp.shape(kernel))}): {e}"
                      ) from e

@@ -92,7 +92,7 @@ __all__ = [
     "QuantStats", "quantize_model", "quantized_layers", "LayerConfig", "Contraction",
     "LAYER_TYPES", "RESERVED_NAMES",
     "RNG_STREAM", "QuantizedLinear", "QuantizedLinearGeneral", "QuantizedConv",
-    "QuantizedEinsum", "MODES", "register_mode", "qat_handler",
+    "QuantizedEinsum", "MODES", "register_mode", "qat_handler", "kernel_layout",
 ]
 
 ACT_INITIALIZED = "jaxq_act_initialized"
@@ -478,3 +478,13 @@ def quantized_layers(model: nnx.Module) -> dict[str, LayerConfig]:
     if isinstance(cfg, LayerConfig):
       out["/".join(str(p) for p in path_t)] = cfg
   return out
+
+
+def kernel_layout(layer) -> tuple[int, tuple[int, ...], int]:
+  """``(stack, rhs_contract, K)`` of a quantized layer: its kernel's leading stacking
+  axes, the contracted axes of one layer's kernel, and the activation's feature count."""
+  cfg: LayerConfig = getattr(layer, CONFIG)
+  kernel = layer.kernel.get_value()
+  stack = len(kernel.shape) - _kernel_rank(layer)
+  rhs_contract, k = _layout(layer, cfg.path, tuple(kernel.shape[stack:]))
+  return stack, rhs_contract, k

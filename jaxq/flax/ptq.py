@@ -67,12 +67,11 @@ from jaxq import calibration
 from jaxq.flax import fqvit
 from jaxq.flax import linen as qlinen
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
-                                     learned_kernel, quantize_kernel,
-                                     round_up_scale)
+                                     quantize_kernel, round_up_scale, served_kernel)
 from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
                              QuantizedModel, register_mode)
 from jaxq.layer import operands
-from jaxq.layer.serve import quantized_contraction, static_act
+from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec, match_rule
 from jaxq.flax.paths import module_path
@@ -120,29 +119,13 @@ def _act_qparams_from_stats(call: LayerCall, x2_k: int) -> dict | None:
     return None
   m = call.module
   if aspec.estimator in ("lsq", "pact"):
-    return _learned_act(aspec, lambda n: m.get_variable("params", n), call.path)
+    return learned_act_qparams(aspec, lambda n: m.get_variable("params", n), call.path)
   if not m.has_variable(QUANT_STATS, operands.ACT_STATS):
     raise ValueError(_uncalibrated(call.path))
   st = m.get_variable(QUANT_STATS, operands.ACT_STATS)
   del x2_k
   scale, zp = calibration.observer_qparams(st, aspec)
   return {"scale": scale, "zero_point": zp}
-
-
-def _learned_act(aspec: QuantSpec, get, path: str) -> dict:
-  try:
-    if aspec.estimator == "pact":
-      scale = get(operands.ACT_ALPHA) / aspec.qmax
-      return {"scale": scale, "zero_point": jnp.zeros_like(scale)}
-    scale = get(operands.ACT_SCALE)
-  except (KeyError, TypeError):
-    scale = None
-  if scale is None:
-    raise ValueError(f"layer '{path}': the learned activation step of estimator="
-                     f"{aspec.estimator!r} is missing from params (train or run "
-                     "jaxq.flax.init_quant_params first)")
-  zp = get(operands.ACT_ZERO_POINT) if not aspec.symmetric else None
-  return {"scale": scale, "zero_point": jnp.zeros_like(scale) if zp is None else zp}
 
 
 def _uncalibrated(path: str) -> str:
@@ -175,7 +158,7 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
     spec = call.rule.act
     if not m.has_variable("params", ACT_SCALE):
       if spec.estimator == "pact" and m.has_variable("params", operands.ACT_ALPHA):
-        act = _learned_act(spec, lambda n: m.get_variable("params", n), call.path)
+        act = learned_act_qparams(spec, lambda n: m.get_variable("params", n), call.path)
       else:
         raise ValueError(_uncalibrated(call.path) + " and convert it")
     else:
@@ -200,10 +183,7 @@ def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
     w = jax.lax.stop_gradient(op.rhs)
     learned = {n: call.module.get_variable("params", n) for n in _WEIGHT_NAMES
                if call.module.has_variable("params", n)}
-    if wspec.estimator in ("lsq", "pact") and learned:
-      qw = learned_kernel(w, wspec, op.rhs_contract, learned)
-    else:
-      qw = quantize_kernel(w, wspec, op.rhs_contract)
+    qw = served_kernel(w, wspec, op.rhs_contract, learned)
   act = _act_qparams_from_stats(call, op.lhs.shape[-1])
   y = quantized_contraction(op, call.path, call.rule.act, qw, act)
   m = call.module
@@ -258,7 +238,7 @@ def split_static_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
   return static, {k: v for k, v in kwargs.items() if k not in names}
 
 
-def _is_empty(args, kwargs) -> bool:
+def is_empty_batch(args, kwargs) -> bool:
   """Whether a batch holds an array with no elements (e.g. a zero-length final batch)."""
   return any(jnp.size(a) == 0 for a in jax.tree_util.tree_leaves((args, kwargs))
              if hasattr(a, "shape"))
@@ -350,7 +330,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
   recorded: dict[str, tuple[tuple[int, ...], int]] = {}
   for batch in batches:
     args, kwargs = normalize_batch(batch)
-    if _is_empty(args, kwargs):
+    if is_empty_batch(args, kwargs):
       continue
     static, arrays = split_static_kwargs({**kwargs, **apply_kwargs})
     if stats is None:
@@ -560,5 +540,5 @@ def serving_nbytes(tree) -> int:
 
 
 __all__ += ["serving_nbytes", "serve_handler", "sim_handler", "calibrate_handler",
-            "split_static_kwargs",
+            "split_static_kwargs", "is_empty_batch",
             "SELECT", "round_up_scale", "SCALE_FORMATS"]

@@ -23,6 +23,8 @@ and NNX serving models and by the PTQ simulation of :mod:`jaxq.analysis`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +32,13 @@ import numpy as np
 from jaxq import kernels
 from jaxq import quantizer
 from jaxq.layer.int8 import nan_scale
-from jaxq.layer.operands import act_view_spec
+from jaxq.layer.operands import ACT_ALPHA, ACT_SCALE, ACT_ZERO_POINT, act_view_spec
 from jaxq.layer.smooth import smoothed_input
 from jaxq.layer.views import Contraction
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec
 
-__all__ = ["quantized_contraction", "serving_act_spec", "static_act"]
+__all__ = ["quantized_contraction", "serving_act_spec", "static_act", "learned_act_qparams"]
 
 
 def _matrix(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
@@ -258,3 +260,21 @@ def quantized_contraction(op: Contraction, path: str, aspec: QuantSpec | None,
 
 def static_act(aspec: QuantSpec | None) -> bool:
   return aspec is not None and not aspec.dynamic and aspec.scheme == "uniform"
+
+
+def learned_act_qparams(aspec: QuantSpec, get: Callable[[str], jax.Array | None],
+                        path: str) -> dict:
+  """Static activation ``{"scale", "zero_point"}`` of a step learned in QAT: LSQ's
+  ``jaxq_act_scale`` (+ ``jaxq_act_zero_point`` for LSQ+), PACT's ``alpha / qmax``.
+  ``get(name)`` reads the layer's variable (None when it has none)."""
+  if aspec.estimator == "pact":
+    alpha = get(ACT_ALPHA)
+    scale = None if alpha is None else alpha / aspec.qmax
+  else:
+    scale = get(ACT_SCALE)
+  if scale is None:
+    raise ValueError(f"layer '{path}': the learned activation step of estimator="
+                     f"{aspec.estimator!r} is missing (train the model, or for Linen run "
+                     "jaxq.flax.init_quant_params first)")
+  zp = get(ACT_ZERO_POINT) if aspec.estimator != "pact" and not aspec.symmetric else None
+  return {"scale": scale, "zero_point": jnp.zeros_like(scale) if zp is None else zp}

@@ -1,0 +1,183 @@
+"""Post-training calibration of Flax NNX models: :func:`calibrate`.
+
+The NNX counterpart of :func:`jaxq.flax.ptq.calibrate`::
+
+  qmodel = jaxq.nnx.quantize_model(model, rules)
+  jaxq.nnx.calibrate(qmodel, batches)       # activation observers filled in place
+  serving = jaxq.nnx.convert(qmodel)        # jaxq.flax.nnx_serve
+  y = serving(*args)
+
+:func:`calibrate` runs the model once per batch in the mode ``"calibrate"``
+(:func:`jaxq.flax.nnx.register_mode`): the float forward (each quantized layer computes
+its contraction on float operands), and the activation observer ``jaxq_act`` (a
+:class:`~jaxq.flax.nnx.QuantStats`, :mod:`jaxq.calibration`) of every quantized layer with
+a static (non-dynamic) activation spec is updated with the layer's input, whatever the
+spec's calibration: a "minmax" spec, which keeps no observer in QAT, gets one here
+(created before the first batch). Everything is as Linen's ``"ptq_calibrate"`` mode does
+it, so a Linen model and its NNX twin calibrated on the same batches hold the same ranges.
+
+The model runs as at inference: a view with ``deterministic=True`` and
+``use_running_average=True`` (``nnx.view``: BatchNorm uses its running statistics,
+Dropout is off); the model's own mode and every other variable are left as they are.
+One compiled step (``nnx.split`` + ``jax.jit``, the graph static) serves every batch of
+one shape, and later calls with the same model structure and shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxq import calibration
+from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, LayerConfig, QuantStats,
+                           kernel_layout, register_mode)
+from jaxq.flax.ptq import is_empty_batch, normalize_batch, split_static_kwargs
+from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
+from jaxq.layer.views import Contraction
+
+__all__ = ["calibrate", "calibrate_handler", "quantized_modules", "modes",
+           "inference_view", "CALIBRATE_MODE"]
+
+CALIBRATE_MODE = "calibrate"
+
+# Paths of the layers a calibration trace reached (set while tracing, else None).
+_REACHED = threading.local()
+
+
+def quantized_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module, LayerConfig]]:
+  """``(path, layer, config)`` of every quantized layer of ``model`` (paths as now nested)."""
+  for path_t, module in nnx.iter_modules(model):
+    cfg = getattr(module, CONFIG, None) if isinstance(module, LAYER_TYPES) else None
+    if isinstance(cfg, LayerConfig):
+      yield "/".join(str(p) for p in path_t), module, cfg
+
+
+@contextlib.contextmanager
+def modes(model: nnx.Module, mode: str):
+  """Every quantized layer of ``model`` in ``mode`` for the duration of the block."""
+  layers = [m for _, m, _ in quantized_modules(model)]
+  old = [getattr(m, MODE) for m in layers]
+  try:
+    for m in layers:
+      setattr(m, MODE, mode)
+    yield
+  finally:
+    for m, o in zip(layers, old):
+      setattr(m, MODE, o)
+
+
+def inference_view(model: nnx.Module) -> nnx.Module:
+  """``model`` as at inference (``nnx.view``: ``deterministic=True``,
+  ``use_running_average=True`` where a module has them), sharing its arrays."""
+  return nnx.view(model, deterministic=True, use_running_average=True,
+                  raise_if_not_found=False)
+
+
+def calibrate_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
+  """Mode "calibrate": float forward; the static activation observer updated."""
+  cfg: LayerConfig = getattr(layer, CONFIG)
+  reached = getattr(_REACHED, "paths", None)
+  if reached is not None:
+    reached.add(cfg.path)
+  if cfg.act is not None and not cfg.act.dynamic:
+    x2, _ = op.lhs_matrix()
+    var = getattr(layer, ACT_STATS)
+    view, axes = observer_view(x2, cfg.act, 1)
+    var.set_value(calibration.observer_update(var.get_value(), view, cfg.act, axes))
+  return op.compute(op.lhs, op.rhs)
+
+
+register_mode(CALIBRATE_MODE, calibrate_handler)
+
+
+def _fresh_observer(layer: nnx.Module, cfg: LayerConfig):
+  """An empty observer of ``cfg.act`` for the layer, stacked like its kernel."""
+  stack, _, k = kernel_layout(layer)
+  lead = tuple(layer.kernel.get_value().shape[:stack])
+  state = calibration.observer_init(cfg.act, act_stat_shape(cfg.act, k))
+  return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, lead + a.shape), state)
+
+
+def _run(graphdef, static_kwargs, stats, rest, args, arrays):
+  model = nnx.merge(graphdef, stats, rest)
+  model(*args, **arrays, **dict(static_kwargs))
+  return nnx.state(model, QuantStats)
+
+
+#: One compiled calibration step per (graph, static kwargs, shapes).
+_step = jax.jit(_run, static_argnums=(0, 1))
+
+
+def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
+              **call_kwargs) -> nnx.Module:
+  """Fills the activation observers of an NNX ``qmodel`` from ``batches``, in place.
+
+  Args:
+    qmodel: a model quantized by :func:`jaxq.nnx.quantize_model`.
+    batches: an iterable of batches, each a tuple / list of positional arguments, a dict
+      of keyword arguments, or a bare array (one positional argument), called as
+      ``qmodel(*args, **kwargs)`` with the float model's numerics. A batch holding an
+      empty array (a zero-length final batch) is skipped.
+    reset: start every observer empty (default) rather than from its current state.
+    **call_kwargs: keyword arguments passed to every call.
+
+  Returns:
+    ``qmodel``, whose quantized layers with a static activation spec now hold their
+    calibrated observer ``jaxq_act`` (see the module docstring).
+
+  Raises:
+    ValueError: no non-empty batch; a layer the batches reached whose observer saw no
+      finite value (naming the layers). ``qmodel`` is then left as it was.
+  """
+  if not list(quantized_modules(qmodel)):
+    raise ValueError("qmodel has no quantized layer: quantize it with "
+                     "jaxq.nnx.quantize_model(model, rules) first")
+  work = nnx.clone(qmodel)  # qmodel changes only when calibration succeeds
+  layers = list(quantized_modules(work))
+  for _, layer, cfg in layers:
+    if cfg.act is not None and not cfg.act.dynamic and (
+        reset or not isinstance(getattr(layer, ACT_STATS, None), QuantStats)):
+      setattr(layer, ACT_STATS, QuantStats(_fresh_observer(layer, cfg)))
+  with modes(work, CALIBRATE_MODE):
+    graphdef, stats, rest = nnx.split(inference_view(work), QuantStats, ...)
+  reached: set[str] = set()
+  seen = False
+  for batch in batches:
+    args, kwargs = normalize_batch(batch)
+    if is_empty_batch(args, kwargs):
+      continue
+    static, arrays = split_static_kwargs({**kwargs, **call_kwargs})
+    if not seen:  # one abstract trace records which layers the batches reach
+      _REACHED.paths = reached
+      try:
+        jax.eval_shape(functools.partial(_run, graphdef, static), stats, rest, args, arrays)
+      finally:
+        _REACHED.paths = None
+      seen = True
+    stats = _step(graphdef, static, stats, rest, args, arrays)
+  if not seen:
+    raise ValueError("batches is empty (or every batch is): calibration needs at least "
+                     "one non-empty batch")
+  nnx.update(work, stats)
+  empty = [path for path, layer, cfg in layers
+           if cfg.path in reached and cfg.act is not None and not cfg.act.dynamic
+           and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0))]
+  if empty:
+    raise ValueError(
+        f"calibration saw no finite activation value at layer(s) "
+        f"{', '.join(repr(p) for p in empty)} (every batch was NaN/Inf there, in the "
+        "whole tensor or some of its channels); calibrate on data that reaches them with "
+        "finite values")
+  for (_, layer, _), (_, target, _) in zip(layers, quantized_modules(qmodel)):
+    value = getattr(layer, ACT_STATS).get_value() if hasattr(layer, ACT_STATS) else None
+    if isinstance(getattr(target, ACT_STATS, None), QuantStats):
+      getattr(target, ACT_STATS).set_value(value)
+    elif value is not None:
+      setattr(target, ACT_STATS, QuantStats(value))
+  return qmodel
