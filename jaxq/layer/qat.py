@@ -17,12 +17,14 @@ from collections.abc import Callable
 
 import jax
 
+from jaxq.layer import lora as lora_layer
 from jaxq.layer.int8 import INT8_MODES, int8_applies, int8_contraction
 from jaxq.layer.operands import act_view_spec, fake_quantized_compute, weight_view_spec
 from jaxq.layer.views import Contraction
-from jaxq.spec import QuantSpec
+from jaxq.qarray import QArray
+from jaxq.spec import QuantSpec, Rule
 
-__all__ = ["qat_contraction", "QParamReader"]
+__all__ = ["qat_contraction", "lora_qat_contraction", "QParamReader"]
 
 #: ``reader(view_spec, v2) -> fake_quantize kwargs`` of one operand view.
 QParamReader = Callable[[QuantSpec, jax.Array], dict]
@@ -54,3 +56,24 @@ def qat_contraction(op: Contraction, path: str, weight: QuantSpec | None,
                             key=key() if int8 == "all" else None)
   return fake_quantized_compute(op, wview, aview, functools.partial(weight_kwargs, wview),
                                 functools.partial(act_kwargs, aview), key)
+
+
+def lora_qat_contraction(op: Contraction, path: str, rule: Rule, kernel: jax.Array | QArray,
+                         a: jax.Array, b: jax.Array, weight_kwargs: QParamReader,
+                         act_kwargs: QParamReader, key: Callable[[], jax.Array | None],
+                         int8: str, dropout_key: jax.Array | None) -> jax.Array:
+  """The QAT result of ``op`` for a layer whose ``rule`` has a LoRA adapter
+  (:mod:`jaxq.layer.lora`): the base contraction on the frozen ``kernel`` (the float
+  kernel, fake-quantized with ``rule.weight`` as in :func:`qat_contraction`, or the
+  frozen QArray of :func:`jaxq.lora.freeze`, dequantized) with ``rule.act`` on its
+  input, plus ``(alpha / r) dropout(x) A B``.
+
+  Raises:
+    ValueError: adapters of the wrong shape, a QArray of the wrong shape (naming
+      ``path``).
+  """
+  lora_layer.check_lora_params(op, path, rule.lora, a, b)
+  base_op = lora_layer.frozen_base(op, path, kernel)
+  base = qat_contraction(base_op, path, lora_layer.base_weight_spec(rule.weight, kernel),
+                         rule.act, weight_kwargs, act_kwargs, key, int8)
+  return lora_layer.lora_contraction(op, base, a, b, rule.lora, dropout_key)
