@@ -111,9 +111,39 @@ def check_rules(rules: Rule | Sequence[Rule]) -> tuple[Rule, ...]:
   return rules
 
 
+def check_rule_fields(rules: Sequence[Rule], where: str, *, lora: bool, smooth: bool,
+                      gptq: bool) -> None:
+  """ValueError for a rule using a field that ``where`` (an API name) does not carry out.
+
+  ``lora`` / ``smooth`` / ``gptq``: whether ``where`` accepts ``Rule.lora``,
+  ``Rule.smooth`` and ``QuantSpec(rounding="gptq")`` weights. A rule with an unsupported
+  field fails here, by name, instead of being silently ignored.
+  """
+  for i, r in enumerate(rules):
+    if r.lora is not None and not lora:
+      raise ValueError(
+          f"rules[{i}] (path {r.path!r}) has Rule.lora, which {where} does not take: "
+          "LoRA layers train with jaxq.quantize_model / jaxq.nnx.quantize_model; to "
+          "serve them, fold the adapters with jaxq.lora.merge (jaxq.nnx.lora_merge) and "
+          "quantize the merged model with rules without lora")
+    if r.smooth is not None and not smooth:
+      raise ValueError(
+          f"rules[{i}] (path {r.path!r}) has Rule.smooth={r.smooth!r}, which {where} "
+          "does not carry out yet (SmoothQuant / AWQ scaling exists at the layer level: "
+          "jaxq.layer.calib, jaxq.layer.smooth); use smooth=None")
+    if r.weight is not None and r.weight.rounding == "gptq" and not gptq:
+      raise ValueError(
+          f"rules[{i}] (path {r.path!r}): Rule.weight has rounding='gptq', which {where} "
+          "does not carry out yet (GPTQ exists at the layer level: jaxq.gptq, "
+          "jaxq.layer.calib.convert_weight); use rounding='nearest'")
+
+
 def _check_rules(rules) -> tuple[Rule, ...]:
-  """:func:`check_rules`, with None meaning :data:`DEFAULT_RULES`."""
-  return DEFAULT_RULES if rules is None else check_rules(rules)
+  """:func:`check_rules`, with None meaning :data:`DEFAULT_RULES`, for the params-tree API
+  (no layers to adapt, no calibration: neither ``lora`` nor ``smooth``)."""
+  rules = DEFAULT_RULES if rules is None else check_rules(rules)
+  check_rule_fields(rules, "jaxq.quantize_params", lora=False, smooth=False, gptq=True)
+  return rules
 
 
 def leaf_group_axis(name: str, ndim: int) -> int:

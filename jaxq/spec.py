@@ -308,6 +308,12 @@ def _check_ptq_fields(rule: Rule) -> None:
         f"scheme={a.scheme!r}, estimator={a.estimator!r}, calibration={a.calibration!r}")
 
 
+def changes_contraction(rule: Rule) -> bool:
+  """Whether ``rule`` changes a matched layer's contraction (a weight or activation
+  spec, or a LoRA adapter), as opposed to only compressing the module's residuals."""
+  return rule.weight is not None or rule.act is not None or rule.lora is not None
+
+
 def match_rule(rules, path: str) -> Rule | None:
   """The first rule in ``rules`` whose ``path`` fully matches ``path``, else None."""
   for rule in rules:

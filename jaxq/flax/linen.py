@@ -80,7 +80,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,11 +95,14 @@ from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
                                  observer_view, state_names, weight_qparams)
-from jaxq.layer.qat import qat_contraction
+from jaxq.flax.qarray_params import qarray_param_interceptor
+from jaxq.layer import lora as lora_layer
+from jaxq.layer.qat import lora_qat_contraction, qat_contraction
+from jaxq.qarray import QArray
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
                               patched, resolve_op)
-from jaxq.params import check_rules, init_weight_state
-from jaxq.spec import QuantSpec, Rule, match_rule
+from jaxq.params import check_rule_fields, check_rules, init_weight_state
+from jaxq.spec import QuantSpec, Rule, changes_contraction, match_rule
 
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
@@ -245,11 +248,49 @@ def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
 # --------------------------------------------------------------------------------------
 
 
+def _frozen_kernel(module) -> QArray | None:
+  """The layer's kernel when it is a QArray (a LoRA base frozen by jaxq.lora.freeze)."""
+  if module.has_variable("params", "kernel"):
+    kernel = module.get_variable("params", "kernel")
+    if isinstance(kernel, QArray):
+      return kernel
+  return None
+
+
+def _lora_params(call: LayerCall, op: Contraction):
+  """The layer's adapters ``(A, B)`` (``lora_a`` / ``lora_b`` in its "params"), created
+  from the "params" rng when "params" is mutable (``init``, ``init_quant_params``)."""
+  m = call.module
+  (k, r), (_, n) = lora_layer.lora_shapes(op, call.rule.lora)
+
+  @functools.lru_cache(maxsize=None)
+  def init():
+    if not m.has_rng("params"):
+      raise ValueError(f"layer '{call.path}': creating its LoRA adapters needs the "
+                       "'params' rng (init, or init_quant_params(..., rngs={'params': key}))")
+    return lora_layer.init_lora(m.make_rng("params"), k, n, r,
+                                getattr(m, "param_dtype", jnp.float32))
+
+  return (_param(m, lora_layer.LORA_A, lambda: init()[0]),
+          _param(m, lora_layer.LORA_B, lambda: init()[1]))
+
+
 def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
-  """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands)."""
-  return qat_contraction(op, call.path, call.rule.weight, call.rule.act,
-                         functools.partial(_weight_qparams, call),
-                         functools.partial(_act_qparams, call), call.rng, call.int8)
+  """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands); with
+  ``rule.lora``, over the frozen base plus the adapter (:mod:`jaxq.layer.lora`)."""
+  wkw = functools.partial(_weight_qparams, call)
+  akw = functools.partial(_act_qparams, call)
+  rule = call.rule
+  if rule.lora is None:
+    return qat_contraction(op, call.path, rule.weight, rule.act, wkw, akw, call.rng,
+                           call.int8)
+  m = call.module
+  kernel = _frozen_kernel(m)
+  a, b = _lora_params(call, op)
+  dropout_key = (m.make_rng(lora_layer.DROPOUT_STREAM)
+                 if rule.lora.dropout > 0 and m.has_rng(lora_layer.DROPOUT_STREAM) else None)
+  return lora_qat_contraction(op, call.path, rule, op.rhs if kernel is None else kernel,
+                              a, b, wkw, akw, call.rng, call.int8, dropout_key)
 
 
 def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
@@ -280,6 +321,12 @@ def register_mode(name: str, handler: Callable[[LayerCall, Contraction], jax.Arr
 # --------------------------------------------------------------------------------------
 
 
+def _owns_weights(module) -> bool:
+  """Whether ``module`` holds a parameter of rank >= 2 itself (not in a submodule)."""
+  own = module.variables.get("params", {})
+  return any(not isinstance(v, Mapping) and jnp.ndim(v) >= 2 for v in own.values())
+
+
 class _Interceptor:
   """The method interceptor of one :class:`QuantizedModel` call."""
 
@@ -308,10 +355,15 @@ class _Interceptor:
         return compressed_call(m, "__call__", args, kwargs, bits=rule.act_compress, key=key)
       finally:
         self.compressing.pop()
-    if isinstance(m, LAYER_TYPES) and (rule.weight is not None or rule.act is not None):
+    if isinstance(m, LAYER_TYPES) and changes_contraction(rule):
       call = LayerCall(m, path, rule, self.mode, self.int8)
       return _run_layer(call, MODES[self.mode], next_fun, args, kwargs)
-    return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    if rule.lora is not None and _owns_weights(m):
+      raise ValueError(
+          f"rule {rule.path!r} gives layer '{path}' ({type(m).__name__}) a LoRA adapter; "
+          "jaxq adapts nn.Dense, nn.DenseGeneral, nn.Conv and nn.Einsum only")
+    return out
 
 
 class QuantizedModel(nn.Module):
@@ -345,8 +397,11 @@ class QuantizedModel(nn.Module):
   @contextlib.contextmanager
   def _quantizing(self):
     """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
-    fq = fqvit.interceptor(self.rules, self.mode, root=module_path(self))
-    with nn.intercept_methods(fq), nn.intercept_methods(self._interceptor()):
+    root = module_path(self)
+    fq = fqvit.interceptor(self.rules, self.mode, root=root)
+    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES, QuantizedModel)
+    with nn.intercept_methods(qparams), nn.intercept_methods(fq), \
+        nn.intercept_methods(self._interceptor()):
       yield
 
   def __call__(self, *args, **kwargs):
@@ -374,7 +429,9 @@ def quantize_model(model: nn.Module, rules: Rule | Sequence[Rule], *, int8: str 
     raise ValueError(f"mode must be one of {sorted(MODES)}; got {mode!r}")
   if int8 not in INT8_MODES:
     raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
-  return QuantizedModel(model, check_rules(rules), mode=mode, int8=int8)
+  rules = check_rules(rules)
+  check_rule_fields(rules, "jaxq.quantize_model", lora=True, smooth=False, gptq=True)
+  return QuantizedModel(model, rules, mode=mode, int8=int8)
 
 
 def init_quant_params(qmodel: QuantizedModel, variables: dict, *args, **kwargs) -> dict:

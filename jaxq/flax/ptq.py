@@ -49,14 +49,12 @@ used by :mod:`jaxq.analysis`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,14 +66,13 @@ from jaxq.flax import fqvit
 from jaxq.flax import linen as qlinen
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
                                      quantize_kernel, round_up_scale, served_kernel)
-from jaxq.flax.linen import (LAYER_TYPES, QUANT_STATS, Contraction, LayerCall,
-                             QuantizedModel, register_mode)
+from jaxq.flax.linen import (QUANT_STATS, Contraction, LayerCall, QuantizedModel,
+                             register_mode)
 from jaxq.layer import operands
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
-from jaxq.qarray import QArray, dequantize
-from jaxq.spec import QuantSpec, match_rule
-from jaxq.flax.paths import module_path
-from jaxq.params import per_layer, tree_get
+from jaxq.qarray import QArray
+from jaxq.spec import match_rule
+from jaxq.params import check_rule_fields, per_layer, tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
@@ -206,10 +203,11 @@ register_mode(SIM_MODE, sim_handler)
 # --------------------------------------------------------------------------------------
 
 
-def _check_qmodel(qmodel) -> QuantizedModel:
+def _check_qmodel(qmodel, where: str) -> QuantizedModel:
   if not isinstance(qmodel, QuantizedModel):
     raise TypeError("qmodel must be a jaxq QuantizedModel (from jaxq.quantize_model); got "
                     f"{type(qmodel).__name__}")
+  check_rule_fields(qmodel.rules, where, lora=False, smooth=False, gptq=False)
   return qmodel
 
 
@@ -317,7 +315,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     ValueError: no non-empty batch; an observer that saw no finite value (naming the
       layers); observers lost by a lifted transform that does not map "quant_stats".
   """
-  qmodel = _check_qmodel(qmodel)
+  qmodel = _check_qmodel(qmodel, "jaxq.calibrate")
   cal = qmodel.clone(mode=CALIBRATE_MODE)
   variables = _unfreeze(dict(variables))
   others = {k: v for k, v in variables.items() if k != QUANT_STATS}
@@ -392,7 +390,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
       activations that calibration did not reach are quantized with the layout inferred
       from their kernel and bias shapes, with a ``UserWarning`` naming them.
   """
-  qmodel = _check_qmodel(qmodel)
+  qmodel = _check_qmodel(qmodel, "jaxq.convert")
   variables = _unfreeze(dict(variables))
   if "params" not in variables:
     raise ValueError("variables must contain a 'params' collection")
@@ -467,63 +465,15 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
 # --------------------------------------------------------------------------------------
 
 
-_QUANTIZED_PARAMS = ("kernel",)
-
-
-def _param_interceptor(root: tuple[str, ...], rules):
-  """Serves QArray parameters to the layers' own code.
-
-  A matched Dense/DenseGeneral/Conv/Einsum, whose contraction the "ptq_serve" handler
-  computes from the QArray, receives a zero placeholder (dead code under jit); any other
-  module owning a QArray parameter receives its dequantized value.
-  """
-
-  def icpt(next_fun, args, kwargs, context):
-    m = context.module
-    if m.scope is None or isinstance(m, QuantizedModel) or "param" in vars(m):
-      return next_fun(*args, **kwargs)
-    names = [n for n in _QUANTIZED_PARAMS if m.has_variable("params", n)
-             and isinstance(m.get_variable("params", n), QArray)]
-    if not names:
-      return next_fun(*args, **kwargs)
-    path_t = module_path(m)
-    rule = (match_rule(rules, "/".join(path_t[len(root):]))
-            if path_t[:len(root)] == root else None)
-    handled = (context.method_name == "__call__" and isinstance(m, LAYER_TYPES)
-               and rule is not None and (rule.weight is not None or rule.act is not None))
-    orig = m.param
-
-    def param(name, init_fn, *a, **kw):
-      if name in names:
-        q = m.get_variable("params", name)
-        if handled:
-          return jnp.broadcast_to(jnp.zeros((), q.dtype), q.shape)
-        return dequantize(q)
-      return orig(name, init_fn, *a, **kw)
-
-    object.__setattr__(m, "param", param)
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__delattr__(m, "param")
-
-  return icpt
-
-
 class ServingModel(QuantizedModel):
   """The converted model: ``apply(serving_variables, *args, **kwargs)`` as the original.
 
   Runs the wrapped model's own code; matched layers compute their contractions from the
   QArray kernels and stored activation scales (mode "ptq_serve"), LayerNorm/attention
-  rules apply FQ-ViT's PTF / log2 quantizers (:mod:`jaxq.flax.fqvit`).
+  rules apply FQ-ViT's PTF / log2 quantizers (:mod:`jaxq.flax.fqvit`). QArray kernels
+  reach the layers' code as :func:`jaxq.flax.qarray_params.qarray_param_interceptor`
+  serves them.
   """
-
-  @contextlib.contextmanager
-  def _quantizing(self):
-    """QArray kernels read as their dequantized values, around the QAT interceptors."""
-    with nn.intercept_methods(_param_interceptor(module_path(self), self.rules)):
-      with super()._quantizing():
-        yield
 
 
 def serving_nbytes(tree) -> int:
