@@ -75,13 +75,14 @@ from flax import nnx
 from jax import lax
 
 from jaxq import calibration
-from jaxq import numerics
-from jaxq import quantizer
+from jaxq.act.nnx import compressed_call
+from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
+from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, QuantStats, act_kwargs,
+                                 note_mode, weight_kwargs)
 from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
-                                 observer_view, state_names, weight_qparams,
-                                 weight_view_spec)
+                                 state_names, weight_view_spec)
 from jaxq.layer.qat import qat_contraction
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
                               einsum_hook, kernel_matrix, patched, resolve_op)
@@ -95,21 +96,13 @@ __all__ = [
     "QuantizedEinsum", "MODES", "register_mode", "qat_handler",
 ]
 
-ACT_INITIALIZED = "jaxq_act_initialized"
 CONFIG, RNGS, MODE = "jaxq_config", "jaxq_rngs", "jaxq_mode"
+#: The ``Rule.act_compress`` of a module whose whole computation is compressed.
+ACT_COMPRESS = "jaxq_act_compress"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
-RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS, MODE)
+RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
+                                          RNGS, MODE, ACT_COMPRESS, PTF_STATS)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
-
-
-class QuantStats(nnx.Variable):
-  """Activation-quantizer statistics of a quantized NNX layer (not trained by optax).
-
-  ``jaxq_act`` holds the observer state (``{"lo", "hi", "n"}``, :mod:`jaxq.calibration`),
-  ``jaxq_act_initialized`` whether the learned activation step has been initialised.
-  Updated in training mode, read in evaluation mode. Select them with
-  ``nnx.state(model, QuantStats)``.
-  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,48 +185,13 @@ def _next_key(layer) -> jax.Array | None:
   return rngs[RNG_STREAM]()
 
 
-def _weight_kwargs(layer, spec: QuantSpec, w2: jax.Array) -> dict[str, jax.Array]:
-  return weight_qparams(spec, w2, lambda: {
-      k: getattr(layer, n).get_value() for k, n in state_names(spec, WEIGHT_NAMES).items()})
-
-
-def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
-                ) -> dict[str, jax.Array]:
-  if is_learned(spec, act=True):
-    names = state_names(spec, ACT_NAMES)
-    init = init_weight_state(x2, spec, 1)
-    flag = getattr(layer, ACT_INITIALIZED)
-    ready = flag.get_value()
-    values = {k: jnp.where(ready, getattr(layer, n).get_value(), init[k])
-              for k, n in names.items()}
-    if training:
-      for k, n in names.items():
-        getattr(layer, n).set_value(values[k])
-      flag.set_value(jnp.ones_like(ready))
-    return values
-  if is_observed(spec):
-    var = getattr(layer, ACT_STATS)
-    state = var.get_value()
-    view, axes = observer_view(x2, spec, 1)
-    if training:
-      state = calibration.observer_update(state, view, spec, axes)
-      var.set_value(state)
-    lo, hi = calibration.observer_range(state, spec)
-    cur_lo, cur_hi = numerics.minmax(view, axes)
-    seen = state["n"] > 0
-    lo = jnp.where(seen, lo, cur_lo.reshape(lo.shape))
-    hi = jnp.where(seen, hi, cur_hi.reshape(hi.shape))
-    scale, zp = quantizer.qparams_from_range(lo, hi, spec)
-    return {"scale": scale, "zero_point": zp}
-  return {}
-
-
 def qat_handler(layer, op: Contraction) -> jax.Array:
   """QAT (mode "qat"): :func:`jaxq.layer.qat.qat_contraction` with the layer's state."""
   cfg: LayerConfig = getattr(layer, CONFIG)
   return qat_contraction(
-      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(_weight_kwargs, layer),
-      functools.partial(_act_kwargs, layer, training=not layer.use_running_average),
+      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(weight_kwargs, layer),
+      functools.partial(act_kwargs, layer, cfg.path,
+                        training=not layer.use_running_average),
       lambda: _next_key(layer), cfg.int8)
 
 
@@ -307,16 +265,53 @@ def _quantized_class(base: type) -> type:
       return base_set_view(self, **kwargs)
     return kwargs
 
+  def __setattr__(self, name, value):  # pylint: disable=invalid-name
+    base.__setattr__(self, name, value)
+    if name == "use_running_average":  # model.train() / model.eval() / nnx.view
+      note_mode(self, value)
+
   name = f"Quantized{base.__name__}"
   cls = type(name, (base,), {
       "__call__": __call__,
       "set_view": set_view,
+      "__setattr__": __setattr__,
       "__module__": __name__,
       "__qualname__": name,
       "__doc__": (f"A quantized ``{base.__module__}.{base.__qualname__}`` made by "
                   "``jaxq.nnx.quantize_model`` (same attributes, plus jaxq state)."),
   })
   _QUANTIZED_CLASSES[base] = cls
+  return cls
+
+
+def _compressed_call(self, base_call, args, kwargs):
+  bits = getattr(self, ACT_COMPRESS)
+  if bits is None:
+    return base_call(self, *args, **kwargs)
+  return compressed_call(self, base_call, args, kwargs, bits=bits, key=_next_key(self))
+
+
+_COMPRESSED_CLASSES: dict[type, type] = {}
+
+
+def _compressed_class(base: type) -> type:
+  """The subclass of any module class whose ``__call__`` runs under
+  :func:`jaxq.act.nnx.compressed_call` (one per class, so graphdefs are stable)."""
+  cls = _COMPRESSED_CLASSES.get(base)
+  if cls is not None:
+    return cls
+  base_call = base.__call__
+
+  def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
+    return _compressed_call(self, base_call, args, kwargs)
+
+  name = f"Compressed{base.__name__}"
+  cls = type(name, (base,), {
+      "__call__": __call__, "__module__": __name__, "__qualname__": name,
+      "__doc__": (f"A ``{base.__module__}.{base.__qualname__}`` whose activations are "
+                  "compressed for the backward pass (``Rule(act_compress=...)``)."),
+  })
+  _COMPRESSED_CLASSES[base] = cls
   return cls
 
 
@@ -357,11 +352,6 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
                      "attribute name)")
-  if rule.act_compress is not None:
-    raise ValueError(
-        f"rule {rule.path!r} matched layer '{path}' with act_compress="
-        f"{rule.act_compress}: activation-compressed training is not supported by "
-        "jaxq.nnx.quantize_model; use jaxq.act.compressed_vjp on the function instead")
   kernel = layer.kernel.get_value()
   # A layer stacked by nnx.vmap (run under nnx.scan) has leading stacking axes: its jaxq
   # state gets them too, one quantizer per layer of the stack.
@@ -394,12 +384,28 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
     observer = calibration.observer_init(aspec, act_stat_shape(aspec, k))
     setattr(layer, ACT_STATS, QuantStats(jax.tree_util.tree_map(
         lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
+    setattr(layer, ACT_UNOBSERVED, False)
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   setattr(layer, MODE, "qat")
   if not hasattr(layer, "use_running_average"):
     layer.use_running_average = False
+  # No public NNX route changes a node's class; the subclass keeps every attribute.
   object.__setattr__(layer, "__class__", _quantized_class(type(layer)))
+  note_mode(layer, layer.use_running_average)
+
+
+def _compress_module(module, path: str, rule: Rule, rngs) -> None:
+  if ACT_COMPRESS in vars(module):
+    raise ValueError(f"module '{path}' is already compressed (or uses the reserved "
+                     f"attribute name {ACT_COMPRESS!r})")
+  if not callable(getattr(type(module), "__call__", None)):
+    raise ValueError(f"rule {rule.path!r} asks act_compress of module '{path}' "
+                     f"({type(module).__name__}), which has no __call__ to compress")
+  setattr(module, ACT_COMPRESS, rule.act_compress)
+  if RNGS not in vars(module):
+    setattr(module, RNGS, rngs)
+  object.__setattr__(module, "__class__", _compressed_class(type(module)))
 
 
 def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
@@ -445,7 +451,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
 
   used: set[int] = set()
   unsupported: dict[int, list[str]] = {}
-  todo = []
+  todo, fq, compress = [], [], {}
   for path_t, module in nnx.iter_modules(model):
     path = "/".join(str(p) for p in path_t)
     # First match wins, as jaxq.spec.match_rule; the index tells rules apart.
@@ -453,9 +459,16 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     if index_rule is None:
       continue
     i, rule = index_rule
-    if isinstance(module, LAYER_TYPES):
+    if rule.act_compress is not None:
       used.add(i)
-      if rule.weight is not None or rule.act is not None or rule.act_compress is not None:
+      compress[tuple(str(p) for p in path_t)] = (module, path, rule)
+    kind = fqvit_kind(module, rule)
+    if kind is not None:
+      used.add(i)
+      fq.append((module, path, rule, kind))
+    elif isinstance(module, LAYER_TYPES):
+      used.add(i)
+      if rule.weight is not None or rule.act is not None:
         todo.append((module, path, rule))
     elif _has_own_kernel(module):
       unsupported.setdefault(i, []).append(f"'{path}' ({type(module).__name__})")
@@ -467,6 +480,12 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
           "nnx.Conv and nnx.Einsum (and their subclasses)")
   for module, path, rule in todo:
     _quantize_layer(module, path, rule, rngs, int8)
+  for module, path, rule, kind in fq:
+    quantize_fqvit_layer(module, path, rule, kind)
+  # The outermost matched module is compressed; act_compress rules inside it are ignored.
+  for path_t, (module, path, rule) in compress.items():
+    if not any(path_t[:n] in compress for n in range(len(path_t))):
+      _compress_module(module, path, rule, rngs)
   return model
 
 
