@@ -103,7 +103,7 @@ def compressed_call(module: nnx.Module, method: str | Callable[..., Any],
 
   def region(state, marker, *arrays):
     del marker
-    m = nnx.merge(graphdef, state)
+    m = nnx.merge(graphdef, state, copy=True)
     a, kw = rebuild(arrays)
     out = fn(m, *a, **kw)
     return out, nnx.state(m)
