@@ -8,7 +8,6 @@ estimator), so that each API compiles once per scenario.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

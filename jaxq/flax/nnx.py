@@ -1,52 +1,40 @@
 """Quantization-aware training for Flax NNX models, without rewriting them.
 
 :func:`quantize_model` returns a copy of an NNX model (``nnx.clone``: new Python objects,
-the same immutable arrays) in which every ``nnx.Linear``, ``nnx.LinearGeneral``,
-``nnx.Conv`` and ``nnx.Einsum`` whose attribute path (``"/"``-joined, e.g.
-``"blocks/0/attn/query"``) a rule matches (``re.fullmatch``, first match wins,
-:func:`jaxq.spec.match_rule`) is turned into its quantized subclass (``QuantizedLinear``,
-...). The layer object keeps all of its attributes, so ``nnx.state`` has the float
-model's paths and shapes, plus only the reserved ``jaxq_*`` variables below; a float
-checkpoint restores into it. ``inplace=True`` converts the given model itself instead.
+the same immutable arrays) in which the modules whose attribute path (``"/"``-joined,
+e.g. ``"blocks/0/attn/query"``) a rule matches (``re.fullmatch``, first match wins,
+:func:`jaxq.spec.match_rule`) are turned into subclasses of their own class; each keeps
+all of its attributes, so ``nnx.state`` has the float model's paths and shapes plus only
+reserved ``jaxq_*`` variables, and a float checkpoint restores into it.
+``inplace=True`` converts the given model itself instead. What a rule does to a module:
 
-A quantized layer runs the layer's own ``__call__`` (its padding, dtype promotion, bias,
-masks) with its contraction op (``dot_general`` / ``conv_general_dilated`` /
-``einsum_op``) replaced for the duration of the call by one whose operands are
-fake-quantized (:func:`jaxq.quantizer.fake_quantize`): the kernel with ``rule.weight``,
-the input activation with ``rule.act``. As in :mod:`jaxq.flax.linen`, quantization works
-on 2-D views: the activation as ``(M, K)`` (its contracted axes, for Conv its channels,
-last) and the kernel as ``(K, N)``; weight "channel" means one scale per output feature
-(``spec.axis`` must name an output axis), weight "group" groups ``group_size`` consecutive elements of
-the innermost contracted kernel axis; activation "tensor" is one scale, "channel" one per
-input feature, "group" one per group of features, and ``dynamic=True`` ranges per row.
-
-State (all of it in the layer, under reserved names):
-
-* learned steps, ``nnx.Param`` (so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains
-  them with the weights): ``jaxq_weight_scale`` (+ ``jaxq_weight_zero_point`` for LSQ+)
-  or ``jaxq_weight_alpha`` (PACT), initialised from the kernel when the model is
-  quantized (:func:`jaxq.params.init_weight_state`: LSQ ``2 mean|w| / sqrt(qmax)``,
-  LSQ+ min-max, PACT the max); ``jaxq_act_scale`` (+ ``jaxq_act_zero_point``) or
-  ``jaxq_act_alpha``, initialised the same way from the first activation seen in
-  training mode (the flag ``jaxq_act_initialized``, a :class:`QuantStats`, records it);
-* activation observers (calibration "ema", "percentile", "mse"; :mod:`jaxq.calibration`):
-  ``jaxq_act``, a :class:`QuantStats` variable (the NNX analogue of the Linen
-  "quant_stats" collection) holding the observer state dict;
-* "minmax" activations and weights without a learned step take the range of the current
-  tensor and keep no state ("percentile"/"mse" weights: a one-shot observer of the
-  current kernel).
+* ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum`` with ``weight`` /
+  ``act`` specs (``QuantizedLinear``, ...): the layer's own ``__call__`` (padding, dtype
+  promotion, bias, masks) runs with its contraction op (``dot_general`` /
+  ``conv_general_dilated`` / ``einsum_op``) handed to the mode handler of the layer's
+  ``jaxq_mode`` (:data:`MODES`; "qat": :func:`jaxq.layer.qat.qat_contraction`, the one
+  implementation the Linen adapter calls too): the kernel quantized with
+  ``rule.weight``, the input activation with ``rule.act``, on the 2-D operand views of
+  :mod:`jaxq.layer.views` (as :mod:`jaxq.flax.linen`). Its quantizer state (learned
+  steps as ``nnx.Param``, observers as :class:`QuantStats`) is described in
+  :mod:`jaxq.flax.nnx_state`.
+* ``nnx.LayerNorm`` with ``act.scheme="ptf"`` and ``nnx.MultiHeadAttention`` with
+  ``act.scheme="log2"``: FQ-ViT's quantizers (:mod:`jaxq.flax.nnx_fqvit`).
+* any module with ``act_compress``: its whole computation runs with compressed
+  activations (:mod:`jaxq.flax.nnx_compress`, :func:`jaxq.act.nnx.compressed_call`); the
+  outermost matched module is compressed, quantization applies inside it.
 
 Training and evaluation mode follow ``nnx.BatchNorm``: the attribute
 ``use_running_average`` (set by ``model.train()`` / ``model.eval()`` and ``nnx.view``).
-In training mode (the default, ``use_running_average=False``) observers are updated with
-the current batch and then read, and learned activation steps are initialised on first
-use; in evaluation mode nothing is written: observers are read (a never-updated observer
-falls back to the current tensor's min-max range) and uninitialised activation steps use
-the first-batch initialisation of the current tensor.
+In training mode (the default) observers are updated with the current batch and then
+read, and learned activation steps are initialised on first use; in evaluation mode
+nothing is written: observers are read, and reading one that was never updated raises
+a ValueError naming the layer (:mod:`jaxq.layer.observers`).
 
-Stochastic rounding (``rounding="stochastic"``) draws keys from the ``"jaxq"`` stream of
-an ``nnx.Rngs``: the one passed as ``rngs=``, else the first ``nnx.Rngs`` in the model
-that has a ``"jaxq"`` stream; without one it rounds to nearest.
+Stochastic rounding (``rounding="stochastic"``, and the residuals of ``act_compress``)
+draws keys from the ``"jaxq"`` stream of an ``nnx.Rngs``: the one passed as ``rngs=``,
+else the first ``nnx.Rngs`` in the model that has a ``"jaxq"`` stream; without one it
+rounds to nearest.
 
 Integer arithmetic (``int8=``, as in :func:`jaxq.quantize_model`): with 8-bit symmetric
 signed STE specs for both operands, the forward matmul of ``nnx.Linear`` /
@@ -55,18 +43,15 @@ runs the backward matmuls in int8 too; ``int8="off"`` simulates everything in fl
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
-
 Stacked layers (created by ``nnx.vmap``, run by ``nnx.scan``): a kernel with more axes
 than its layer contracts has that many leading stacking axes, and every jaxq variable of
-the layer (learned steps, observers, flags) gets them too, initialised per layer, so
-that ``nnx.scan`` hands each layer of the stack its own quantizer state.
+the layer gets them too, initialised per layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -75,16 +60,18 @@ from flax import nnx
 from jax import lax
 
 from jaxq import calibration
-from jaxq.act.nnx import compressed_call
+from jaxq.flax.nnx_compress import ACT_COMPRESS, compress_module
 from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
-from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, QuantStats, act_kwargs,
-                                 note_mode, weight_kwargs)
+from jaxq.flax.nnx_layout import kernel_rank, layer_kind, layer_layout
+from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, RNGS, QuantStats,
+                                 act_kwargs, mode_methods, next_key, note_mode,
+                                 weight_kwargs)
 from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
                                  state_names, weight_view_spec)
 from jaxq.layer.qat import qat_contraction
-from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
+from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
 from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule
@@ -96,9 +83,7 @@ __all__ = [
     "QuantizedEinsum", "MODES", "register_mode", "qat_handler",
 ]
 
-CONFIG, RNGS, MODE = "jaxq_config", "jaxq_rngs", "jaxq_mode"
-#: The ``Rule.act_compress`` of a module whose whole computation is compressed.
-ACT_COMPRESS = "jaxq_act_compress"
+CONFIG, MODE = "jaxq_config", "jaxq_mode"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
                                           RNGS, MODE, ACT_COMPRESS, PTF_STATS)
@@ -127,62 +112,8 @@ class LayerConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Contraction layout of each supported layer (views: jaxq.flax.contraction)
-# ---------------------------------------------------------------------------------------
-
-
-def _kind(layer) -> str:
-  if isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
-    return "dot_general"
-  if isinstance(layer, nnx.Conv):
-    return "conv"
-  return "einsum"
-
-
-def _kernel_rank(layer) -> int:
-  """The rank of the kernel that one call of ``layer`` contracts (without stacking axes)."""
-  if isinstance(layer, nnx.LinearGeneral):
-    return len(layer.in_features) + len(layer.out_features)
-  if isinstance(layer, nnx.Linear):
-    return 2
-  if isinstance(layer, nnx.Conv):
-    size = layer.kernel_size
-    return (len(size) if isinstance(size, Sequence) else 1) + 2
-  return len(layer.kernel_shape)
-
-
-def _layout(layer, path: str, kernel_shape: tuple[int, ...]
-            ) -> tuple[tuple[int, ...], int]:
-  """``(rhs_contract, K)``: the kernel's contracted axes and the activation's feature count."""
-  if isinstance(layer, nnx.LinearGeneral):
-    if layer.batch_axis:
-      raise ValueError(
-          f"jaxq cannot quantize layer '{path}': LinearGeneral with batch_axis is not "
-          "supported (exclude it with a Rule(path=..., weight=None, act=None))")
-    n_in = len(layer.in_features)
-    return tuple(range(n_in)), math.prod(layer.in_features)
-  if isinstance(layer, nnx.Linear):
-    return (0,), int(layer.in_features)
-  if isinstance(layer, nnx.Conv):
-    return tuple(range(len(kernel_shape) - 1)), int(layer.in_features)
-  if layer.einsum_str is None:
-    raise ValueError(f"jaxq cannot quantize layer '{path}': an nnx.Einsum given its "
-                     "einsum_str only at call time is not supported; set it in the "
-                     "constructor")
-  _, rc, k_axes = einsum_axes(layer.einsum_str, path)
-  return rc, math.prod(kernel_shape[a] for a in k_axes)
-
-
-# ---------------------------------------------------------------------------------------
 # The quantized call
 # ---------------------------------------------------------------------------------------
-
-
-def _next_key(layer) -> jax.Array | None:
-  rngs = getattr(layer, RNGS)
-  if rngs is None:
-    return None
-  return rngs[RNG_STREAM]()
 
 
 def qat_handler(layer, op: Contraction) -> jax.Array:
@@ -192,7 +123,7 @@ def qat_handler(layer, op: Contraction) -> jax.Array:
       op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(weight_kwargs, layer),
       functools.partial(act_kwargs, layer, cfg.path,
                         training=not layer.use_running_average),
-      lambda: _next_key(layer), cfg.int8)
+      lambda: next_key(layer), cfg.int8)
 
 
 #: ``{mode: handler(layer, op) -> result}``: what a quantized layer's contraction does,
@@ -252,66 +183,20 @@ def _quantized_class(base: type) -> type:
   if cls is not None:
     return cls
   base_call = base.__call__
-  base_set_view = getattr(base, "set_view", None)
 
   def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
     return _quantized_call(self, base_call, args, kwargs)
 
-  def set_view(self, use_running_average: bool | None = None, **kwargs):
-    """``nnx.view`` hook: ``use_running_average`` selects the activation-stats mode."""
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-    if base_set_view is not None:
-      return base_set_view(self, **kwargs)
-    return kwargs
-
-  def __setattr__(self, name, value):  # pylint: disable=invalid-name
-    base.__setattr__(self, name, value)
-    if name == "use_running_average":  # model.train() / model.eval() / nnx.view
-      note_mode(self, value)
-
   name = f"Quantized{base.__name__}"
   cls = type(name, (base,), {
       "__call__": __call__,
-      "set_view": set_view,
-      "__setattr__": __setattr__,
+      **mode_methods(base),
       "__module__": __name__,
       "__qualname__": name,
       "__doc__": (f"A quantized ``{base.__module__}.{base.__qualname__}`` made by "
                   "``jaxq.nnx.quantize_model`` (same attributes, plus jaxq state)."),
   })
   _QUANTIZED_CLASSES[base] = cls
-  return cls
-
-
-def _compressed_call(self, base_call, args, kwargs):
-  bits = getattr(self, ACT_COMPRESS)
-  if bits is None:
-    return base_call(self, *args, **kwargs)
-  return compressed_call(self, base_call, args, kwargs, bits=bits, key=_next_key(self))
-
-
-_COMPRESSED_CLASSES: dict[type, type] = {}
-
-
-def _compressed_class(base: type) -> type:
-  """The subclass of any module class whose ``__call__`` runs under
-  :func:`jaxq.act.nnx.compressed_call` (one per class, so graphdefs are stable)."""
-  cls = _COMPRESSED_CLASSES.get(base)
-  if cls is not None:
-    return cls
-  base_call = base.__call__
-
-  def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
-    return _compressed_call(self, base_call, args, kwargs)
-
-  name = f"Compressed{base.__name__}"
-  cls = type(name, (base,), {
-      "__call__": __call__, "__module__": __name__, "__qualname__": name,
-      "__doc__": (f"A ``{base.__module__}.{base.__qualname__}`` whose activations are "
-                  "compressed for the backward pass (``Rule(act_compress=...)``)."),
-  })
-  _COMPRESSED_CLASSES[base] = cls
   return cls
 
 
@@ -355,16 +240,16 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   kernel = layer.kernel.get_value()
   # A layer stacked by nnx.vmap (run under nnx.scan) has leading stacking axes: its jaxq
   # state gets them too, one quantizer per layer of the stack.
-  stack = kernel.ndim - _kernel_rank(layer)
+  stack = kernel.ndim - kernel_rank(layer)
   if stack < 0:
     raise ValueError(f"layer '{path}': kernel of shape {tuple(kernel.shape)} has fewer axes "
-                     f"than its layer contracts ({_kernel_rank(layer)})")
+                     f"than its layer contracts ({kernel_rank(layer)})")
   lead, kernel_shape = tuple(kernel.shape[:stack]), tuple(kernel.shape[stack:])
-  rhs_contract, k = _layout(layer, path, kernel_shape)
+  rhs_contract, k = layer_layout(layer, path, kernel_shape)
   wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
                                                             kernel_shape, rhs_contract)
   aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
-  cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec, int8)
+  cfg = LayerConfig(path, rule, layer_kind(layer), wspec, aspec, int8)
 
   if is_learned(wspec, act=False):
     init = lambda w: _init_kernel_state(w, wspec, rhs_contract)  # noqa: E731
@@ -395,19 +280,6 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   note_mode(layer, layer.use_running_average)
 
 
-def _compress_module(module, path: str, rule: Rule, rngs) -> None:
-  if ACT_COMPRESS in vars(module):
-    raise ValueError(f"module '{path}' is already compressed (or uses the reserved "
-                     f"attribute name {ACT_COMPRESS!r})")
-  if not callable(getattr(type(module), "__call__", None)):
-    raise ValueError(f"rule {rule.path!r} asks act_compress of module '{path}' "
-                     f"({type(module).__name__}), which has no __call__ to compress")
-  setattr(module, ACT_COMPRESS, rule.act_compress)
-  if RNGS not in vars(module):
-    setattr(module, RNGS, rngs)
-  object.__setattr__(module, "__class__", _compressed_class(type(module)))
-
-
 def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
                    int8: str = "forward", rngs: nnx.Rngs | None = None,
                    inplace: bool = False) -> nnx.Module:
@@ -434,7 +306,8 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
       ``nnx.Embed``, ``nnx.ConvTranspose``, a custom module with its own kernel), for a
       matched layer it cannot quantize as configured (LinearGeneral with ``batch_axis``,
       an Einsum without a constructor ``einsum_str``, a group size that does not divide
-      the contracted axis, ``act_compress``), or an already quantized layer.
+      the contracted axis, log2 attention with a custom ``attention_fn``), or an
+      already quantized layer.
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
@@ -485,7 +358,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   # The outermost matched module is compressed; act_compress rules inside it are ignored.
   for path_t, (module, path, rule) in compress.items():
     if not any(path_t[:n] in compress for n in range(len(path_t))):
-      _compress_module(module, path, rule, rngs)
+      compress_module(module, path, rule, rngs)
   return model
 
 

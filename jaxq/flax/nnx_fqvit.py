@@ -38,7 +38,7 @@ from jaxq import quantizer
 from jaxq.layer import fqvit
 from jaxq.layer.observers import never_observed, unobserved_error
 from jaxq.layer.views import patched
-from jaxq.flax.nnx_state import QuantStats
+from jaxq.flax.nnx_state import QuantStats, mode_methods
 from jaxq.spec import QuantSpec, Rule
 
 __all__ = ["FqvitConfig", "fqvit_kind", "quantize_fqvit_layer", "ptf_observer_qparams",
@@ -84,13 +84,18 @@ def ptf_observer_qparams(layer) -> tuple[jax.Array, jax.Array, jax.Array]:
   (:func:`jaxq.layer.fqvit.ptf_observer_qparams`), for conversion to serving.
 
   Raises:
-    ValueError: naming the layer, when the observer was never updated (concrete count).
+    ValueError: naming the layer, when the observer was never updated (concrete count;
+      under a trace the scale is NaN instead).
   """
   cfg: FqvitConfig = getattr(layer, CONFIG)
   state = getattr(layer, PTF_STATS).get_value()
-  if never_observed(state):
+  unobserved = never_observed(state)
+  if unobserved:
     raise unobserved_error(cfg.path, cfg.act)
-  return fqvit.ptf_observer_qparams(state, cfg.act)
+  scale, zp, fexp = fqvit.ptf_observer_qparams(state, cfg.act)
+  if unobserved is None:  # traced count (jaxq.layer.observers): NaN, not a made-up scale
+    scale = jnp.where(state["n"] > 0, scale, jnp.nan)
+  return scale, zp, fexp
 
 
 def _ptf_input(layer, x):
@@ -156,7 +161,8 @@ def _fqvit_class(base: type) -> type:
 
   name = f"Fqvit{base.__name__}"
   cls = type(name, (base,), {
-      "__call__": __call__, "__module__": __name__, "__qualname__": name,
+      "__call__": __call__, **mode_methods(base), "__module__": __name__,
+      "__qualname__": name,
       "__doc__": (f"A ``{base.__module__}.{base.__qualname__}`` with FQ-ViT quantization, "
                   "made by ``jaxq.nnx.quantize_model``."),
   })

@@ -8,6 +8,8 @@ The state is attributes of the layer (reserved names, :data:`jaxq.flax.nnx.RESER
   (the flag ``jaxq_act_initialized``, a :class:`QuantStats`, records it);
 * the activation observer ``jaxq_act``, a :class:`QuantStats` (the NNX analogue of the
   Linen "quant_stats" collection), updated in training mode and read in evaluation mode;
+* ``jaxq_rngs``: the ``nnx.Rngs`` with a "jaxq" stream that stochastic rounding draws
+  from (:func:`next_key`), or None;
 * ``jaxq_act_unobserved``, a static flag: True when the observer was seen never updated
   at the moment the layer entered evaluation mode (``model.eval()``, ``nnx.view``, or
   setting ``use_running_average``), where its count is concrete. It lets a read under
@@ -25,15 +27,18 @@ from flax import nnx
 
 from jaxq import calibration
 from jaxq.layer.observers import never_observed, observed_qparams
-from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, WEIGHT_NAMES, is_learned,
-                                 is_observed, observer_view, state_names, weight_qparams)
+from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
+                                 is_learned, is_observed, observer_view, state_names,
+                                 weight_qparams)
 from jaxq.params import init_weight_state
 from jaxq.spec import QuantSpec
 
-__all__ = ["QuantStats", "ACT_INITIALIZED", "ACT_UNOBSERVED", "weight_kwargs",
-           "act_kwargs", "note_mode"]
+__all__ = ["QuantStats", "ACT_INITIALIZED", "ACT_UNOBSERVED", "RNGS", "weight_kwargs",
+           "act_kwargs", "note_mode", "next_key", "mode_methods"]
 
 ACT_INITIALIZED = "jaxq_act_initialized"
+#: The ``nnx.Rngs`` (with a "jaxq" stream, or None) a jaxq module draws its keys from.
+RNGS = "jaxq_rngs"
 ACT_UNOBSERVED = "jaxq_act_unobserved"
 _EVAL_HINT = (" (in evaluation mode since model.eval(); if its statistics were restored "
               "or updated since, call model.eval() again)")
@@ -97,3 +102,32 @@ def note_mode(layer, use_running_average) -> None:
   unobserved = bool(use_running_average) and never_observed(var.get_value()) is True
   # A static attribute of the layer (graphdef), so that nnx.jit traces see it.
   setattr(layer, ACT_UNOBSERVED, unobserved)
+
+
+def next_key(module):
+  """A fresh key from the "jaxq" stream of the module's ``nnx.Rngs``, or None."""
+  rngs = getattr(module, RNGS)
+  return None if rngs is None else rngs[RNG_STREAM]()
+
+
+def mode_methods(base: type) -> dict:
+  """``set_view`` and ``__setattr__`` for a jaxq subclass of ``base``: ``nnx.view(...,
+  use_running_average=...)`` selects the layer's mode, and every change of
+  ``use_running_average`` (``model.train()`` / ``model.eval()``) goes through
+  :func:`note_mode`."""
+  base_set_view = getattr(base, "set_view", None)
+
+  def set_view(self, use_running_average: bool | None = None, **kwargs):
+    """``nnx.view`` hook: ``use_running_average`` selects the activation-stats mode."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+    if base_set_view is not None:
+      return base_set_view(self, **kwargs)
+    return kwargs
+
+  def __setattr__(self, name, value):  # pylint: disable=invalid-name
+    base.__setattr__(self, name, value)
+    if name == "use_running_average":
+      note_mode(self, value)
+
+  return {"set_view": set_view, "__setattr__": __setattr__}
