@@ -58,7 +58,7 @@ def test_ptf_observer_matches_numpy_and_ptf_calibrate():
   np.testing.assert_array_equal(fexp, f2)
   assert int(fexp[3]) > int(np.median(np.asarray(fexp)))  # the wide channel gets a factor
   # Integer reconstruction ((q - z) << alpha) * s equals the float reference.
-  got = fqvit._ptf_serve(x, scale, zp, fexp.astype(jnp.int8), PTF)  # pylint: disable=protected-access
+  got = fqvit.ptf_serve(x, scale, zp, fexp.astype(jnp.int8), PTF)
   np.testing.assert_allclose(np.asarray(got).reshape(-1, 16), _ptf_ref(x), rtol=1e-6,
                              atol=1e-6)
   # A second batch: running per-channel range, errors of the last batch.

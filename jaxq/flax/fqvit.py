@@ -1,5 +1,6 @@
 """FQ-ViT's transformer quantizers for Linen models (Lin et al. 2022, "FQ-ViT: Post-Training
-Quantization for Fully Quantized Vision Transformer").
+Quantization for Fully Quantized Vision Transformer"): the Linen adapter of
+:mod:`jaxq.layer.fqvit`, which holds the math (PTF observer and serving, log2 attention).
 
 Two rule-driven pieces, applied by a method interceptor (:func:`interceptor`) next to the
 layer interceptor of :mod:`jaxq.flax.linen`:
@@ -38,22 +39,18 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.linen import attention as nn_attention
 
-from jaxq import estimators
-from jaxq import numerics
 from jaxq import quantizer
-from jaxq.spec import QuantSpec, match_rule
 from jaxq.flax.paths import module_path
+from jaxq.layer.fqvit import (NUM_FACTORS, PTF_FACTOR_EXP, PTF_SCALE, PTF_STATS,
+                              PTF_ZERO_POINT, log2_attention, ptf_observer_init,
+                              ptf_observer_qparams, ptf_observer_update, ptf_serve)
+from jaxq.spec import QuantSpec, match_rule
 
-__all__ = ["interceptor", "log2_attention_fn", "ptf_observer_init", "ptf_observer_update",
+__all__ = ["interceptor", "log2_attention_fn", "ptf_observer_init", "ptf_observer_update", "ptf_serve",
            "ptf_observer_qparams", "convert_params", "PTF_STATS", "PTF_SCALE",
            "PTF_ZERO_POINT", "PTF_FACTOR_EXP", "NUM_FACTORS"]
 
 QUANT_STATS = "quant_stats"
-PTF_STATS = "jaxq_ptf"
-PTF_SCALE, PTF_ZERO_POINT, PTF_FACTOR_EXP = ("jaxq_ptf_scale", "jaxq_ptf_zero_point",
-                                             "jaxq_ptf_factor_exp")
-#: Power-of-two factors 1, 2, 4, 8 (FQ-ViT's K = 3).
-NUM_FACTORS = 4
 _CALIBRATE = ("calibrate", "ptq_calibrate")
 _SERVE = ("ptq_serve",)
 _SIM = ("ptq_sim",)
@@ -69,64 +66,6 @@ def _active() -> set:
   return _ACTIVE.ids
 
 
-# --------------------------------------------------------------------------------------
-# PTF observer (LayerNorm inputs)
-# --------------------------------------------------------------------------------------
-
-
-def ptf_observer_init(channels: int, num_factors: int = NUM_FACTORS) -> dict:
-  """Empty PTF observer: per-channel ``lo``/``hi``, per-factor errors ``err[F, C]``, ``n``."""
-  z = jnp.zeros((channels,), jnp.float32)
-  return {"lo": z, "hi": z, "err": jnp.zeros((num_factors, channels), jnp.float32),
-          "n": jnp.zeros((), jnp.float32)}
-
-
-def _ptf_base(lo, hi, spec: QuantSpec, num_factors: int):
-  top, zp = numerics.scale_zero_point(jnp.min(lo), jnp.max(hi), spec.bits,
-                                      signed=spec.signed, symmetric=False)
-  return top / 2.0 ** (num_factors - 1), zp
-
-
-def ptf_observer_update(state: dict, x: jax.Array, spec: QuantSpec) -> dict:
-  """Folds ``x`` (channels last) into the PTF observer (NaN/Inf ignored)."""
-  x2 = jnp.asarray(x, jnp.float32).reshape(-1, jnp.shape(x)[-1])
-  finite = jnp.isfinite(x2)
-  lo_b = jnp.min(jnp.where(finite, x2, jnp.inf), axis=0)
-  hi_b = jnp.max(jnp.where(finite, x2, -jnp.inf), axis=0)
-  valid = jnp.any(finite, axis=0)
-  lo_b, hi_b = jnp.where(valid, lo_b, 0.0), jnp.where(valid, hi_b, 0.0)
-  first = state["n"] == 0
-  lo = jnp.where(first, lo_b, jnp.where(valid, jnp.minimum(state["lo"], lo_b), state["lo"]))
-  hi = jnp.where(first, hi_b, jnp.where(valid, jnp.maximum(state["hi"], hi_b), state["hi"]))
-  f = state["err"].shape[0]
-  base, zp = _ptf_base(lo, hi, spec, f)
-  xf = jnp.where(finite, x2, 0.0)
-  errs = []
-  for a in range(f):
-    s = base * 2.0**a
-    x_hat = (jnp.clip(jnp.round(xf / s) + zp, spec.qmin, spec.qmax) - zp) * s
-    errs.append(jnp.sum(jnp.where(finite, (xf - x_hat) ** 2, 0.0), axis=0))
-  return {"lo": lo, "hi": hi, "err": jnp.stack(errs), "n": state["n"] + 1}
-
-
-def ptf_observer_qparams(state: dict, spec: QuantSpec):
-  """``(scale, zero_point, factor_exp)`` of the observed statistics (as
-  :func:`jaxq.estimators.ptf_calibrate` on the last batch with the running range)."""
-  base, zp = _ptf_base(state["lo"], state["hi"], spec, state["err"].shape[0])
-  return base, zp, jnp.argmin(state["err"], axis=0).astype(jnp.int32)
-
-
-def _ptf_serve(x, scale, zp, factor_exp, spec: QuantSpec):
-  """PTF quantize and reconstruct with integer shifts: ``((q - z) << alpha) * s``."""
-  xf = x.astype(jnp.float32)
-  factor_exp = jnp.asarray(factor_exp).astype(jnp.int32)
-  step = scale * numerics.exp2_int(factor_exp)
-  q = jnp.clip(jnp.round(xf / step) + zp, spec.qmin, spec.qmax)
-  q = jnp.where(jnp.isnan(xf), zp, q).astype(jnp.int32)
-  v = jnp.left_shift(q - zp.astype(jnp.int32), factor_exp)
-  return (v.astype(jnp.float32) * scale).astype(x.dtype)
-
-
 def _norm_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
   if not args:
     raise ValueError(
@@ -139,13 +78,13 @@ def _norm_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
     return next_fun(*args, **kwargs)
   if mode in _SIM and m.has_variable(QUANT_STATS, PTF_STATS):
     scale, zp, fexp = ptf_observer_qparams(m.get_variable(QUANT_STATS, PTF_STATS), spec)
-    x_hat = _ptf_serve(x, scale, zp, fexp, spec)
+    x_hat = ptf_serve(x, scale, zp, fexp, spec)
   elif mode in _SERVE:
     path = "/".join(module_path(m))
     if not m.has_variable("params", PTF_SCALE):
       raise ValueError(f"LayerNorm '{path}': its PTF rule needs calibrated parameters "
                        f"'{PTF_SCALE}' (run jaxq.calibrate, then jaxq.convert)")
-    x_hat = _ptf_serve(x, m.get_variable("params", PTF_SCALE),
+    x_hat = ptf_serve(x, m.get_variable("params", PTF_SCALE),
                        m.get_variable("params", PTF_ZERO_POINT),
                        m.get_variable("params", PTF_FACTOR_EXP), spec)
   else:  # qat: range and factors of the current tensor (FQ-ViT's observer, one batch)
@@ -160,10 +99,9 @@ def _norm_call(m, mode, spec: QuantSpec, next_fun, args, kwargs):
 
 def log2_attention_fn(bits: int, serving: bool = False):
   """An ``attention_fn`` for ``nn.MultiHeadDotProductAttention`` with log2-quantized
-  probabilities (``2^-clip(round(-log2 P), 0, 2^bits - 1)``; STE gradient). With
-  ``serving``, ``P_hat @ V`` is computed from the integer codes by shifts
-  (:func:`jaxq.estimators.log2_matmul`). Dropout (training) applies after quantization."""
-  bits = numerics.check_bits(bits)
+  probabilities (:func:`jaxq.layer.fqvit.log2_attention`; STE gradient). With
+  ``serving``, ``P_hat @ V`` is computed from the integer codes by shifts. Dropout
+  (training) applies after quantization."""
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -174,31 +112,14 @@ def log2_attention_fn(bits: int, serving: bool = False):
         query, key, bias, mask, broadcast_dropout, None, 0.0, True, dtype, precision,
         module, force_fp32_for_softmax, einsum_dot_general=einsum_dot_general,
         einsum=qk_attn_weights_einsum)
-    wdt = weights.dtype
-    use_codes = serving
-    if use_codes:
-      codes = estimators.log2_quantize(weights, bits)
-    else:
-      weights = estimators.log2_fake_quant(weights, bits)
-    if not deterministic and dropout_rate > 0.0:
-      keep_prob = 1.0 - dropout_rate
-      shape = (tuple([1] * (key.ndim - 2)) + weights.shape[-2:] if broadcast_dropout
-               else weights.shape)
-      keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
-      mult = keep.astype(wdt) / jnp.asarray(keep_prob, wdt)
-      if use_codes:  # dropout while serving is unusual; multiply the values
-        weights, use_codes = estimators.log2_dequantize(codes, wdt) * mult, False
-      else:
-        weights = weights * mult
-    if use_codes:
-      # (..., h, q, k) codes x (..., k, h, d) values -> (..., q, h, d), by shifts.
-      v = jnp.swapaxes(value, -2, -3)
-      out = estimators.log2_matmul(codes, v)
-      return jnp.swapaxes(out, -2, -3).astype(jnp.result_type(wdt, value.dtype))
     if attn_weights_value_einsum is not None:
-      return attn_weights_value_einsum("...hqk,...khd->...qhd", weights, value)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision,
-                      _dot_general=einsum_dot_general or jax.lax.dot_general)
+      product = functools.partial(attn_weights_value_einsum, "...hqk,...khd->...qhd")
+    else:
+      product = functools.partial(jnp.einsum, "...hqk,...khd->...qhd", precision=precision,
+                                  _dot_general=einsum_dot_general or jax.lax.dot_general)
+    return log2_attention(weights, value, bits, serving=serving, dropout_rng=dropout_rng,
+                          dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
+                          deterministic=deterministic, product=product)
 
   return attention_fn
 

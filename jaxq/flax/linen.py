@@ -32,7 +32,9 @@ State, in QAT (mode "qat"):
 * activation "ema" / "percentile" / "mse": an observer (:mod:`jaxq.calibration`) in the
   collection ``"quant_stats"``, variable ``"jaxq_act"`` in the layer's scope; updated
   when the collection is mutable (``apply(..., mutable=["quant_stats"])``), read
-  otherwise; ``init`` creates and fills it;
+  otherwise; ``init`` creates and fills it; reading one that has seen no data raises a
+  ValueError naming the layer (under ``jit``, where the count is traced: NaN outputs;
+  :mod:`jaxq.layer.observers`);
 * weights: range of the current weight (minmax; "percentile"/"mse" give a one-shot
   observer range of the current weight); no state;
 * learned steps, in ``"params"`` under reserved names in the layer's own scope:
@@ -92,6 +94,7 @@ from jaxq import calibration
 from jaxq.flax import fqvit
 from jaxq.flax.paths import module_path
 from jaxq.layer.int8 import INT8_MODES
+from jaxq.layer.observers import observed_qparams
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
                                  observer_view, state_names, weight_qparams)
@@ -239,7 +242,10 @@ def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
   if not is_observed(spec):
     return {}
   st = _act_observer(call, spec, x2, always_update=False)
-  scale, zp = calibration.observer_qparams(st, spec)
+  if call.module.is_mutable_collection(QUANT_STATS):  # just updated
+    scale, zp = calibration.observer_qparams(st, spec)
+  else:  # read: refused when never updated (jaxq.layer.observers)
+    scale, zp = observed_qparams(st, spec, call.path)
   return {"scale": scale, "zero_point": zp}
 
 

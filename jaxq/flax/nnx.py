@@ -1,52 +1,40 @@
 """Quantization-aware training for Flax NNX models, without rewriting them.
 
 :func:`quantize_model` returns a copy of an NNX model (``nnx.clone``: new Python objects,
-the same immutable arrays) in which every ``nnx.Linear``, ``nnx.LinearGeneral``,
-``nnx.Conv`` and ``nnx.Einsum`` whose attribute path (``"/"``-joined, e.g.
-``"blocks/0/attn/query"``) a rule matches (``re.fullmatch``, first match wins,
-:func:`jaxq.spec.match_rule`) is turned into its quantized subclass (``QuantizedLinear``,
-...). The layer object keeps all of its attributes, so ``nnx.state`` has the float
-model's paths and shapes, plus only the reserved ``jaxq_*`` variables below; a float
-checkpoint restores into it. ``inplace=True`` converts the given model itself instead.
+the same immutable arrays) in which the modules whose attribute path (``"/"``-joined,
+e.g. ``"blocks/0/attn/query"``) a rule matches (``re.fullmatch``, first match wins,
+:func:`jaxq.spec.match_rule`) are turned into subclasses of their own class; each keeps
+all of its attributes, so ``nnx.state`` has the float model's paths and shapes plus only
+reserved ``jaxq_*`` variables, and a float checkpoint restores into it.
+``inplace=True`` converts the given model itself instead. What a rule does to a module:
 
-A quantized layer runs the layer's own ``__call__`` (its padding, dtype promotion, bias,
-masks) with its contraction op (``dot_general`` / ``conv_general_dilated`` /
-``einsum_op``) replaced for the duration of the call by one whose operands are
-fake-quantized (:func:`jaxq.quantizer.fake_quantize`): the kernel with ``rule.weight``,
-the input activation with ``rule.act``. As in :mod:`jaxq.flax.linen`, quantization works
-on 2-D views: the activation as ``(M, K)`` (its contracted axes, for Conv its channels,
-last) and the kernel as ``(K, N)``; weight "channel" means one scale per output feature
-(``spec.axis`` must name an output axis), weight "group" groups ``group_size`` consecutive elements of
-the innermost contracted kernel axis; activation "tensor" is one scale, "channel" one per
-input feature, "group" one per group of features, and ``dynamic=True`` ranges per row.
-
-State (all of it in the layer, under reserved names):
-
-* learned steps, ``nnx.Param`` (so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains
-  them with the weights): ``jaxq_weight_scale`` (+ ``jaxq_weight_zero_point`` for LSQ+)
-  or ``jaxq_weight_alpha`` (PACT), initialised from the kernel when the model is
-  quantized (:func:`jaxq.params.init_weight_state`: LSQ ``2 mean|w| / sqrt(qmax)``,
-  LSQ+ min-max, PACT the max); ``jaxq_act_scale`` (+ ``jaxq_act_zero_point``) or
-  ``jaxq_act_alpha``, initialised the same way from the first activation seen in
-  training mode (the flag ``jaxq_act_initialized``, a :class:`QuantStats`, records it);
-* activation observers (calibration "ema", "percentile", "mse"; :mod:`jaxq.calibration`):
-  ``jaxq_act``, a :class:`QuantStats` variable (the NNX analogue of the Linen
-  "quant_stats" collection) holding the observer state dict;
-* "minmax" activations and weights without a learned step take the range of the current
-  tensor and keep no state ("percentile"/"mse" weights: a one-shot observer of the
-  current kernel).
+* ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum`` with ``weight`` /
+  ``act`` specs (``QuantizedLinear``, ...): the layer's own ``__call__`` (padding, dtype
+  promotion, bias, masks) runs with its contraction op (``dot_general`` /
+  ``conv_general_dilated`` / ``einsum_op``) handed to the mode handler of the layer's
+  ``jaxq_mode`` (:data:`MODES`; "qat": :func:`jaxq.layer.qat.qat_contraction`, the one
+  implementation the Linen adapter calls too): the kernel quantized with
+  ``rule.weight``, the input activation with ``rule.act``, on the 2-D operand views of
+  :mod:`jaxq.layer.views` (as :mod:`jaxq.flax.linen`). Its quantizer state (learned
+  steps as ``nnx.Param``, observers as :class:`QuantStats`) is described in
+  :mod:`jaxq.flax.nnx_state`.
+* ``nnx.LayerNorm`` with ``act.scheme="ptf"`` and ``nnx.MultiHeadAttention`` with
+  ``act.scheme="log2"``: FQ-ViT's quantizers (:mod:`jaxq.flax.nnx_fqvit`).
+* any module with ``act_compress``: its whole computation runs with compressed
+  activations (:mod:`jaxq.flax.nnx_compress`, :func:`jaxq.act.nnx.compressed_call`); the
+  outermost matched module is compressed, quantization applies inside it.
 
 Training and evaluation mode follow ``nnx.BatchNorm``: the attribute
 ``use_running_average`` (set by ``model.train()`` / ``model.eval()`` and ``nnx.view``).
-In training mode (the default, ``use_running_average=False``) observers are updated with
-the current batch and then read, and learned activation steps are initialised on first
-use; in evaluation mode nothing is written: observers are read (a never-updated observer
-falls back to the current tensor's min-max range) and uninitialised activation steps use
-the first-batch initialisation of the current tensor.
+In training mode (the default) observers are updated with the current batch and then
+read, and learned activation steps are initialised on first use; in evaluation mode
+nothing is written: observers are read, and reading one that was never updated raises
+a ValueError naming the layer (:mod:`jaxq.layer.observers`).
 
-Stochastic rounding (``rounding="stochastic"``) draws keys from the ``"jaxq"`` stream of
-an ``nnx.Rngs``: the one passed as ``rngs=``, else the first ``nnx.Rngs`` in the model
-that has a ``"jaxq"`` stream; without one it rounds to nearest.
+Stochastic rounding (``rounding="stochastic"``, and the residuals of ``act_compress``)
+draws keys from the ``"jaxq"`` stream of an ``nnx.Rngs``: the one passed as ``rngs=``,
+else the first ``nnx.Rngs`` in the model that has a ``"jaxq"`` stream; without one it
+rounds to nearest.
 
 Integer arithmetic (``int8=``, as in :func:`jaxq.quantize_model`): with 8-bit symmetric
 signed STE specs for both operands, the forward matmul of ``nnx.Linear`` /
@@ -55,18 +43,15 @@ runs the backward matmuls in int8 too; ``int8="off"`` simulates everything in fl
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
-
 Stacked layers (created by ``nnx.vmap``, run by ``nnx.scan``): a kernel with more axes
 than its layer contracts has that many leading stacking axes, and every jaxq variable of
-the layer (learned steps, observers, flags) gets them too, initialised per layer, so
-that ``nnx.scan`` hands each layer of the stack its own quantizer state.
+the layer gets them too, initialised per layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -75,15 +60,18 @@ from flax import nnx
 from jax import lax
 
 from jaxq import calibration
-from jaxq import numerics
-from jaxq import quantizer
+from jaxq.flax.nnx_compress import ACT_COMPRESS, compress_module
+from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
+from jaxq.flax.nnx_layout import kernel_rank, layer_kind, layer_layout
+from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, RNGS, QuantStats,
+                                 act_kwargs, mode_methods, next_key, note_mode,
+                                 weight_kwargs)
 from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
-                                 observer_view, state_names, weight_qparams,
-                                 weight_view_spec)
+                                 state_names, weight_view_spec)
 from jaxq.layer.qat import qat_contraction
-from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
+from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
 from jaxq.params import check_rules, init_weight_state
 from jaxq.spec import QuantSpec, Rule
@@ -95,21 +83,11 @@ __all__ = [
     "QuantizedEinsum", "MODES", "register_mode", "qat_handler", "kernel_layout",
 ]
 
-ACT_INITIALIZED = "jaxq_act_initialized"
-CONFIG, RNGS, MODE = "jaxq_config", "jaxq_rngs", "jaxq_mode"
+CONFIG, MODE = "jaxq_config", "jaxq_mode"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
-RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, CONFIG, RNGS, MODE)
+RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
+                                          RNGS, MODE, ACT_COMPRESS, PTF_STATS)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
-
-
-class QuantStats(nnx.Variable):
-  """Activation-quantizer statistics of a quantized NNX layer (not trained by optax).
-
-  ``jaxq_act`` holds the observer state (``{"lo", "hi", "n"}``, :mod:`jaxq.calibration`),
-  ``jaxq_act_initialized`` whether the learned activation step has been initialised.
-  Updated in training mode, read in evaluation mode. Select them with
-  ``nnx.state(model, QuantStats)``.
-  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,107 +112,18 @@ class LayerConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Contraction layout of each supported layer (views: jaxq.flax.contraction)
-# ---------------------------------------------------------------------------------------
-
-
-def _kind(layer) -> str:
-  if isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
-    return "dot_general"
-  if isinstance(layer, nnx.Conv):
-    return "conv"
-  return "einsum"
-
-
-def _kernel_rank(layer) -> int:
-  """The rank of the kernel that one call of ``layer`` contracts (without stacking axes)."""
-  if isinstance(layer, nnx.LinearGeneral):
-    return len(layer.in_features) + len(layer.out_features)
-  if isinstance(layer, nnx.Linear):
-    return 2
-  if isinstance(layer, nnx.Conv):
-    size = layer.kernel_size
-    return (len(size) if isinstance(size, Sequence) else 1) + 2
-  return len(layer.kernel_shape)
-
-
-def _layout(layer, path: str, kernel_shape: tuple[int, ...]
-            ) -> tuple[tuple[int, ...], int]:
-  """``(rhs_contract, K)``: the kernel's contracted axes and the activation's feature count."""
-  if isinstance(layer, nnx.LinearGeneral):
-    if layer.batch_axis:
-      raise ValueError(
-          f"jaxq cannot quantize layer '{path}': LinearGeneral with batch_axis is not "
-          "supported (exclude it with a Rule(path=..., weight=None, act=None))")
-    n_in = len(layer.in_features)
-    return tuple(range(n_in)), math.prod(layer.in_features)
-  if isinstance(layer, nnx.Linear):
-    return (0,), int(layer.in_features)
-  if isinstance(layer, nnx.Conv):
-    return tuple(range(len(kernel_shape) - 1)), int(layer.in_features)
-  if layer.einsum_str is None:
-    raise ValueError(f"jaxq cannot quantize layer '{path}': an nnx.Einsum given its "
-                     "einsum_str only at call time is not supported; set it in the "
-                     "constructor")
-  _, rc, k_axes = einsum_axes(layer.einsum_str, path)
-  return rc, math.prod(kernel_shape[a] for a in k_axes)
-
-
-# ---------------------------------------------------------------------------------------
 # The quantized call
 # ---------------------------------------------------------------------------------------
-
-
-def _next_key(layer) -> jax.Array | None:
-  rngs = getattr(layer, RNGS)
-  if rngs is None:
-    return None
-  return rngs[RNG_STREAM]()
-
-
-def _weight_kwargs(layer, spec: QuantSpec, w2: jax.Array) -> dict[str, jax.Array]:
-  return weight_qparams(spec, w2, lambda: {
-      k: getattr(layer, n).get_value() for k, n in state_names(spec, WEIGHT_NAMES).items()})
-
-
-def _act_kwargs(layer, spec: QuantSpec, x2: jax.Array, training: bool
-                ) -> dict[str, jax.Array]:
-  if is_learned(spec, act=True):
-    names = state_names(spec, ACT_NAMES)
-    init = init_weight_state(x2, spec, 1)
-    flag = getattr(layer, ACT_INITIALIZED)
-    ready = flag.get_value()
-    values = {k: jnp.where(ready, getattr(layer, n).get_value(), init[k])
-              for k, n in names.items()}
-    if training:
-      for k, n in names.items():
-        getattr(layer, n).set_value(values[k])
-      flag.set_value(jnp.ones_like(ready))
-    return values
-  if is_observed(spec):
-    var = getattr(layer, ACT_STATS)
-    state = var.get_value()
-    view, axes = observer_view(x2, spec, 1)
-    if training:
-      state = calibration.observer_update(state, view, spec, axes)
-      var.set_value(state)
-    lo, hi = calibration.observer_range(state, spec)
-    cur_lo, cur_hi = numerics.minmax(view, axes)
-    seen = state["n"] > 0
-    lo = jnp.where(seen, lo, cur_lo.reshape(lo.shape))
-    hi = jnp.where(seen, hi, cur_hi.reshape(hi.shape))
-    scale, zp = quantizer.qparams_from_range(lo, hi, spec)
-    return {"scale": scale, "zero_point": zp}
-  return {}
 
 
 def qat_handler(layer, op: Contraction) -> jax.Array:
   """QAT (mode "qat"): :func:`jaxq.layer.qat.qat_contraction` with the layer's state."""
   cfg: LayerConfig = getattr(layer, CONFIG)
   return qat_contraction(
-      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(_weight_kwargs, layer),
-      functools.partial(_act_kwargs, layer, training=not layer.use_running_average),
-      lambda: _next_key(layer), cfg.int8)
+      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(weight_kwargs, layer),
+      functools.partial(act_kwargs, layer, cfg.path,
+                        training=not layer.use_running_average),
+      lambda: next_key(layer), cfg.int8)
 
 
 #: ``{mode: handler(layer, op) -> result}``: what a quantized layer's contraction does,
@@ -294,23 +183,14 @@ def _quantized_class(base: type) -> type:
   if cls is not None:
     return cls
   base_call = base.__call__
-  base_set_view = getattr(base, "set_view", None)
 
   def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
     return _quantized_call(self, base_call, args, kwargs)
 
-  def set_view(self, use_running_average: bool | None = None, **kwargs):
-    """``nnx.view`` hook: ``use_running_average`` selects the activation-stats mode."""
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-    if base_set_view is not None:
-      return base_set_view(self, **kwargs)
-    return kwargs
-
   name = f"Quantized{base.__name__}"
   cls = type(name, (base,), {
       "__call__": __call__,
-      "set_view": set_view,
+      **mode_methods(base),
       "__module__": __name__,
       "__qualname__": name,
       "__doc__": (f"A quantized ``{base.__module__}.{base.__qualname__}`` made by "
@@ -357,24 +237,19 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
                      "attribute name)")
-  if rule.act_compress is not None:
-    raise ValueError(
-        f"rule {rule.path!r} matched layer '{path}' with act_compress="
-        f"{rule.act_compress}: activation-compressed training is not supported by "
-        "jaxq.nnx.quantize_model; use jaxq.act.compressed_vjp on the function instead")
   kernel = layer.kernel.get_value()
   # A layer stacked by nnx.vmap (run under nnx.scan) has leading stacking axes: its jaxq
   # state gets them too, one quantizer per layer of the stack.
-  stack = kernel.ndim - _kernel_rank(layer)
+  stack = kernel.ndim - kernel_rank(layer)
   if stack < 0:
     raise ValueError(f"layer '{path}': kernel of shape {tuple(kernel.shape)} has fewer axes "
-                     f"than its layer contracts ({_kernel_rank(layer)})")
+                     f"than its layer contracts ({kernel_rank(layer)})")
   lead, kernel_shape = tuple(kernel.shape[:stack]), tuple(kernel.shape[stack:])
-  rhs_contract, k = _layout(layer, path, kernel_shape)
+  rhs_contract, k = layer_layout(layer, path, kernel_shape)
   wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
                                                             kernel_shape, rhs_contract)
   aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
-  cfg = LayerConfig(path, rule, _kind(layer), wspec, aspec, int8)
+  cfg = LayerConfig(path, rule, layer_kind(layer), wspec, aspec, int8)
 
   if is_learned(wspec, act=False):
     init = lambda w: _init_kernel_state(w, wspec, rhs_contract)  # noqa: E731
@@ -394,12 +269,15 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
     observer = calibration.observer_init(aspec, act_stat_shape(aspec, k))
     setattr(layer, ACT_STATS, QuantStats(jax.tree_util.tree_map(
         lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
+    setattr(layer, ACT_UNOBSERVED, False)
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   setattr(layer, MODE, "qat")
   if not hasattr(layer, "use_running_average"):
     layer.use_running_average = False
+  # No public NNX route changes a node's class; the subclass keeps every attribute.
   object.__setattr__(layer, "__class__", _quantized_class(type(layer)))
+  note_mode(layer, layer.use_running_average)
 
 
 def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
@@ -428,7 +306,8 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
       ``nnx.Embed``, ``nnx.ConvTranspose``, a custom module with its own kernel), for a
       matched layer it cannot quantize as configured (LinearGeneral with ``batch_axis``,
       an Einsum without a constructor ``einsum_str``, a group size that does not divide
-      the contracted axis, ``act_compress``), or an already quantized layer.
+      the contracted axis, log2 attention with a custom ``attention_fn``), or an
+      already quantized layer.
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
@@ -445,7 +324,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
 
   used: set[int] = set()
   unsupported: dict[int, list[str]] = {}
-  todo = []
+  todo, fq, compress = [], [], {}
   for path_t, module in nnx.iter_modules(model):
     path = "/".join(str(p) for p in path_t)
     # First match wins, as jaxq.spec.match_rule; the index tells rules apart.
@@ -453,9 +332,16 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     if index_rule is None:
       continue
     i, rule = index_rule
-    if isinstance(module, LAYER_TYPES):
+    if rule.act_compress is not None:
       used.add(i)
-      if rule.weight is not None or rule.act is not None or rule.act_compress is not None:
+      compress[tuple(str(p) for p in path_t)] = (module, path, rule)
+    kind = fqvit_kind(module, rule)
+    if kind is not None:
+      used.add(i)
+      fq.append((module, path, rule, kind))
+    elif isinstance(module, LAYER_TYPES):
+      used.add(i)
+      if rule.weight is not None or rule.act is not None:
         todo.append((module, path, rule))
     elif _has_own_kernel(module):
       unsupported.setdefault(i, []).append(f"'{path}' ({type(module).__name__})")
@@ -467,6 +353,12 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
           "nnx.Conv and nnx.Einsum (and their subclasses)")
   for module, path, rule in todo:
     _quantize_layer(module, path, rule, rngs, int8)
+  for module, path, rule, kind in fq:
+    quantize_fqvit_layer(module, path, rule, kind)
+  # The outermost matched module is compressed; act_compress rules inside it are ignored.
+  for path_t, (module, path, rule) in compress.items():
+    if not any(path_t[:n] in compress for n in range(len(path_t))):
+      compress_module(module, path, rule, rngs)
   return model
 
 
