@@ -377,6 +377,6 @@ def kernel_layout(layer) -> tuple[int, tuple[int, ...], int]:
   axes, the contracted axes of one layer's kernel, and the activation's feature count."""
   cfg: LayerConfig = getattr(layer, CONFIG)
   kernel = layer.kernel.get_value()
-  stack = len(kernel.shape) - _kernel_rank(layer)
-  rhs_contract, k = _layout(layer, cfg.path, tuple(kernel.shape[stack:]))
+  stack = len(kernel.shape) - kernel_rank(layer)
+  rhs_contract, k = layer_layout(layer, cfg.path, tuple(kernel.shape[stack:]))
   return stack, rhs_contract, k
