@@ -542,8 +542,8 @@ class ServingModel(QuantizedModel):
   def _quantizing(self):
     """QArray kernels read as their dequantized values, around the QAT interceptors."""
     with nn.intercept_methods(_param_interceptor(module_path(self), self.rules)):
-      with super()._quantizing():
-        yield
+      with super()._quantizing() as icpt:
+        yield icpt
 
 
 def serving_nbytes(tree) -> int:
