@@ -154,13 +154,14 @@ qlinen.register_mode(REPORT_MODE, _record_handler)
 
 
 def _match_recorder(rules, found: dict):
-  """A method interceptor recording ``{path: (module, rule index)}`` of matched calls."""
+  """A method interceptor recording ``{path: (module class, rule index)}`` of the module
+  calls that a rule matches."""
 
   def icpt(next_fun, args, kwargs, context):
     path = qlinen.call_path((), context)
     index = None if path is None else rule_index(rules, path)
     if index is not None and path not in found:
-      found[path] = (context.module, index)
+      found[path] = (type(context.module), index)
     return next_fun(*args, **kwargs)
 
   return icpt
@@ -184,7 +185,7 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
                     f"{type(qmodel).__name__} (NNX models: jaxq.nnx.report)")
   rngs = kwargs.pop("rngs", None)
   rmodel = qmodel.clone(mode=REPORT_MODE)
-  found: dict[str, tuple[nn.Module, int]] = {}
+  found: dict[str, tuple[type, int]] = {}
   _LAYOUTS.value = layouts = {}
 
   def run(v, a):
@@ -196,8 +197,8 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
   finally:
     _LAYOUTS.value = None
   rows = []
-  for path, (module, index) in found.items():
-    if not isinstance(module, qlinen.LAYER_TYPES):
+  for path, (cls, index) in found.items():
+    if not issubclass(cls, qlinen.LAYER_TYPES):
       continue
     node = _node(params, path)
     kernel = node.get("kernel")
@@ -208,7 +209,7 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
       contract, rank = layout
       layout = (kernel.ndim - rank, contract)
     learned = {n: node[n] for n in WEIGHT_NAMES if n in node}
-    rows.append(layer_row(path, type(module).__name__, index, qmodel.rules[index], kernel,
+    rows.append(layer_row(path, cls.__name__, index, qmodel.rules[index], kernel,
                           layout, learned))
   return QuantReport(rows, _unused(qmodel.rules, {i for _, i in found.values()}),
                      tuple(qmodel.rules))
