@@ -11,6 +11,8 @@ The public API of ``DESIGN.md``'s contract:
 * PTQ and serving: :func:`calibrate`, :func:`convert`;
 * LoRA / QLoRA: :class:`LoRA` (``Rule(lora=...)``), :mod:`jaxq.lora` (``trainable``,
   ``freeze``, ``merge``);
+* what a rule set quantized: :func:`report` (Linen), :func:`jaxq.nnx.report`
+  (:class:`QuantReport`);
 * submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`, and the
   op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`, :mod:`jaxq.nf4`.
 """
@@ -34,6 +36,7 @@ from jaxq.estimators import (
 )
 from jaxq.flax.linen import quantize_model
 from jaxq.flax.ptq import calibrate, convert
+from jaxq.flax.report import QuantReport, report
 from jaxq.params import init_qstate, quantize_params
 from jaxq.qarray import QArray, dequantize, quantize
 from jaxq.spec import LoRA, QuantSpec, Rule
@@ -44,5 +47,5 @@ __all__ = [
     "LoRA", "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
     "init_qstate", "kernels", "layer", "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "nf4", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
-    "quantize_params", "smoothing",
+    "quantize_params", "smoothing", "QuantReport", "report",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -316,7 +317,28 @@ def changes_contraction(rule: Rule) -> bool:
 
 def match_rule(rules, path: str) -> Rule | None:
   """The first rule in ``rules`` whose ``path`` fully matches ``path``, else None."""
-  for rule in rules:
+  i = rule_index(rules, path)
+  return None if i is None else rules[i]
+
+
+def rule_index(rules, path: str) -> int | None:
+  """The index in ``rules`` of the first rule whose ``path`` fully matches ``path``."""
+  for i, rule in enumerate(rules):
     if rule.matches(path):
-      return rule
+      return i
   return None
+
+
+def warn_unused_rules(rules, used, model_name: str, *, stacklevel: int = 2) -> None:
+  """A ``UserWarning`` naming each rule whose index is not in ``used`` (it is the first
+  match of no module: a typo in its regex, or shadowed by an earlier rule).
+
+  Issued with :func:`warnings.warn`, whose registry shows each distinct message once per
+  call site under the default filter, so a model traced many times warns once.
+  """
+  for i, rule in enumerate(rules):
+    if i not in used:
+      warnings.warn(
+          f"Rule(path={rule.path!r}), rule {i} of the rules quantizing {model_name}, "
+          "matches no module (first match wins; re.fullmatch on '/'-joined module "
+          "paths): check its regex", UserWarning, stacklevel=stacklevel + 1)

@@ -105,12 +105,13 @@ from jaxq.qarray import QArray
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
                               patched, resolve_op)
 from jaxq.params import check_rule_fields, check_rules, init_weight_state
-from jaxq.spec import QuantSpec, Rule, changes_contraction, match_rule
+from jaxq.spec import (QuantSpec, Rule, changes_contraction, match_rule, rule_index,
+                       warn_unused_rules)
 
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
     "INT8_MODES", "LayerCall", "Contraction", "QUANT_STATS", "RNG_STREAM",
-    "RESERVED_NAMES", "layer_paths",
+    "RESERVED_NAMES", "layer_paths", "call_path",
 ]
 
 QUANT_STATS = "quant_stats"
@@ -333,26 +334,38 @@ def _owns_weights(module) -> bool:
   return any(not isinstance(v, Mapping) and jnp.ndim(v) >= 2 for v in own.values())
 
 
+def call_path(root: tuple[str, ...], context) -> str | None:
+  """The path that rules match of the module ``__call__`` an interceptor is given
+  (relative to ``root``, the wrapper's path); None for other calls, the wrapper itself
+  and modules outside it."""
+  m = context.module
+  if context.method_name != "__call__" or m.scope is None or isinstance(m, QuantizedModel):
+    return None
+  path_t = module_path(m)
+  if path_t[:len(root)] != root:
+    return None
+  return "/".join(path_t[len(root):])
+
+
 class _Interceptor:
   """The method interceptor of one :class:`QuantizedModel` call."""
 
   def __init__(self, root: tuple[str, ...], rules, mode: str, int8: str):
     self.root, self.rules, self.mode, self.int8 = root, rules, mode, int8
     self.compressing: list[str] = []
-    self._match = functools.lru_cache(maxsize=None)(lambda p: match_rule(self.rules, p))
+    #: Indices of the rules that matched a module call (the others are reported unused).
+    self.used: set[int] = set()
+    self._match = functools.lru_cache(maxsize=None)(lambda p: rule_index(self.rules, p))
 
   def __call__(self, next_fun, args, kwargs, context):
-    m = context.module
-    if (context.method_name != "__call__" or m.scope is None
-        or isinstance(m, QuantizedModel)):
+    path = call_path(self.root, context)
+    if path is None:
       return next_fun(*args, **kwargs)
-    path_t = module_path(m)
-    if path_t[:len(self.root)] != self.root:
+    index = self._match(path)
+    if index is None:
       return next_fun(*args, **kwargs)
-    path = "/".join(path_t[len(self.root):])
-    rule = self._match(path)
-    if rule is None:
-      return next_fun(*args, **kwargs)
+    self.used.add(index)
+    m, rule = context.module, self.rules[index]
     if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
       from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
       key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
@@ -406,13 +419,16 @@ class QuantizedModel(nn.Module):
     root = module_path(self)
     fq = fqvit.interceptor(self.rules, self.mode, root=root)
     qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES, QuantizedModel)
-    with nn.intercept_methods(qparams), nn.intercept_methods(fq), \
-        nn.intercept_methods(self._interceptor()):
-      yield
+    icpt = self._interceptor()
+    with nn.intercept_methods(qparams), nn.intercept_methods(fq), nn.intercept_methods(icpt):
+      yield icpt
 
   def __call__(self, *args, **kwargs):
-    with self._quantizing():
-      return self.model(*args, **kwargs)
+    with self._quantizing() as icpt:
+      out = self.model(*args, **kwargs)
+    # Every trace runs this: warned from one place, each distinct message shows once.
+    warn_unused_rules(self.rules, icpt.used, type(self.model).__name__, stacklevel=0)
+    return out
 
   def call_method(self, method: str, *args, **kwargs):
     """Calls another method of the wrapped model under quantization:

@@ -74,16 +74,18 @@ from jaxq.layer.qat import qat_contraction
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
 from jaxq.params import check_rules, init_weight_state
-from jaxq.spec import QuantSpec, Rule
+from jaxq.spec import QuantSpec, Rule, rule_index, warn_unused_rules
 
 __all__ = [
     "QuantStats", "quantize_model", "quantized_layers", "LayerConfig", "Contraction",
     "LAYER_TYPES", "RESERVED_NAMES",
     "RNG_STREAM", "QuantizedLinear", "QuantizedLinearGeneral", "QuantizedConv",
-    "QuantizedEinsum", "MODES", "register_mode", "qat_handler", "kernel_layout",
+    "QuantizedEinsum", "MODES", "register_mode", "qat_handler", "kernel_layout", "RULES",
 ]
 
 CONFIG, MODE = "jaxq_config", "jaxq_mode"
+#: Attribute of the model ``quantize_model`` returns: its rules (read by ``jaxq.nnx.report``).
+RULES = "jaxq_rules"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
                                           RNGS, MODE, ACT_COMPRESS, PTF_STATS)
@@ -226,6 +228,25 @@ def _has_own_kernel(module) -> bool:
   return False
 
 
+def kernel_layout(layer, path: str | None = None) -> tuple[int, tuple[int, ...], int]:
+  """``(stack, rhs_contract, K)`` of a supported layer's stored kernel: its leading
+  stacking axes, the axes one layer's kernel contracts, and the activation's feature count.
+
+  A layer stacked by ``nnx.vmap`` (run under ``nnx.scan``) has leading stacking axes: its
+  jaxq state gets them too, one quantizer per layer of the stack. ``path`` names the layer
+  in errors (default: the quantized layer's own path).
+  """
+  if path is None:
+    path = getattr(layer, CONFIG).path
+  shape = tuple(layer.kernel.get_value().shape)
+  stack = len(shape) - kernel_rank(layer)
+  if stack < 0:
+    raise ValueError(f"layer '{path}': kernel of shape {shape} has fewer axes "
+                     f"than its layer contracts ({kernel_rank(layer)})")
+  rhs_contract, k = layer_layout(layer, path, shape[stack:])
+  return stack, rhs_contract, k
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[int, ...]):
   """Learned-step initialisation from the ``(K, N)`` view of a kernel (one compilation)."""
@@ -238,14 +259,8 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
                      "attribute name)")
   kernel = layer.kernel.get_value()
-  # A layer stacked by nnx.vmap (run under nnx.scan) has leading stacking axes: its jaxq
-  # state gets them too, one quantizer per layer of the stack.
-  stack = kernel.ndim - kernel_rank(layer)
-  if stack < 0:
-    raise ValueError(f"layer '{path}': kernel of shape {tuple(kernel.shape)} has fewer axes "
-                     f"than its layer contracts ({kernel_rank(layer)})")
+  stack, rhs_contract, k = kernel_layout(layer, path)
   lead, kernel_shape = tuple(kernel.shape[:stack]), tuple(kernel.shape[stack:])
-  rhs_contract, k = layer_layout(layer, path, kernel_shape)
   wspec = None if rule.weight is None else weight_view_spec(rule.weight, path,
                                                             kernel_shape, rhs_contract)
   aspec = None if rule.act is None else act_view_spec(rule.act, path, k)
@@ -323,15 +338,16 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     rngs = _find_rngs(model)
 
   used: set[int] = set()
+  matched: set[int] = set()  # rules that matched any module (the others warn)
   unsupported: dict[int, list[str]] = {}
   todo, fq, compress = [], [], {}
   for path_t, module in nnx.iter_modules(model):
     path = "/".join(str(p) for p in path_t)
-    # First match wins, as jaxq.spec.match_rule; the index tells rules apart.
-    index_rule = next(((i, r) for i, r in enumerate(rules) if r.matches(path)), None)
-    if index_rule is None:
+    i = rule_index(rules, path)
+    if i is None:
       continue
-    i, rule = index_rule
+    rule = rules[i]
+    matched.add(i)
     if rule.act_compress is not None:
       used.add(i)
       compress[tuple(str(p) for p in path_t)] = (module, path, rule)
@@ -351,6 +367,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
           f"rule {rules[i].path!r} matches only layers jaxq cannot quantize: "
           f"{', '.join(layers)}; supported layers are nnx.Linear, nnx.LinearGeneral, "
           "nnx.Conv and nnx.Einsum (and their subclasses)")
+  warn_unused_rules(rules, matched, type(model).__name__)
   for module, path, rule in todo:
     _quantize_layer(module, path, rule, rngs, int8)
   for module, path, rule, kind in fq:
@@ -359,6 +376,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   for path_t, (module, path, rule) in compress.items():
     if not any(path_t[:n] in compress for n in range(len(path_t))):
       compress_module(module, path, rule, rngs)
+  setattr(model, RULES, rules)
   return model
 
 
@@ -370,13 +388,3 @@ def quantized_layers(model: nnx.Module) -> dict[str, LayerConfig]:
     if isinstance(cfg, LayerConfig):
       out["/".join(str(p) for p in path_t)] = cfg
   return out
-
-
-def kernel_layout(layer) -> tuple[int, tuple[int, ...], int]:
-  """``(stack, rhs_contract, K)`` of a quantized layer: its kernel's leading stacking
-  axes, the contracted axes of one layer's kernel, and the activation's feature count."""
-  cfg: LayerConfig = getattr(layer, CONFIG)
-  kernel = layer.kernel.get_value()
-  stack = len(kernel.shape) - kernel_rank(layer)
-  rhs_contract, k = layer_layout(layer, cfg.path, tuple(kernel.shape[stack:]))
-  return stack, rhs_contract, k
