@@ -97,35 +97,6 @@ def test_hash_uniform_moments_and_independence():
   assert abs(float(jnp.corrcoef(u[:-1], u[1:])[0, 1])) < 5e-3  # neighbours
 
 
-def _lowbias32(x):
-  x = x ^ (x >> 16)
-  x = x * np.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * np.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def test_rounding_noise_reference_moments_and_independence():
-  """pack.rounding_noise (one hash round per element) against a numpy reference, and
-  its statistics: uniform on [0, 1), independent of the neighbour and across seeds."""
-  with np.errstate(over="ignore"):
-    h = _lowbias32(np.arange(1000, dtype=np.uint32) * np.uint32(0x9E3779B9)
-                   + _lowbias32(np.uint32(7)))
-  ref = (h >> 8).astype(np.float32) * np.float32(2.0**-24)
-  np.testing.assert_array_equal(np.asarray(pack.rounding_noise(jnp.uint32(7), (10, 100))),
-                                ref.reshape(10, 100))
-  u = pack.rounding_noise(jnp.uint32(7), (1 << 20,))
-  assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-  np.testing.assert_allclose(float(u.mean()), 0.5, atol=2e-3)
-  np.testing.assert_allclose(float(u.var()), 1 / 12, atol=1e-3)
-  hist = np.histogram(np.asarray(u), bins=16, range=(0, 1))[0] / u.size
-  np.testing.assert_allclose(hist, 1 / 16, atol=2e-3)
-  for seed in (8, 7 + 0x9E3779B9):  # next seed; the seed whose unmixed stream is u shifted
-    v = pack.rounding_noise(jnp.uint32(seed), (1 << 20,))
-    assert abs(float(jnp.corrcoef(u, v)[0, 1])) < 5e-3
-  assert abs(float(jnp.corrcoef(u[:-1], u[1:])[0, 1])) < 5e-3
-
-
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("shape,dtype", [((37, 5), jnp.float32), ((4, 64), jnp.bfloat16),
                                          ((3, 7, 11), jnp.float16)])

@@ -26,12 +26,6 @@ token's features, one sample's row of the residual): it never reaches other samp
 Keeping the group's finite values exact-ish next to a NaN (a stand-in value substituted
 before packing) made the compiled step's temporaries 15-25% larger (XLA no longer packs
 straight from the residual), so it is not done.
-
-Noise (:func:`rounding_noise`): one round of a 32-bit integer hash per element, computed
-inside the packing pass. It is the largest single cost of compressing on the CPU (XLA
-runs the pass on one core), so it is not mixed twice as
-:func:`jaxq.numerics.hash_uniform` is: a second round measured 15% of the whole
-compression (``benchmarks/RESULTS.md``, activation memory).
 """
 
 from __future__ import annotations
@@ -44,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import kernels
-from jaxq.numerics import mix32
+from jaxq.numerics import hash_uniform
 
 VALID_BITS = (1, 2, 4, 8)
 
@@ -121,27 +115,11 @@ def groups(x: jax.Array, group_size: int, bits: int) -> jax.Array:
   return xr.reshape(rows * padded // s, s)
 
 
-_PHI = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: a Weyl sequence over the indices
-
-
-def rounding_noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """``f32[shape]`` noise in ``[0, 1)``: ``u_i = (mix32(i * phi + mix32(seed)) >> 8) *
-  2^-24``, 24 uniform bits per element (exactly representable, so ``u < 1``).
-
-  :func:`jaxq.numerics.mix32` (lowbias32) is a bijection of uint32 with near-ideal
-  avalanche, and ``i * phi + c`` takes distinct values for the ``< 2^32`` indices: each
-  ``u_i`` is uniform over the seeds, so ``E[floor(r + u)] = r`` up to ``2^-24``.
-  """
-  idx = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
-  h = mix32(idx * _PHI + mix32(jnp.asarray(seed).astype(jnp.uint32)))
-  return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-
-
 def compress(x: jax.Array, bits: int, group_size: int = 256,
              seed: jax.Array | None = None) -> CompressedArray:
   """Quantizes ``x`` (any shape, float dtype) to :class:`CompressedArray`.
 
-  ``seed`` (uint32 scalar) selects stochastic rounding with :func:`rounding_noise`;
+  ``seed`` (uint32 scalar) selects stochastic rounding with :func:`hash_uniform` noise;
   ``None`` rounds to nearest.
   """
   bits = check_bits(bits)
@@ -150,7 +128,7 @@ def compress(x: jax.Array, bits: int, group_size: int = 256,
     raise TypeError(f"compress expects a floating-point array, got dtype {x.dtype}")
   shape, dtype = tuple(x.shape), x.dtype
   xg = groups(x, group_size, bits)
-  noise = None if seed is None else rounding_noise(seed, xg.shape)
+  noise = None if seed is None else hash_uniform(seed, xg.shape)
   packed, lo, scale = kernels.quantize_pack(xg, bits, noise)
   return CompressedArray(packed, lo, scale, shape, dtype, bits,
                          layout(shape, group_size, bits)[0])
