@@ -137,9 +137,11 @@ def compress(x: jax.Array, bits: int, group_size: int = 256,
 def decompress(c: CompressedArray) -> jax.Array:
   """Inverse of :func:`compress` up to quantization error: ``q / scale + lo``; NaN for
   every element of a group that held a NaN or Inf."""
-  x = kernels.unpack_dequantize(c.packed, c.lo, c.scale, c.bits)
   bad = ~(jnp.isfinite(c.lo) & (c.scale > 0) & jnp.isfinite(c.scale))
-  x = jnp.where(bad[:, None], jnp.nan, x)
+  # A NaN offset makes every element of its group NaN (``q / scale + NaN``): one select
+  # per group instead of one per element.
+  lo = jnp.where(bad, jnp.nan, c.lo)
+  x = kernels.unpack_dequantize(c.packed, lo, c.scale, c.bits)
   size = int(np.prod(c.shape, dtype=np.int64))
   x = x.reshape(c.rows, -1)[:, : size // max(c.rows, 1)]
   return x.reshape(c.shape).astype(c.dtype)

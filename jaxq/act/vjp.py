@@ -267,7 +267,7 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
     plan = cell["plan"]
     ct_leaves = jax.tree_util.tree_leaves(ct)
     closed = backward_jaxpr(plan, ct_leaves)
-    arg_cts = eval_lazily(closed, compressed, list(kept) + ct_leaves, _decompress)
+    arg_cts = eval_lazily(closed, compressed, kept, ct_leaves, _decompress)
     probe_ct = None if probe is None else _stats(compressed, ct_leaves)
     return tuple(arg_cts), None, probe_ct, None
 
