@@ -1,6 +1,7 @@
 """LoRA / QLoRA through jaxq.quantize_model (Contract 8), against hand computations."""
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +138,61 @@ def test_bad_input_names_the_field_and_layer(base):
     jaxq.LoRA(0)
   with pytest.raises(ValueError, match="'params' rng"):
     jaxq.flax.init_quant_params(qmodel, variables, X)
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x)))
+
+
+def test_nnx_lora_matches_hand_computation_and_trains_only_adapters(base):
+  model, variables = base
+  nmodel = NnxMLP(nnx.Rngs(0))
+  for name in ("fc1", "fc2"):
+    layer = getattr(nmodel, name)
+    layer.kernel.set_value(variables["params"][name]["kernel"])
+    layer.bias.set_value(variables["params"][name]["bias"])
+  qmodel = jaxq.nnx.quantize_model(nmodel, [jaxq.Rule("fc.*", weight=None,
+                                                      lora=jaxq.LoRA(4, 8.0))])
+  np.testing.assert_array_equal(qmodel(X), model.apply(variables, X))  # B = 0 at init
+  assert not isinstance(qmodel.fc1.kernel, nnx.Param)  # the base is frozen
+  for name in ("fc1", "fc2"):
+    layer = getattr(qmodel, name)
+    layer.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(3), layer.lora_b.shape))
+  hand = {name: {k: getattr(getattr(qmodel, name), k).get_value()
+                 for k in ("kernel", "bias", "lora_a", "lora_b")} for name in ("fc1", "fc2")}
+  np.testing.assert_allclose(qmodel(X), _adapted(hand), rtol=1e-5, atol=1e-5)
+
+  kernel0 = np.asarray(qmodel.fc1.kernel.get_value())
+  a0 = np.asarray(qmodel.fc1.lora_a.get_value())
+  opt = nnx.Optimizer(qmodel, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+  y = jnp.sin(jnp.arange(48.0).reshape(6, 8))
+
+  @nnx.jit
+  def step(m, o):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(X) - y) ** 2))(m)
+    o.update(m, g)
+    return loss
+
+  losses = [float(step(qmodel, opt)) for _ in range(4)]
+  assert losses[-1] < losses[0]
+  np.testing.assert_array_equal(qmodel.fc1.kernel.get_value(), kernel0)
+  assert not np.array_equal(qmodel.fc1.lora_a.get_value(), a0)
+
+  with pytest.raises(ValueError, match="Rule.lora.*jaxq.nnx.calibrate"):
+    jaxq.nnx.calibrate(qmodel, [X])
+
+  class WithEmbed(nnx.Module):
+
+    def __init__(self, rngs):
+      self.emb = nnx.Embed(10, 8, rngs=rngs)
+      self.head = nnx.Linear(8, 4, rngs=rngs)
+
+  with pytest.raises(ValueError, match="'emb'.*LoRA"):
+    jaxq.nnx.quantize_model(WithEmbed(nnx.Rngs(0)), [jaxq.Rule(".*", weight=None,
+                                                               lora=jaxq.LoRA(2))])

@@ -52,6 +52,13 @@ otherwise. ``Rule(act_compress=bits)`` runs the whole computation of each matche
 stream; inside a compressed module, nested ``act_compress`` rules are ignored (the
 outermost matched module is compressed) while weight/activation quantization applies.
 
+LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched layer gets
+``lora_a`` (random, from the "params" rng) / ``lora_b`` (zeros) in its "params" and
+computes ``base(x) + (alpha / rank) dropout(x) A B`` with the base kernel frozen
+(:func:`jaxq.layer.qat.lora_qat_contraction`): fake-quantized with the rule's weight spec,
+or the QArray of :func:`jaxq.lora.freeze`; dropout from the rng stream "dropout" when
+given. Train the adapters with ``optax.multi_transform`` over :func:`jaxq.lora.trainable`.
+
 Integer arithmetic (``int8=``): with 8-bit symmetric signed STE specs for both operands
 (weight per-tensor or per-channel; activation per-tensor or dynamic per-row), the
 forward matmul of ``nn.Dense`` / ``nn.DenseGeneral`` runs on int8 operands through
@@ -105,7 +112,7 @@ from jaxq.qarray import QArray
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
                               patched, resolve_op)
 from jaxq.params import check_rule_fields, check_rules, init_weight_state
-from jaxq.spec import (QuantSpec, Rule, changes_contraction, match_rule, rule_index,
+from jaxq.spec import (QuantSpec, Rule, changes_contraction, rule_index,
                        warn_unused_rules)
 
 __all__ = [

@@ -41,6 +41,14 @@ signed STE specs for both operands, the forward matmul of ``nnx.Linear`` /
 ``nnx.LinearGeneral`` runs on int8 operands (:mod:`jaxq.layer.int8`); ``int8="all"``
 runs the backward matmuls in int8 too; ``int8="off"`` simulates everything in float.
 
+LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched layer gets
+``lora_a`` (random) / ``lora_b`` (zeros) ``nnx.Param``s and its kernel becomes a
+:class:`LoRABase` variable (frozen: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains
+the adapters); it computes ``base(x) + (alpha / rank) dropout(x) A B``
+(:func:`jaxq.layer.qat.lora_qat_contraction`), the rule's weight and activation specs
+on the base path, dropout from the ``"dropout"`` stream of the layer's ``nnx.Rngs`` in
+training mode.
+
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
 Stacked layers (created by ``nnx.vmap``, run by ``nnx.scan``): a kernel with more axes
@@ -52,6 +60,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import zlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -70,11 +80,12 @@ from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
                                  state_names, weight_view_spec)
-from jaxq.layer.qat import qat_contraction
+from jaxq.layer import lora as lora_layer
+from jaxq.layer.qat import lora_qat_contraction, qat_contraction
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
-from jaxq.params import check_rules, init_weight_state
-from jaxq.spec import QuantSpec, Rule, rule_index, warn_unused_rules
+from jaxq.params import check_rule_fields, check_rules, init_weight_state
+from jaxq.spec import QuantSpec, Rule, changes_contraction, rule_index, warn_unused_rules
 
 __all__ = [
     "QuantStats", "quantize_model", "quantized_layers", "LayerConfig", "Contraction",
@@ -88,7 +99,8 @@ CONFIG, MODE = "jaxq_config", "jaxq_mode"
 RULES = "jaxq_rules"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
-                                          RNGS, MODE, ACT_COMPRESS, PTF_STATS)
+                                          RNGS, MODE, ACT_COMPRESS, PTF_STATS,
+                                          lora_layer.LORA_A, lora_layer.LORA_B)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 
@@ -119,13 +131,24 @@ class LayerConfig:
 
 
 def qat_handler(layer, op: Contraction) -> jax.Array:
-  """QAT (mode "qat"): :func:`jaxq.layer.qat.qat_contraction` with the layer's state."""
+  """QAT (mode "qat"): :func:`jaxq.layer.qat.qat_contraction` with the layer's state; with
+  ``rule.lora``, :func:`jaxq.layer.qat.lora_qat_contraction` over the frozen kernel."""
   cfg: LayerConfig = getattr(layer, CONFIG)
-  return qat_contraction(
-      op, cfg.path, cfg.rule.weight, cfg.rule.act, functools.partial(weight_kwargs, layer),
-      functools.partial(act_kwargs, layer, cfg.path,
-                        training=not layer.use_running_average),
-      lambda: next_key(layer), cfg.int8)
+  wkw = functools.partial(weight_kwargs, layer)
+  akw = functools.partial(act_kwargs, layer, cfg.path, training=not layer.use_running_average)
+  key = lambda: next_key(layer)  # noqa: E731
+  lora = cfg.rule.lora
+  if lora is None:
+    return qat_contraction(op, cfg.path, cfg.rule.weight, cfg.rule.act, wkw, akw, key,
+                           cfg.int8)
+  rngs = getattr(layer, RNGS)
+  dropout_key = None
+  if (lora.dropout > 0 and not layer.use_running_average and rngs is not None
+      and lora_layer.DROPOUT_STREAM in rngs):
+    dropout_key = rngs[lora_layer.DROPOUT_STREAM]()
+  return lora_qat_contraction(
+      op, cfg.path, cfg.rule, op.rhs, getattr(layer, lora_layer.LORA_A).get_value(),
+      getattr(layer, lora_layer.LORA_B).get_value(), wkw, akw, key, cfg.int8, dropout_key)
 
 
 #: ``{mode: handler(layer, op) -> result}``: what a quantized layer's contraction does,
@@ -254,6 +277,27 @@ def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[i
   return init_weight_state(w2, spec, 0)
 
 
+class LoRABase(nnx.Variable):
+  """The kernel of a LoRA layer (``Rule(lora=...)``): frozen, so not an ``nnx.Param``;
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains the adapters (and biases) only."""
+
+
+def _add_lora(layer, path: str, rule: Rule, dtype, lead: tuple[int, ...], k: int,
+              n: int) -> None:
+  """The adapters ``lora_a`` (random) / ``lora_b`` (zeros) as ``nnx.Param``s, one pair per
+  layer of a stack, and the kernel frozen as a :class:`LoRABase`. ``A``'s key: the
+  layer's path hashed into key 0 (deterministic; re-draw with ``nnx.update`` to vary)."""
+  key = jax.random.fold_in(jax.random.key(0), zlib.crc32(path.encode()))
+  keys = jax.random.split(key, math.prod(lead)).reshape(lead + key.shape) if lead else key
+  init = functools.partial(lora_layer.init_lora, k=k, n=n, rank=rule.lora.rank, dtype=dtype)
+  for _ in lead:
+    init = jax.vmap(init)
+  a, b = init(keys)
+  setattr(layer, lora_layer.LORA_A, nnx.Param(a))
+  setattr(layer, lora_layer.LORA_B, nnx.Param(b))
+  layer.kernel = LoRABase(layer.kernel.get_value())
+
+
 def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
@@ -285,6 +329,8 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
     setattr(layer, ACT_STATS, QuantStats(jax.tree_util.tree_map(
         lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
     setattr(layer, ACT_UNOBSERVED, False)
+  if rule.lora is not None:
+    _add_lora(layer, path, rule, kernel.dtype, lead, k, math.prod(kernel_shape) // k)
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   setattr(layer, MODE, "qat")
@@ -327,6 +373,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
   rules = check_rules(rules)
+  check_rule_fields(rules, "jaxq.nnx.quantize_model", lora=True, smooth=False, gptq=True)
   if int8 not in INT8_MODES:
     raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
   if rngs is not None and (not isinstance(rngs, nnx.Rngs) or RNG_STREAM not in rngs):
@@ -357,9 +404,14 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
       fq.append((module, path, rule, kind))
     elif isinstance(module, LAYER_TYPES):
       used.add(i)
-      if rule.weight is not None or rule.act is not None:
+      if changes_contraction(rule):
         todo.append((module, path, rule))
     elif _has_own_kernel(module):
+      if rule.lora is not None:
+        raise ValueError(
+            f"rule {rule.path!r} gives layer '{path}' ({type(module).__name__}) a LoRA "
+            "adapter; jaxq adapts nnx.Linear, nnx.LinearGeneral, nnx.Conv and nnx.Einsum "
+            "only")
       unsupported.setdefault(i, []).append(f"'{path}' ({type(module).__name__})")
   for i, layers in unsupported.items():
     if i not in used:

@@ -35,11 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq import calibration
-from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, LayerConfig, QuantStats,
+from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, RULES, LayerConfig, QuantStats,
                            kernel_layout, register_mode)
 from jaxq.flax.ptq import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
+from jaxq.params import check_rule_fields
 
 __all__ = ["calibrate", "calibrate_handler", "quantized_modules", "modes",
            "inference_view", "CALIBRATE_MODE"]
@@ -138,6 +139,8 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
   if not list(quantized_modules(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
+  check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.calibrate", lora=False,
+                    smooth=False, gptq=False)
   work = nnx.clone(qmodel)  # qmodel changes only when calibration succeeds
   layers = list(quantized_modules(work))
   for _, layer, cfg in layers:

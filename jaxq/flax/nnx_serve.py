@@ -40,15 +40,15 @@ from flax import nnx
 
 from jaxq import calibration
 from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
-from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, LayerConfig, kernel_layout,
-                           register_mode)
+from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
+                           kernel_layout, register_mode)
 from jaxq.flax.nnx_ptq import inference_view, quantized_modules
 from jaxq.flax.ptq import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
 from jaxq.layer.views import Contraction, patched
-from jaxq.params import per_layer
+from jaxq.params import check_rule_fields, per_layer
 from jaxq.qarray import QArray
 
 __all__ = ["convert", "serve_handler", "sim_handler", "serving_class", "SimSelect",
@@ -194,6 +194,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
   if not layers:
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
+  check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.convert", lora=False, smooth=False,
+                    gptq=False)
   served = [p for p, layer, _ in layers if isinstance(layer.kernel.get_value(), QArray)]
   if served:
     raise ValueError(f"layer(s) {', '.join(repr(p) for p in served)} hold QArray kernels "
