@@ -210,3 +210,46 @@ def test_stacked_layers_serve_what_qat_evaluates():
   assert served.layers.jaxq_act_scale.get_value().shape == (3, 1, 1)
   q.eval()
   np.testing.assert_allclose(served(x), q(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fqvit_ptf_layernorm_calibrates_and_serves_as_linen():
+  """A PTF LayerNorm feeding a W8A8 Dense: NNX calibrate / convert serve what Linen does."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class LinenLnFc(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="fc")(nn.LayerNorm(name="ln")(x))
+
+  class NnxLnFc(nnx.Module):
+
+    def __init__(self, rngs):
+      self.ln = nnx.LayerNorm(16, rngs=rngs)
+      self.fc = nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(self.ln(x))
+
+  ptf = jaxq.QuantSpec(bits=8, scheme="ptf", granularity="tensor", signed=False,
+                       symmetric=False)
+  rules = [jaxq.Rule("ln", weight=None, act=ptf),
+           jaxq.Rule("fc", act=jaxq.QuantSpec(granularity="tensor"))]
+  x = jax.random.normal(jax.random.key(0), (8, 16)) * jnp.linspace(0.1, 10.0, 16)
+  lmodel = LinenLnFc()
+  variables = lmodel.init(jax.random.key(1), x)
+  nmodel = NnxLnFc(nnx.Rngs(0))
+  nmodel.fc.kernel.set_value(variables["params"]["fc"]["kernel"])
+  nmodel.fc.bias.set_value(variables["params"]["fc"]["bias"])
+
+  lq = jaxq.quantize_model(lmodel, rules)
+  served_model, served_vars = jaxq.convert(lq, jaxq.calibrate(lq, variables, [x]))
+  nq = jaxq.nnx.calibrate(jaxq.nnx.quantize_model(nmodel, rules), [x])
+  served = jaxq.nnx.convert(nq)
+  want = served_model.apply(served_vars, x)
+  np.testing.assert_allclose(served(x), want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(want - lmodel.apply(variables, x)))) > 0  # quantized
+
+  uncalibrated = jaxq.nnx.quantize_model(nmodel, [rules[0], jaxq.Rule("fc")])
+  with pytest.raises(ValueError, match="'ln'"):
+    jaxq.nnx.convert(uncalibrated)

@@ -6,14 +6,14 @@ saved compressed), everything else is static.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["split_arrays"]
+__all__ = ["split_arrays", "resolve_method"]
 
 
 def split_arrays(args: Sequence[Any], kwargs: Mapping[str, Any]):
@@ -37,3 +37,16 @@ def split_arrays(args: Sequence[Any], kwargs: Mapping[str, Any]):
     return jax.tree_util.tree_unflatten(treedef, full)
 
   return [leaves[i] for i in dyn], act, rebuild
+
+
+def resolve_method(module: Any, method: str | Callable[..., Any]) -> Callable[..., Any]:
+  """The unbound function a compressed call runs: ``type(module).<method>`` for a name,
+  else the function itself (a bound method's ``__func__``)."""
+  if isinstance(method, str):
+    fn = getattr(type(module), method, None)
+    if fn is None or not callable(fn):
+      raise ValueError(f"method={method!r} is not a method of {type(module).__name__}")
+    return fn
+  if not callable(method):
+    raise TypeError(f"method must be a method name or an unbound function, got {method!r}")
+  return getattr(method, "__func__", method)

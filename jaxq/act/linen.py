@@ -38,6 +38,7 @@ from flax.core import lift
 from flax.linen import transforms as nn_transforms
 
 from jaxq.act.adaptive import has_sample_bits
+from jaxq.act.calls import resolve_method
 from jaxq.act.vjp import compressed_vjp
 
 _state = threading.local()
@@ -79,17 +80,6 @@ def _plain_calls() -> set:
 def _raw(fn: Callable[..., Any]) -> Callable[..., Any]:
   """The user's function under Flax's method-state wrapper (no interceptors)."""
   return fn.__wrapped__ if getattr(fn, "method_handler_wrapped", False) else fn
-
-
-def _resolve_method(module: nn.Module, method: str | Callable[..., Any]) -> Callable:
-  if isinstance(method, str):
-    fn = getattr(type(module), method, None)
-    if fn is None or not callable(fn):
-      raise ValueError(f"method={method!r} is not a method of {type(module).__name__}")
-    return fn
-  if not callable(method):
-    raise TypeError(f"method must be a method name or an unbound function, got {method!r}")
-  return getattr(method, "__func__", method)
 
 
 def _is_dynamic(x) -> bool:
@@ -148,7 +138,7 @@ def compressed_call(module: nn.Module, method: str | Callable[..., Any],
   """
   if not isinstance(module, nn.Module) or module.scope is None:
     raise TypeError(f"module must be a bound flax.linen.Module, got {module!r}")
-  fn = _resolve_method(module, method)
+  fn = resolve_method(module, method)
   kwargs = dict(kwargs or {})
   if sample_weight is None and _weight_stack() and has_sample_bits(bits):
     sample_weight = _weight_stack()[-1]

@@ -28,21 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxq.act.calls import split_arrays
+from jaxq.act.calls import resolve_method, split_arrays
 from jaxq.act.vjp import compressed_vjp
 
 __all__ = ["compressed_call"]
-
-
-def _method(module: nnx.Module, method: str | Callable[..., Any]) -> Callable[..., Any]:
-  if isinstance(method, str):
-    fn = getattr(type(module), method, None)
-    if fn is None or not callable(fn):
-      raise ValueError(f"method={method!r} is not a method of {type(module).__name__}")
-    return fn
-  if not callable(method):
-    raise TypeError(f"method must be a method name or an unbound function, got {method!r}")
-  return getattr(method, "__func__", method)
 
 
 def compressed_call(module: nnx.Module, method: str | Callable[..., Any],
@@ -74,7 +63,7 @@ def compressed_call(module: nnx.Module, method: str | Callable[..., Any],
   """
   if not isinstance(module, nnx.Module):
     raise TypeError(f"module must be a flax.nnx.Module, got {module!r}")
-  fn = _method(module, method)
+  fn = resolve_method(module, method)
   arrays, act, rebuild = split_arrays(args, kwargs or {})
   graphdef, state = nnx.split(module)
 

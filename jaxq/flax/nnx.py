@@ -72,6 +72,7 @@ from jax import lax
 from jaxq import calibration
 from jaxq.flax.nnx_compress import ACT_COMPRESS, compress_module
 from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
+from jaxq.flax.nnx_classes import node_subclass, set_class
 from jaxq.flax.nnx_layout import kernel_rank, layer_kind, layer_layout
 from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, RNGS, QuantStats,
                                  act_kwargs, mode_methods, next_key, note_mode,
@@ -199,30 +200,18 @@ def _quantized_call(layer, base_call, args, kwargs):
   return out
 
 
-_QUANTIZED_CLASSES: dict[type, type] = {}
-
-
 def _quantized_class(base: type) -> type:
   """The quantized subclass of a layer class (one per class, so graphdefs are stable)."""
-  cls = _QUANTIZED_CLASSES.get(base)
-  if cls is not None:
-    return cls
-  base_call = base.__call__
 
-  def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
-    return _quantized_call(self, base_call, args, kwargs)
+  def make_call(base_call):
+    def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
+      return _quantized_call(self, base_call, args, kwargs)
+    return __call__
 
-  name = f"Quantized{base.__name__}"
-  cls = type(name, (base,), {
-      "__call__": __call__,
-      **mode_methods(base),
-      "__module__": __name__,
-      "__qualname__": name,
-      "__doc__": (f"A quantized ``{base.__module__}.{base.__qualname__}`` made by "
-                  "``jaxq.nnx.quantize_model`` (same attributes, plus jaxq state)."),
-  })
-  _QUANTIZED_CLASSES[base] = cls
-  return cls
+  return node_subclass(
+      base, "Quantized", make_call, module=__name__, extra=mode_methods(base),
+      doc=(f"A quantized ``{base.__module__}.{base.__qualname__}`` made by "
+           "``jaxq.nnx.quantize_model`` (same attributes, plus jaxq state)."))
 
 
 QuantizedLinear = _quantized_class(nnx.Linear)
@@ -336,8 +325,7 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   setattr(layer, MODE, "qat")
   if not hasattr(layer, "use_running_average"):
     layer.use_running_average = False
-  # No public NNX route changes a node's class; the subclass keeps every attribute.
-  object.__setattr__(layer, "__class__", _quantized_class(type(layer)))
+  set_class(layer, _quantized_class(type(layer)))
   note_mode(layer, layer.use_running_average)
 
 

@@ -17,6 +17,7 @@ Setting the attribute ``jaxq_act_compress`` to None turns compression off.
 from __future__ import annotations
 
 from jaxq.act.nnx import compressed_call
+from jaxq.flax.nnx_classes import node_subclass, set_class
 from jaxq.flax.nnx_state import RNGS, next_key
 from jaxq.spec import Rule
 
@@ -33,28 +34,19 @@ def _compressed_call(self, base_call, args, kwargs):
   return compressed_call(self, base_call, args, kwargs, bits=bits, key=next_key(self))
 
 
-_COMPRESSED_CLASSES: dict[type, type] = {}
-
-
 def _compressed_class(base: type) -> type:
   """The subclass of any module class whose ``__call__`` runs under
   :func:`jaxq.act.nnx.compressed_call` (one per class, so graphdefs are stable)."""
-  cls = _COMPRESSED_CLASSES.get(base)
-  if cls is not None:
-    return cls
-  base_call = base.__call__
 
-  def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
-    return _compressed_call(self, base_call, args, kwargs)
+  def make_call(base_call):
+    def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
+      return _compressed_call(self, base_call, args, kwargs)
+    return __call__
 
-  name = f"Compressed{base.__name__}"
-  cls = type(name, (base,), {
-      "__call__": __call__, "__module__": __name__, "__qualname__": name,
-      "__doc__": (f"A ``{base.__module__}.{base.__qualname__}`` whose activations are "
-                  "compressed for the backward pass (``Rule(act_compress=...)``)."),
-  })
-  _COMPRESSED_CLASSES[base] = cls
-  return cls
+  return node_subclass(
+      base, "Compressed", make_call, module=__name__,
+      doc=(f"A ``{base.__module__}.{base.__qualname__}`` whose activations are "
+           "compressed for the backward pass (``Rule(act_compress=...)``)."))
 
 
 def compress_module(module, path: str, rule: Rule, rngs) -> None:
@@ -69,5 +61,4 @@ def compress_module(module, path: str, rule: Rule, rngs) -> None:
   setattr(module, ACT_COMPRESS, rule.act_compress)
   if RNGS not in vars(module):
     setattr(module, RNGS, rngs)
-  # No public NNX route changes a node's class; the subclass keeps every attribute.
-  object.__setattr__(module, "__class__", _compressed_class(type(module)))
+  set_class(module, _compressed_class(type(module)))

@@ -14,11 +14,12 @@ The layer's class is swapped for a subclass (as for quantized contractions) whos
 ``attention_fn`` (attention) replaced according to the layer's ``jaxq_mode``:
 
 * "qat": fake quantization; PTF from the current tensor, log2 with the STE;
-* "calibrate" / "ptq_calibrate": float forward; in training mode
-  (``use_running_average=False``) the PTF observer ``jaxq_ptf`` (a
+* "calibrate" (:func:`jaxq.nnx.calibrate`, any mode) / "ptq_calibrate" (in training
+  mode, ``use_running_average=False``): float forward; the PTF observer ``jaxq_ptf`` (a
   :class:`~jaxq.flax.nnx_state.QuantStats`, :func:`jaxq.layer.fqvit.ptf_observer_update`)
   is updated with the LayerNorm's input;
-* "ptq_sim": PTF from the observer (:func:`ptf_observer_qparams`; refused with a
+* "ptq_sim" (also the served layer, :func:`jaxq.nnx.convert`): PTF from the observer
+  (:func:`ptf_observer_qparams`; refused with a
   ValueError naming the layer when it was never updated, concrete counts), integer
   shifts (:func:`jaxq.layer.fqvit.ptf_serve`); log2 probabilities from their codes;
 * any other mode: the float layer.
@@ -38,6 +39,7 @@ from jaxq import quantizer
 from jaxq.layer import fqvit
 from jaxq.layer.observers import never_observed, unobserved_error
 from jaxq.layer.views import patched
+from jaxq.flax.nnx_classes import node_subclass, set_class
 from jaxq.flax.nnx_state import QuantStats, mode_methods
 from jaxq.spec import QuantSpec, Rule
 
@@ -103,8 +105,8 @@ def _ptf_input(layer, x):
   mode = getattr(layer, MODE)
   if mode == "qat":  # range and factors of the current tensor (FQ-ViT's observer, one batch)
     return quantizer.fake_quantize(x, cfg.act)
-  if mode in CALIBRATE_MODES:
-    if not layer.use_running_average:
+  if mode in CALIBRATE_MODES:  # jaxq.nnx.calibrate runs the model as at inference
+    if mode == "calibrate" or not layer.use_running_average:
       var = getattr(layer, PTF_STATS)
       var.set_value(fqvit.ptf_observer_update(var.get_value(), jax.lax.stop_gradient(x),
                                               cfg.act))
@@ -138,36 +140,26 @@ def _attention_fn(layer):
   return attention_fn
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def _fqvit_class(base: type) -> type:
   """The FQ-ViT subclass of a LayerNorm / MultiHeadAttention class (one per class)."""
-  cls = _CLASSES.get(base)
-  if cls is not None:
-    return cls
-  base_call = base.__call__
 
-  if issubclass(base, nnx.LayerNorm):
-    def __call__(self, x, *args, **kwargs):  # pylint: disable=invalid-name
-      return base_call(self, _ptf_input(self, x), *args, **kwargs)
-  else:
-    def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
-      fn = _attention_fn(self)
-      if fn is None:
-        return base_call(self, *args, **kwargs)
-      with patched(self, attention_fn=fn):
-        return base_call(self, *args, **kwargs)
+  def make_call(base_call):
+    if issubclass(base, nnx.LayerNorm):
+      def __call__(self, x, *args, **kwargs):  # pylint: disable=invalid-name
+        return base_call(self, _ptf_input(self, x), *args, **kwargs)
+    else:
+      def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
+        fn = _attention_fn(self)
+        if fn is None:
+          return base_call(self, *args, **kwargs)
+        with patched(self, attention_fn=fn):
+          return base_call(self, *args, **kwargs)
+    return __call__
 
-  name = f"Fqvit{base.__name__}"
-  cls = type(name, (base,), {
-      "__call__": __call__, **mode_methods(base), "__module__": __name__,
-      "__qualname__": name,
-      "__doc__": (f"A ``{base.__module__}.{base.__qualname__}`` with FQ-ViT quantization, "
-                  "made by ``jaxq.nnx.quantize_model``."),
-  })
-  _CLASSES[base] = cls
-  return cls
+  return node_subclass(
+      base, "Fqvit", make_call, module=__name__, extra=mode_methods(base),
+      doc=(f"A ``{base.__module__}.{base.__qualname__}`` with FQ-ViT quantization, made "
+           "by ``jaxq.nnx.quantize_model``."))
 
 
 def quantize_fqvit_layer(layer, path: str, rule: Rule, kind: str) -> None:
@@ -190,5 +182,4 @@ def quantize_fqvit_layer(layer, path: str, rule: Rule, kind: str) -> None:
       layer.use_running_average = False
   setattr(layer, CONFIG, FqvitConfig(path, rule, kind, rule.act))
   setattr(layer, MODE, "qat")
-  # No public NNX route changes a node's class; the subclass keeps every attribute.
-  object.__setattr__(layer, "__class__", _fqvit_class(type(layer)))
+  set_class(layer, _fqvit_class(type(layer)))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq import calibration
+from jaxq.flax.nnx_fqvit import PTF_STATS
 from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, RULES, LayerConfig, QuantStats,
                            kernel_layout, register_mode)
 from jaxq.flax.ptq import is_empty_batch, normalize_batch, split_static_kwargs
@@ -61,8 +62,9 @@ def quantized_modules(model: nnx.Module) -> Iterator[tuple[str, nnx.Module, Laye
 
 @contextlib.contextmanager
 def modes(model: nnx.Module, mode: str):
-  """Every quantized layer of ``model`` in ``mode`` for the duration of the block."""
-  layers = [m for _, m, _ in quantized_modules(model)]
+  """Every quantized layer of ``model`` (contractions and FQ-ViT layers: every module
+  with a ``jaxq_mode``) in ``mode`` for the duration of the block."""
+  layers = [m for _, m in nnx.iter_modules(model) if MODE in vars(m)]
   old = [getattr(m, MODE) for m in layers]
   try:
     for m in layers:
@@ -147,6 +149,11 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     if cfg.act is not None and not cfg.act.dynamic and (
         reset or not isinstance(getattr(layer, ACT_STATS, None), QuantStats)):
       setattr(layer, ACT_STATS, QuantStats(_fresh_observer(layer, cfg)))
+  ptf = [m for _, m in nnx.iter_modules(work) if PTF_STATS in vars(m)]
+  if reset:
+    for m in ptf:
+      var = getattr(m, PTF_STATS)
+      var.set_value(jax.tree_util.tree_map(jnp.zeros_like, var.get_value()))
   with modes(work, CALIBRATE_MODE):
     graphdef, stats, rest = nnx.split(inference_view(work), QuantStats, ...)
   reached: set[str] = set()
@@ -183,4 +190,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
       getattr(target, ACT_STATS).set_value(value)
     elif value is not None:
       setattr(target, ACT_STATS, QuantStats(value))
+  for layer, target in zip(ptf, [m for _, m in nnx.iter_modules(qmodel)
+                                 if PTF_STATS in vars(m)]):
+    getattr(target, PTF_STATS).set_value(getattr(layer, PTF_STATS).get_value())
   return qmodel

@@ -42,6 +42,8 @@ from jaxq import calibration
 from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
                            kernel_layout, register_mode)
+from jaxq.flax.nnx_classes import node_subclass, set_class
+from jaxq.flax.nnx_fqvit import SIM_MODES, FqvitConfig, ptf_observer_qparams
 from jaxq.flax.nnx_ptq import inference_view, quantized_modules
 from jaxq.flax.ptq import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
@@ -56,6 +58,8 @@ __all__ = ["convert", "serve_handler", "sim_handler", "serving_class", "SimSelec
            "SELECT"]
 
 SERVE_MODE, SIM_MODE = "serve", "sim"
+#: The mode of a served FQ-ViT layer: the serving numerics of jaxq.flax.nnx_fqvit.
+FQVIT_SERVE_MODE = SIM_MODES[0]
 #: Attribute of a layer in the "sim" mode: its selection flag (:class:`SimSelect`).
 SELECT = "jaxq_select"
 # Variable metadata key of the serving placeholder kernel: the QArray it stands for.
@@ -136,32 +140,25 @@ register_mode(SIM_MODE, sim_handler)
 # The serving layers
 # --------------------------------------------------------------------------------------
 
-_SERVING_CLASSES: dict[type, type] = {}
-
-
 def serving_class(cls: type) -> type:
   """The serving subclass of a quantized layer class (one per class: stable graphdefs).
 
   Its ``__call__`` runs the quantized layer's call with ``kernel`` replaced by a zero
   placeholder that carries the QArray (see the module docstring)."""
-  if cls in _SERVING_CLASSES or cls in _SERVING_CLASSES.values():
-    return _SERVING_CLASSES.get(cls, cls)
-  base_call = cls.__call__
 
-  def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
-    q = self.kernel.get_value()
-    if not isinstance(q, QArray):
-      return base_call(self, *args, **kwargs)
-    stand_in = nnx.Param(jnp.zeros(q.shape, q.dtype), **{_SERVED: q})
-    with patched(self, kernel=stand_in):
-      return base_call(self, *args, **kwargs)
+  def make_call(base_call):
+    def __call__(self, *args, **kwargs):  # pylint: disable=invalid-name
+      q = self.kernel.get_value()
+      if not isinstance(q, QArray):
+        return base_call(self, *args, **kwargs)
+      stand_in = nnx.Param(jnp.zeros(q.shape, q.dtype), **{_SERVED: q})
+      with patched(self, kernel=stand_in):
+        return base_call(self, *args, **kwargs)
+    return __call__
 
-  name = cls.__name__.replace("Quantized", "Serving", 1)
-  new = type(name, (cls,), {
-      "__call__": __call__, "__module__": __name__, "__qualname__": name,
-      "__doc__": f"A served ``{cls.__name__}`` made by ``jaxq.nnx.convert`` (QArray kernel)."})
-  _SERVING_CLASSES[cls] = new
-  return new
+  return node_subclass(cls, "Serving", make_call, module=__name__,
+                       doc=f"A served ``{cls.__name__}`` made by ``jaxq.nnx.convert`` "
+                           "(QArray kernel).")
 
 
 def _drop(layer, names) -> None:
@@ -215,8 +212,14 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
       setattr(layer, ACT_SCALE, nnx.Param(act["scale"]))
       setattr(layer, ACT_ZERO_POINT, nnx.Param(act["zero_point"]))
     setattr(layer, MODE, SERVE_MODE)
-    # No public NNX route turns an object into an instance of a subclass.
-    object.__setattr__(layer, "__class__", serving_class(type(layer)))
+    set_class(layer, serving_class(type(layer)))
+  # FQ-ViT layers serve from their calibrated PTF observers and log2 codes.
+  for _, layer in nnx.iter_modules(serving):
+    fq = getattr(layer, CONFIG, None)
+    if isinstance(fq, FqvitConfig):
+      if fq.kind == "ptf":
+        ptf_observer_qparams(layer)  # a ValueError naming a never-calibrated LayerNorm
+      setattr(layer, MODE, FQVIT_SERVE_MODE)
   return serving
 
 
