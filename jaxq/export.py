@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 
 from jaxq import qarray  # noqa: F401  (registers QArray with jax.export)
-from jaxq.flax.ptq import split_static_kwargs
+from jaxq.flax.batches import split_static_kwargs
 
 __all__ = ["export_serving", "load_serving", "serving_state"]
 

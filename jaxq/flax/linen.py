@@ -87,33 +87,26 @@ of the contraction, typically ``op.compute(new_lhs, new_rhs)`` or a result assem
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import module as nn_module
-from jax import lax
 
-from jaxq import calibration
 from jaxq.flax import fqvit
+from jaxq.flax.linen_layer import (QUANT_STATS, LayerCall, act_kwargs, act_observer,
+                                   layer_param, run_layer, weight_kwargs)
 from jaxq.flax.paths import module_path
-from jaxq.layer.int8 import INT8_MODES
-from jaxq.layer.observers import observed_qparams
-from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
-                                 act_stat_shape, act_view_spec, is_learned, is_observed,
-                                 observer_view, state_names, weight_qparams)
 from jaxq.flax.qarray_params import qarray_param_interceptor
 from jaxq.layer import lora as lora_layer
+from jaxq.layer.int8 import INT8_MODES
+from jaxq.layer.operands import ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES, act_view_spec
 from jaxq.layer.qat import lora_qat_contraction, qat_contraction
+from jaxq.layer.views import Contraction
+from jaxq.params import check_rule_fields, check_rules
 from jaxq.qarray import QArray
-from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook, einsum_axes,
-                              patched, resolve_op)
-from jaxq.params import check_rule_fields, check_rules, init_weight_state
-from jaxq.spec import (QuantSpec, Rule, changes_contraction, rule_index,
-                       warn_unused_rules)
+from jaxq.spec import Rule, changes_contraction, rule_index, warn_unused_rules
 
 __all__ = [
     "QuantizedModel", "quantize_model", "init_quant_params", "register_mode", "MODES",
@@ -121,140 +114,9 @@ __all__ = [
     "RESERVED_NAMES", "layer_paths", "call_path",
 ]
 
-QUANT_STATS = "quant_stats"
 #: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS,)
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-
-
-# --------------------------------------------------------------------------------------
-# The contraction of one layer call (jaxq.layer.views.Contraction)
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerCall:
-  """A matched layer call as handed to a mode handler."""
-
-  module: nn.Module
-  path: str
-  rule: Rule
-  mode: str
-  int8: str
-
-  def rng(self) -> jax.Array | None:
-    """A fresh key from the "jaxq" stream, or None when the stream is not given."""
-    if self.module.has_rng(RNG_STREAM):
-      return self.module.make_rng(RNG_STREAM)
-    return None
-
-
-def _run_dot_general(call: LayerCall, handler, next_fun, args, kwargs):
-  m = call.module
-  base = resolve_op(m.dot_general_cls, m.dot_general, lax.dot_general)
-  qdot = dot_general_hook(base, call.path, functools.partial(handler, call))
-  with patched(m, dot_general=qdot, dot_general_cls=None):
-    return next_fun(*args, **kwargs)
-
-
-def _run_conv(call: LayerCall, handler, next_fun, args, kwargs):
-  m = call.module
-  base = resolve_op(m.conv_general_dilated_cls, m.conv_general_dilated,
-                    lax.conv_general_dilated)
-  qconv = conv_hook(base, functools.partial(handler, call))
-  with patched(m, conv_general_dilated=qconv, conv_general_dilated_cls=None):
-    return next_fun(*args, **kwargs)
-
-
-def _run_einsum(call: LayerCall, handler, inputs, einsum_str=None):
-  """Flax's ``nn.Einsum.__call__`` with the einsum handed to ``handler``."""
-  m = call.module
-  einsum_str = nn_module.merge_param("einsum_str", m.einsum_str, einsum_str)
-  einsum_str = einsum_str.replace(" ", "")
-  lc, rc, _ = einsum_axes(einsum_str, call.path, inputs.ndim)
-  kernel = m.param("kernel", m.kernel_init, m.shape, m.param_dtype)
-  if m.use_bias:
-    bias_shape, broadcasted_bias_shape = m._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
-    bias = m.param("bias", m.bias_init, bias_shape, m.param_dtype)
-  else:
-    bias = None
-  inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
-
-  def compute(l, r):
-    return jnp.einsum(einsum_str, l, r, precision=m.precision,
-                      preferred_element_type=m.preferred_element_type)
-
-  y = handler(call, Contraction("einsum", inputs, kernel, lc, rc, compute))
-  if bias is not None:
-    y += jnp.reshape(bias, broadcasted_bias_shape)
-  return y
-
-
-def _run_layer(call: LayerCall, handler, next_fun, args, kwargs):
-  if isinstance(call.module, (nn.Dense, nn.DenseGeneral)):
-    return _run_dot_general(call, handler, next_fun, args, kwargs)
-  if isinstance(call.module, nn.Conv):
-    return _run_conv(call, handler, next_fun, args, kwargs)
-  return _run_einsum(call, handler, *args, **kwargs)
-
-
-# --------------------------------------------------------------------------------------
-# Quantizers of the two operands (views and specs: jaxq.layer.operands)
-# --------------------------------------------------------------------------------------
-
-
-def _param(module, name, init_fn):
-  """A jaxq parameter in the layer's "params": read, or created when "params" is mutable."""
-  if not module.has_variable("params", name) and not module.is_mutable_collection("params"):
-    raise ValueError(
-        f"layer '{'/'.join(module_path(module))}' needs the quantizer parameter '{name}', "
-        "which the given params lack (a float checkpoint?): add it with "
-        "jaxq.flax.init_quant_params(qmodel, variables, *example_args)")
-  return module.variable("params", name, init_fn).value
-
-
-def _learned_kwargs(module, spec, v, group_axis, names) -> dict[str, jax.Array]:
-  """fake_quantize kwargs of a learned step (LSQ / LSQ+ / PACT), created from ``v``."""
-  init = functools.lru_cache(maxsize=None)(lambda: init_weight_state(v, spec, group_axis))
-  return {key: _param(module, name, lambda key=key: init()[key])
-          for key, name in state_names(spec, names).items()}
-
-
-def _weight_qparams(call: LayerCall, spec: QuantSpec, w2: jax.Array):
-  """fake_quantize kwargs for the kernel view ``w2 (K, N)`` ({} -> min-max of w2)."""
-  return weight_qparams(
-      spec, w2, lambda: _learned_kwargs(call.module, spec, w2, 0, WEIGHT_NAMES))
-
-
-def _act_observer(call: LayerCall, spec: QuantSpec, x2: jax.Array, always_update: bool):
-  """Reads (and, when "quant_stats" is mutable, updates) the layer's activation observer."""
-  m = call.module
-  mutable = m.is_mutable_collection(QUANT_STATS)
-  if not mutable and not m.has_variable(QUANT_STATS, ACT_STATS):
-    raise ValueError(
-        f"layer '{call.path}': activation calibration={spec.calibration!r} keeps its "
-        f"range in the '{QUANT_STATS}' collection, which the given variables lack: use "
-        f"variables from qmodel.init(...) or apply(..., mutable=['{QUANT_STATS}'])")
-  var = m.variable(QUANT_STATS, ACT_STATS, calibration.observer_init, spec,
-                   act_stat_shape(spec, x2.shape[1]))
-  if mutable or always_update:
-    view, axes = observer_view(x2, spec, 1)
-    var.value = calibration.observer_update(var.value, view, spec, axes)
-  return var.value
-
-
-def _act_qparams(call: LayerCall, spec: QuantSpec, x2: jax.Array):
-  """fake_quantize kwargs for the activation view ``x2 (M, K)`` ({} -> range of x2)."""
-  if is_learned(spec, act=True):
-    return _learned_kwargs(call.module, spec, x2, 1, ACT_NAMES)
-  if not is_observed(spec):
-    return {}
-  st = _act_observer(call, spec, x2, always_update=False)
-  if call.module.is_mutable_collection(QUANT_STATS):  # just updated
-    scale, zp = calibration.observer_qparams(st, spec)
-  else:  # read: refused when never updated (jaxq.layer.observers)
-    scale, zp = observed_qparams(st, spec, call.path)
-  return {"scale": scale, "zero_point": zp}
 
 
 # --------------------------------------------------------------------------------------
@@ -285,15 +147,15 @@ def _lora_params(call: LayerCall, op: Contraction):
     return lora_layer.init_lora(m.make_rng("params"), k, n, r,
                                 getattr(m, "param_dtype", jnp.float32))
 
-  return (_param(m, lora_layer.LORA_A, lambda: init()[0]),
-          _param(m, lora_layer.LORA_B, lambda: init()[1]))
+  return (layer_param(m, lora_layer.LORA_A, lambda: init()[0]),
+          layer_param(m, lora_layer.LORA_B, lambda: init()[1]))
 
 
 def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """QAT: quantize-dequantize both operands (or run W8A8 on int8 operands); with
   ``rule.lora``, over the frozen base plus the adapter (:mod:`jaxq.layer.lora`)."""
-  wkw = functools.partial(_weight_qparams, call)
-  akw = functools.partial(_act_qparams, call)
+  wkw = functools.partial(weight_kwargs, call)
+  akw = functools.partial(act_kwargs, call)
   rule = call.rule
   if rule.lora is None:
     return qat_contraction(op, call.path, rule.weight, rule.act, wkw, akw, call.rng,
@@ -313,7 +175,7 @@ def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
   if aspec is not None and not aspec.dynamic and call.module.is_mutable_collection(
       QUANT_STATS):
     x2, _ = op.lhs_matrix()
-    _act_observer(call, act_view_spec(aspec, call.path, x2.shape[1]), x2, always_update=True)
+    act_observer(call, act_view_spec(aspec, call.path, x2.shape[1]), x2, always_update=True)
   return op.compute(op.lhs, op.rhs)
 
 
@@ -383,7 +245,7 @@ class _Interceptor:
         self.compressing.pop()
     if isinstance(m, LAYER_TYPES) and changes_contraction(rule):
       call = LayerCall(m, path, rule, self.mode, self.int8)
-      return _run_layer(call, MODES[self.mode], next_fun, args, kwargs)
+      return run_layer(call, MODES[self.mode], next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if rule.lora is not None and _owns_weights(m):
       raise ValueError(

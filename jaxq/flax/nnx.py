@@ -61,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import zlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -73,6 +72,7 @@ from jaxq import calibration
 from jaxq.flax.nnx_compress import ACT_COMPRESS, compress_module
 from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
 from jaxq.flax.nnx_classes import node_subclass, set_class
+from jaxq.flax.nnx_lora import LoRABase, add_lora
 from jaxq.flax.nnx_layout import kernel_rank, layer_kind, layer_layout
 from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, RNGS, QuantStats,
                                  act_kwargs, mode_methods, next_key, note_mode,
@@ -92,7 +92,8 @@ __all__ = [
     "QuantStats", "quantize_model", "quantized_layers", "LayerConfig", "Contraction",
     "LAYER_TYPES", "RESERVED_NAMES",
     "RNG_STREAM", "QuantizedLinear", "QuantizedLinearGeneral", "QuantizedConv",
-    "QuantizedEinsum", "MODES", "register_mode", "qat_handler", "kernel_layout", "RULES",
+    "QuantizedEinsum", "LoRABase", "MODES", "register_mode", "qat_handler", "kernel_layout",
+    "RULES",
 ]
 
 CONFIG, MODE = "jaxq_config", "jaxq_mode"
@@ -266,27 +267,6 @@ def _init_kernel_state(kernel: jax.Array, spec: QuantSpec, rhs_contract: tuple[i
   return init_weight_state(w2, spec, 0)
 
 
-class LoRABase(nnx.Variable):
-  """The kernel of a LoRA layer (``Rule(lora=...)``): frozen, so not an ``nnx.Param``;
-  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains the adapters (and biases) only."""
-
-
-def _add_lora(layer, path: str, rule: Rule, dtype, lead: tuple[int, ...], k: int,
-              n: int) -> None:
-  """The adapters ``lora_a`` (random) / ``lora_b`` (zeros) as ``nnx.Param``s, one pair per
-  layer of a stack, and the kernel frozen as a :class:`LoRABase`. ``A``'s key: the
-  layer's path hashed into key 0 (deterministic; re-draw with ``nnx.update`` to vary)."""
-  key = jax.random.fold_in(jax.random.key(0), zlib.crc32(path.encode()))
-  keys = jax.random.split(key, math.prod(lead)).reshape(lead + key.shape) if lead else key
-  init = functools.partial(lora_layer.init_lora, k=k, n=n, rank=rule.lora.rank, dtype=dtype)
-  for _ in lead:
-    init = jax.vmap(init)
-  a, b = init(keys)
-  setattr(layer, lora_layer.LORA_A, nnx.Param(a))
-  setattr(layer, lora_layer.LORA_B, nnx.Param(b))
-  layer.kernel = LoRABase(layer.kernel.get_value())
-
-
 def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
   if any(name in vars(layer) for name in RESERVED_NAMES):
     raise ValueError(f"layer '{path}' is already quantized (or uses a reserved jaxq_* "
@@ -319,7 +299,7 @@ def _quantize_layer(layer, path: str, rule: Rule, rngs, int8: str) -> None:
         lambda a: jnp.broadcast_to(a, lead + a.shape), observer)))
     setattr(layer, ACT_UNOBSERVED, False)
   if rule.lora is not None:
-    _add_lora(layer, path, rule, kernel.dtype, lead, k, math.prod(kernel_shape) // k)
+    add_lora(layer, path, rule.lora, kernel.dtype, lead, k, math.prod(kernel_shape) // k)
   setattr(layer, CONFIG, cfg)
   setattr(layer, RNGS, rngs)
   setattr(layer, MODE, "qat")

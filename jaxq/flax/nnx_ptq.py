@@ -38,7 +38,7 @@ from jaxq import calibration
 from jaxq.flax.nnx_fqvit import PTF_STATS
 from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, RULES, LayerConfig, QuantStats,
                            kernel_layout, register_mode)
-from jaxq.flax.ptq import is_empty_batch, normalize_batch, split_static_kwargs
+from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
 from jaxq.params import check_rule_fields

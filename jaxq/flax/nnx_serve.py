@@ -45,7 +45,7 @@ from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
 from jaxq.flax.nnx_classes import node_subclass, set_class
 from jaxq.flax.nnx_fqvit import SIM_MODES, FqvitConfig, ptf_observer_qparams
 from jaxq.flax.nnx_ptq import inference_view, quantized_modules
-from jaxq.flax.ptq import split_static_kwargs
+from jaxq.flax.batches import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act

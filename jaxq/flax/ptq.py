@@ -50,7 +50,6 @@ used by :mod:`jaxq.analysis`.
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -63,139 +62,22 @@ from flax.core import meta
 
 from jaxq import calibration
 from jaxq.flax import fqvit
-from jaxq.flax import linen as qlinen
+from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
-                                     quantize_kernel, round_up_scale, served_kernel)
-from jaxq.flax.linen import (QUANT_STATS, Contraction, LayerCall, QuantizedModel,
-                             register_mode)
+                                     quantize_kernel, round_up_scale)
+from jaxq.flax.linen import QUANT_STATS, QuantizedModel
+from jaxq.flax.ptq_modes import (ACT_SCALE, ACT_ZERO_POINT, CALIBRATE_MODE, KERNEL_AXES,
+                                 KERNEL_RANK, RECORD, SELECT, SERVE_MODE, SIM_MODE,
+                                 uncalibrated_message)
 from jaxq.layer import operands
-from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
+from jaxq.layer.serve import static_act
+from jaxq.params import check_rule_fields, per_layer, tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import match_rule
-from jaxq.params import check_rule_fields, per_layer, tree_get
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
            "ACT_ZERO_POINT", "normalize_batch"]
-
-CALIBRATE_MODE = "ptq_calibrate"
-SERVE_MODE = "ptq_serve"
-SIM_MODE = "ptq_sim"
-#: quant_stats entry: int32 contraction axes of a matched kernel (recorded by calibrate).
-KERNEL_AXES = "jaxq_kernel_axes"
-#: quant_stats entry: the kernel's rank as its layer's call sees it (one layer of a stack).
-KERNEL_RANK = "jaxq_kernel_rank"
-ACT_SCALE, ACT_ZERO_POINT = operands.ACT_SCALE, operands.ACT_ZERO_POINT
-_WEIGHT_NAMES = operands.WEIGHT_NAMES
-
-# Kernel layouts seen while tracing a calibration step: {path: (contraction axes, rank)}.
-_RECORD = threading.local()
-
-
-def normalize_batch(batch) -> tuple[tuple, dict]:
-  """``(args, kwargs)`` of one calibration batch: a tuple/list of positional arguments,
-  a dict of keyword arguments, or a bare array (one positional argument)."""
-  if isinstance(batch, tuple):
-    return batch, {}
-  if isinstance(batch, list):
-    return tuple(batch), {}
-  if isinstance(batch, Mapping):
-    return (), dict(batch)
-  return (batch,), {}
-
-
-# --------------------------------------------------------------------------------------
-# The quantized contraction shared by serving and simulation
-# --------------------------------------------------------------------------------------
-
-
-def _act_qparams_from_stats(call: LayerCall, x2_k: int) -> dict | None:
-  """Static activation qparams from the layer's calibrated observer or learned step."""
-  aspec = call.rule.act
-  if not static_act(aspec):
-    return None
-  m = call.module
-  if aspec.estimator in ("lsq", "pact"):
-    return learned_act_qparams(aspec, lambda n: m.get_variable("params", n), call.path)
-  if not m.has_variable(QUANT_STATS, operands.ACT_STATS):
-    raise ValueError(_uncalibrated(call.path))
-  st = m.get_variable(QUANT_STATS, operands.ACT_STATS)
-  del x2_k
-  scale, zp = calibration.observer_qparams(st, aspec)
-  return {"scale": scale, "zero_point": zp}
-
-
-def _uncalibrated(path: str) -> str:
-  return (f"layer '{path}': its activation spec has a static range, which needs "
-          "calibration: run jaxq.calibrate(qmodel, variables, batches) first (or use "
-          "QuantSpec(dynamic=True) for per-token ranges computed at run time)")
-
-
-# --------------------------------------------------------------------------------------
-# Mode handlers
-# --------------------------------------------------------------------------------------
-
-
-def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
-  """Calibration: linen's observer update, plus the kernel's contraction axes recorded."""
-  rec = getattr(_RECORD, "axes", None)
-  if rec is not None:
-    rec[call.path] = (tuple(int(a) % op.rhs.ndim for a in op.rhs_contract), op.rhs.ndim)
-  return qlinen.calibrate_handler(call, op)
-
-
-def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
-  """Serving: the stored QArray kernel and activation scales."""
-  m = call.module
-  qw = m.get_variable("params", "kernel") if m.has_variable("params", "kernel") else None
-  if not isinstance(qw, QArray):
-    qw = None
-  act = None
-  if static_act(call.rule.act):
-    spec = call.rule.act
-    if not m.has_variable("params", ACT_SCALE):
-      if spec.estimator == "pact" and m.has_variable("params", operands.ACT_ALPHA):
-        act = learned_act_qparams(spec, lambda n: m.get_variable("params", n), call.path)
-      else:
-        raise ValueError(_uncalibrated(call.path) + " and convert it")
-    else:
-      scale = m.get_variable("params", ACT_SCALE)
-      zp = (m.get_variable("params", ACT_ZERO_POINT)
-            if m.has_variable("params", ACT_ZERO_POINT) else jnp.zeros_like(scale))
-      act = {"scale": scale, "zero_point": zp}
-  return quantized_contraction(op, call.path, call.rule.act, qw, act)
-
-
-def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
-  """Simulated PTQ from float variables (the serving numerics, quantized on the fly).
-
-  With a ``"quant_stats"`` variable ``"jaxq_select"`` in the layer's scope, the quantized
-  result is used where it is > 0 and the float result elsewhere (one compilation serves
-  every one-layer-at-a-time choice; :mod:`jaxq.analysis`). It lives in "quant_stats" so
-  that it reaches the layers of ``nn.scan`` / ``nn.vmap`` stacks, stacked like them.
-  """
-  wspec = call.rule.weight
-  qw = None
-  if wspec is not None:
-    w = jax.lax.stop_gradient(op.rhs)
-    learned = {n: call.module.get_variable("params", n) for n in _WEIGHT_NAMES
-               if call.module.has_variable("params", n)}
-    qw = served_kernel(w, wspec, op.rhs_contract, learned)
-  act = _act_qparams_from_stats(call, op.lhs.shape[-1])
-  y = quantized_contraction(op, call.path, call.rule.act, qw, act)
-  m = call.module
-  if m.has_variable(QUANT_STATS, SELECT):
-    on = m.get_variable(QUANT_STATS, SELECT)
-    y = jnp.where(on > 0, y, op.compute(op.lhs, op.rhs))
-  return y
-
-
-#: quant_stats entry: a layer's selection flag read by the "ptq_sim" mode.
-SELECT = "jaxq_select"
-
-register_mode(CALIBRATE_MODE, calibrate_handler)
-register_mode(SERVE_MODE, serve_handler)
-register_mode(SIM_MODE, sim_handler)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,21 +107,6 @@ def _unfreeze(tree):
   if isinstance(tree, Mapping):
     return {k: _unfreeze(v) for k, v in tree.items()}
   return tree
-
-
-def split_static_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
-  """``(static, arrays)``: keyword arguments that are Python scalars / strings / None
-  (flags such as ``train=False``, hashable: a jit static argument) and the others."""
-  static = tuple(sorted((k, v) for k, v in kwargs.items()
-                        if v is None or isinstance(v, (bool, int, float, str))))
-  names = {k for k, _ in static}
-  return static, {k: v for k, v in kwargs.items() if k not in names}
-
-
-def is_empty_batch(args, kwargs) -> bool:
-  """Whether a batch holds an array with no elements (e.g. a zero-length final batch)."""
-  return any(jnp.size(a) == 0 for a in jax.tree_util.tree_leaves((args, kwargs))
-             if hasattr(a, "shape"))
 
 
 def _path_keys(path: str) -> tuple[str, ...]:
@@ -332,13 +199,13 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
       continue
     static, arrays = split_static_kwargs({**kwargs, **apply_kwargs})
     if stats is None:
-      _RECORD.axes = recorded
+      RECORD.axes = recorded
       try:
         shapes = jax.eval_shape(
             functools.partial(_calibration_run, cal, static_kwargs=static), others, {},
             args, arrays)
       finally:
-        _RECORD.axes = None
+        RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       if not reset:
         stats = _merge(stats, _unfreeze(variables.get(QUANT_STATS, {})))
@@ -423,17 +290,17 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     if kernel is not None and not isinstance(kernel, QArray):
       stack = kernel_stack(path, kernel, ranks.get(lp), bias)
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
-      learned = {n: node[n] for n in _WEIGHT_NAMES if n in node}
+      learned = {n: node[n] for n in operands.WEIGHT_NAMES if n in node}
       flat[lp + ("kernel",)] = convert_kernel(path, rule.weight, kernel, bias,
                                                recorded.get(lp), learned, stack,
                                                compact_scales)
-    for n in _WEIGHT_NAMES:
+    for n in operands.WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
     if static_act(aspec) and aspec.estimator == "ste":
       st = tree_get(stats, lp + (operands.ACT_STATS,))
       if st is None:
-        raise ValueError(_uncalibrated(path))
+        raise ValueError(uncalibrated_message(path))
       if not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
         raise ValueError(_no_finite([path]))
       scale, zp = per_layer(lambda s: calibration.observer_qparams(s, aspec), stack)(st)
@@ -489,6 +356,5 @@ def serving_nbytes(tree) -> int:
   return total
 
 
-__all__ += ["serving_nbytes", "serve_handler", "sim_handler", "calibrate_handler",
-            "split_static_kwargs", "is_empty_batch",
-            "SELECT", "round_up_scale", "SCALE_FORMATS"]
+__all__ += ["serving_nbytes", "split_static_kwargs", "is_empty_batch", "SELECT",
+            "round_up_scale", "SCALE_FORMATS"]
