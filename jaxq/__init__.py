@@ -13,8 +13,10 @@ The public API of ``DESIGN.md``'s contract:
   ``freeze``, ``merge``);
 * what a rule set quantized: :func:`report` (Linen), :func:`jaxq.nnx.report`
   (:class:`QuantReport`);
-* submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`, and the
-  op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`, :mod:`jaxq.nf4`.
+* submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`,
+  :mod:`jaxq.layer` (the quantized contraction that the Linen and NNX adapters share),
+  and the op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`,
+  :mod:`jaxq.nf4`.
 """
 
 from jaxq import act
@@ -44,8 +46,9 @@ from jaxq.spec import LoRA, QuantSpec, Rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRA", "QArray", "QuantSpec", "Rule", "act", "calibrate", "convert", "dequantize", "fake_quant", "gptq",
-    "init_qstate", "kernels", "layer", "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "nf4", "nnx",
+    "LoRA", "QArray", "QuantReport", "QuantSpec", "Rule", "act", "calibrate", "convert",
+    "dequantize", "fake_quant", "gptq", "init_qstate", "kernels", "layer",
+    "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "nf4", "nnx",
     "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
-    "quantize_params", "smoothing", "QuantReport", "report",
+    "quantize_params", "report", "smoothing",
 ]
