@@ -43,13 +43,15 @@ class LinenNet(nn.Module):
 
 
 class NnxBlock(nnx.Module):
-  def __init__(self, rngs):
-    self.norm1 = nnx.LayerNorm(DIM, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=DIM, decode=False,
+  """A pre-LN transformer block (also tests/test_nnx.py's)."""
+
+  def __init__(self, rngs, dim=DIM, heads=HEADS, mlp=MLP):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False,
                                        rngs=rngs)
-    self.norm2 = nnx.LayerNorm(DIM, rngs=rngs)
-    self.fc1 = nnx.Linear(DIM, MLP, rngs=rngs)
-    self.fc2 = nnx.Linear(MLP, DIM, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, mlp, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp, dim, rngs=rngs)
 
   def __call__(self, x):
     y = self.norm1(x)

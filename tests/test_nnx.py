@@ -16,6 +16,7 @@ from jaxq import quantizer
 from jaxq.flax import nnx as jnnx
 from jaxq.spec import QuantSpec, Rule
 from tests._models import load_digits_split
+from tests._twins import NnxBlock
 
 W8 = QuantSpec()  # int8 symmetric per output channel
 A8 = QuantSpec(granularity="tensor")
@@ -26,28 +27,13 @@ A8 = QuantSpec(granularity="tensor")
 # ---------------------------------------------------------------------------------------
 
 
-class Block(nnx.Module):
-  def __init__(self, dim, heads, mlp, *, rngs):
-    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False,
-                                       rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, mlp, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp, dim, rngs=rngs)
-
-  def __call__(self, x):
-    y = self.norm1(x)
-    x = x + self.attn(y, y)
-    return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
-
-
 class TinyViT(nnx.Module):
   """Patch embedding (Linear on 2x2 patches), ``depth`` pre-LN blocks, mean pool."""
 
   def __init__(self, dim=32, depth=1, heads=2, mlp=64, classes=10, *, rngs):
     self.embed = nnx.Linear(4, dim, rngs=rngs)
     self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, 16, dim)) * 0.02)
-    self.blocks = nnx.List([Block(dim, heads, mlp, rngs=rngs) for _ in range(depth)])
+    self.blocks = nnx.List([NnxBlock(rngs, dim, heads, mlp) for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, classes, rngs=rngs)
 
