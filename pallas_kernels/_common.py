@@ -6,10 +6,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 try:  # Triton compiler params select Pallas' Triton backend on GPU (the default is Mosaic GPU).
   from jax.experimental.pallas import triton as plt
 except ImportError:  # pragma: no cover - jax builds without the Triton module
   plt = None
+
+#: ``lax.dot_general`` dimension numbers of a plain (M, K) x (K, N) matmul.
+MATMUL_DIMS = (((1,), (0,)), ((), ()))
 
 #: Lower bound of a group's range in ``quantize_pack``. The contract writes
 #: ``max(max - lo, tiny)``; ``tiny`` must keep ``(2^bits - 1) / tiny`` finite in f32 for every

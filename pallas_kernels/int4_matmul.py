@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    check_dtype, check_rank, epilogue, matmul_blocks, pad_axis, round_up)
-from pallas_kernels.int8_matmul import _DIMS, check_matmul_args, int8_matmul_ref, matmul_call
+    MATMUL_DIMS, check_dtype, check_rank, epilogue, matmul_blocks, pad_axis, round_up)
+from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref, matmul_call
 
 
 def pack_int4(w):
@@ -77,8 +77,8 @@ def _kernel(a_ref, b_ref, *refs, nk, bk, has_bias, activation, out_dtype):
     p = b_ref[pl.ds(pl.multiple_of(i * hk, hk), hk), :].astype(jnp.int32)
     w_low = ((p << 28) >> 28).astype(jnp.int8)
     w_high = ((p << 24) >> 28).astype(jnp.int8)
-    acc = acc + lax.dot_general(a_even, w_low, _DIMS, preferred_element_type=jnp.int32)
-    return acc + lax.dot_general(a_odd, w_high, _DIMS, preferred_element_type=jnp.int32)
+    acc = acc + lax.dot_general(a_even, w_low, MATMUL_DIMS, preferred_element_type=jnp.int32)
+    return acc + lax.dot_general(a_odd, w_high, MATMUL_DIMS, preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
   if len(refs) == 1:  # raw int32 accumulator

@@ -27,10 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    apply_activation, check_activation, check_dtype, check_out_dtype, check_rank,
+    MATMUL_DIMS, apply_activation, check_activation, check_dtype, check_out_dtype, check_rank,
     matmul_blocks, pad_axis, round_up, triton_params)
 from pallas_kernels.int4_matmul import unpack_int4
-from pallas_kernels.int8_matmul import _DIMS
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -95,14 +94,14 @@ def _kernel(a_ref, b_ref, bs_ref, *refs, nk, group, int_a, has_bias, activation,
     p = b_ref[pl.ds(pl.multiple_of(i * hg, hg), hg), :].astype(jnp.int32)
     w_low, w_high = (p << 28) >> 28, (p << 24) >> 28
     if int_a:
-      part = (lax.dot_general(a_even, w_low.astype(jnp.int8), _DIMS,
+      part = (lax.dot_general(a_even, w_low.astype(jnp.int8), MATMUL_DIMS,
                               preferred_element_type=jnp.int32)
-              + lax.dot_general(a_odd, w_high.astype(jnp.int8), _DIMS,
+              + lax.dot_general(a_odd, w_high.astype(jnp.int8), MATMUL_DIMS,
                                 preferred_element_type=jnp.int32)).astype(jnp.float32)
     else:
-      part = (lax.dot_general(a_even, w_low.astype(a_even.dtype), _DIMS,
+      part = (lax.dot_general(a_even, w_low.astype(a_even.dtype), MATMUL_DIMS,
                               preferred_element_type=jnp.float32)
-              + lax.dot_general(a_odd, w_high.astype(a_odd.dtype), _DIMS,
+              + lax.dot_general(a_odd, w_high.astype(a_odd.dtype), MATMUL_DIMS,
                                 preferred_element_type=jnp.float32))
     return acc + part * bs_ref[pl.ds(i, 1), :]
 

@@ -25,10 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    check_activation, check_dtype, check_out_dtype, check_rank, epilogue, matmul_blocks,
-    pad_axis, round_up, triton_params)
+    MATMUL_DIMS, check_activation, check_dtype, check_out_dtype, check_rank, epilogue,
+    matmul_blocks, pad_axis, round_up, triton_params)
 
-_DIMS = (((1,), (0,)), ((), ()))
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32)
 
 
@@ -66,7 +65,7 @@ def int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=jnp.float32
   check_dtype("b_q", b_q, (jnp.int8,))
   _, _, _, out_dtype = check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype,
                                          activation)
-  acc = lax.dot_general(a_q, b_q, _DIMS, preferred_element_type=jnp.int32)
+  acc = lax.dot_general(a_q, b_q, MATMUL_DIMS, preferred_element_type=jnp.int32)
   if out_dtype == jnp.int32:
     return acc
   return epilogue(acc, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32),
@@ -81,7 +80,7 @@ def _kernel(a_ref, b_ref, *refs, nk, bk, has_bias, activation, out_dtype):
     k0 = pl.multiple_of(i * bk, bk)
     a = a_ref[:, pl.ds(k0, bk)]
     b = b_ref[pl.ds(k0, bk), :]
-    return acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.int32)
+    return acc + lax.dot_general(a, b, MATMUL_DIMS, preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
   if len(refs) == 1:  # raw int32 accumulator

@@ -21,8 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    TINY, check_dtype, epilogue, matmul_blocks, pad_axis, round_half_even, round_up)
-from pallas_kernels.int8_matmul import _DIMS, check_matmul_args, int8_matmul_ref, matmul_call
+    MATMUL_DIMS, TINY, check_dtype, epilogue, matmul_blocks, pad_axis, round_half_even, round_up)
+from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref, matmul_call
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -60,7 +60,7 @@ def _kernel(x_ref, b_ref, bs_ref, *rest, nk, bk, has_bias, activation, out_dtype
     xs = x_ref[:, pl.ds(k0, bk)].astype(jnp.float32)
     a = jnp.clip(round_half_even(xs / a_scale[:, None]), -127.0, 127.0).astype(jnp.int8)
     b = b_ref[pl.ds(k0, bk), :]
-    return acc + lax.dot_general(a, b, _DIMS, preferred_element_type=jnp.int32)
+    return acc + lax.dot_general(a, b, MATMUL_DIMS, preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
   bias = rest[0][...] if has_bias else None
