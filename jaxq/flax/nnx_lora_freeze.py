@@ -50,10 +50,13 @@ def _lora_layers(qmodel, where: str) -> list[tuple[str, nnx.Module, LayerConfig]
       layers.append(("/".join(str(p) for p in path_t), module, cfg))
   if not layers:
     rules = getattr(qmodel, RULES, None)
-    why = ("it was not quantized with jaxq.nnx.quantize_model" if rules is None else
-           "no layer holds a LoRA adapter (no rule has lora=jaxq.LoRA(...), or it was "
-           "merged already)")
-    raise ValueError(f"{where}: qmodel has no LoRA layer: {why}; quantize it with "
+    if rules is None:
+      why = "it is not quantized (or its LoRA layers were merged already)"
+    elif not any(r.lora is not None for r in rules):
+      why = "no rule has lora=jaxq.LoRA(...)"
+    else:
+      why = "its LoRA layers were merged already"
+    raise ValueError(f"{where}: qmodel has no LoRA layer: {why}; LoRA layers come from "
                      "jaxq.nnx.quantize_model(model, [jaxq.Rule(..., lora=jaxq.LoRA(rank))])")
   return layers
 
