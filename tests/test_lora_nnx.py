@@ -129,7 +129,10 @@ def test_train_freeze_train_merge():
     assert float(jnp.max(jnp.abs(_layer(q, p).lora_b.get_value()))) > 0
 
   before = _forward(q, X)
+  report = jaxq.nnx.report(q).rows  # NF4 bytes as lora_freeze stores them
+  assert [r["quant_bytes"] for r in report] == [16 * 32 // 2 + 4 * 32 + 1, 32 * 8 + 4 * 8 + 1]
   assert jaxq.nnx.lora_freeze(q) is q
+  assert jaxq.nnx.report(q).rows == report
   np.testing.assert_allclose(_forward(q, X), before, rtol=1e-6, atol=1e-6)
   fc1 = q.fc1.kernel.get_value()
   assert isinstance(fc1, QArray) and fc1.shape == (16, 32)
@@ -245,7 +248,10 @@ def test_stacked_layers_freeze_and_merge_per_layer():
   b = q.layers.lora_b
   b.set_value(0.2 * jax.random.normal(jax.random.key(2), b.get_value().shape))
   before = _forward(q, x)
+  report = jaxq.nnx.report(q).rows
+  assert report[0]["float_bytes"] == 3 * 8 * 8 * 4
   jaxq.nnx.lora_freeze(q)
+  assert jaxq.nnx.report(q).rows == report
   kernel = q.layers.kernel.get_value()
   assert kernel.shape == (8, 8) and kernel.values.size == 3 * 8 * 8 // 2  # per layer
   np.testing.assert_allclose(_forward(q, x), before, rtol=1e-6, atol=1e-6)

@@ -38,7 +38,9 @@ from flax.core import meta
 
 from jaxq.flax import linen as qlinen
 from jaxq.flax import nnx as qnnx
-from jaxq.flax.kernel_qarray import convert_kernel
+from jaxq.layer.lora import LORA_A
+from jaxq.lora import freeze_kernel
+from jaxq.qarray import QArray
 from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.layer.views import Contraction
 from jaxq.spec import Rule, rule_index
@@ -114,6 +116,10 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
       kernel contracts; only read with a weight spec.
     learned: the layer's learned weight steps (LSQ / PACT) by reserved name, or {}.
   """
+  if isinstance(kernel, QArray):  # a LoRA base frozen by jaxq.lora.freeze / lora_freeze
+    lead = jax.tree_util.tree_leaves(kernel)[0].shape[:layout[0]]
+    return _row(path, kind, index, rule, math.prod(lead + kernel.shape)
+                * jax.numpy.dtype(kernel.dtype).itemsize, _nbytes(kernel))
   kernel = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
   float_bytes = _nbytes(kernel)
   quant_bytes = float_bytes
@@ -121,10 +127,13 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
     if layout is None:
       raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
     stack, contract = layout
-    qarray = jax.eval_shape(
-        lambda k, l: convert_kernel(path, rule.weight, k, None, contract, l, stack, False),
-        kernel, learned)
+    qarray = jax.eval_shape(  # NF4 as jaxq.lora.freeze stores it, uniform as convert
+        lambda k, l: freeze_kernel(path, rule, k, None, contract, stack, l), kernel, learned)
     quant_bytes = _nbytes(qarray)
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
+
+
+def _row(path, kind, index, rule, float_bytes, quant_bytes) -> dict[str, Any]:
   return {"path": path, "kind": kind, "rule": index, "weight": rule.weight,
           "act": rule.act, "act_compress": rule.act_compress,
           "smooth": getattr(rule, "smooth", None), "lora": getattr(rule, "lora", None),
@@ -247,6 +256,8 @@ def nnx_report(qmodel: nnx.Module) -> QuantReport:
     layout = None
     if rule.weight is not None:
       stack, contract, _ = qnnx.kernel_layout(module, path)
+      if isinstance(module.kernel.get_value(), QArray):  # per-layer shape; adapters stacked
+        stack = getattr(module, LORA_A).get_value().ndim - 2
       layout = (stack, contract)
     learned = {n: getattr(module, n).get_value() for n in WEIGHT_NAMES
                if hasattr(module, n)}
