@@ -315,3 +315,13 @@ def test_lora_on_modules_it_cannot_adapt_names_the_rule_and_layer():
   with pytest.raises(ValueError, match="'up' \\(ConvTranspose\\) a LoRA adapter"):
     jaxq.quantize_model(LinenTranspose(), jaxq.Rule("up", lora=jaxq.LoRA(2))).init(
         jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+
+
+def test_nf4_group_that_does_not_divide_names_the_layer():
+  nf4 = jaxq.QuantSpec(bits=4, scheme="nf4", granularity="group", group_size=5)
+  rule = jaxq.Rule("fc1", weight=nf4, lora=jaxq.LoRA(2))
+  model, _, nmodel = twins()
+  with pytest.raises(ValueError, match="'fc1'.*group_size=5"):
+    jaxq.nnx.quantize_model(nmodel, rule)
+  with pytest.raises(ValueError, match="'fc1'.*group_size=5"):
+    jaxq.quantize_model(model, rule).init(jax.random.key(0), X)

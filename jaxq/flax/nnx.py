@@ -47,7 +47,8 @@ LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched lay
 the adapters); it computes ``base(x) + (alpha / rank) dropout(x) A B``
 (:func:`jaxq.layer.qat.lora_qat_contraction`), the rule's weight and activation specs
 on the base path, dropout from the ``"dropout"`` stream of the layer's ``nnx.Rngs`` in
-training mode.
+training mode. ``jaxq.nnx.lora_freeze`` / ``lora_merge`` (:mod:`jaxq.flax.nnx_lora_freeze`)
+make the base a QArray / fold the adapters into a float layer.
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
