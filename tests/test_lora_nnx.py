@@ -221,6 +221,11 @@ def test_unfrozen_merge_folds_into_the_float_base_as_linen():
                              atol=1e-6)
   np.testing.assert_allclose(_forward(nq, X), model.apply(jaxq.lora.merge(lq, variables), X),
                              rtol=1e-5, atol=1e-5)
+  # A layer under another jaxq subclass too (act_compress's) gets its float class back.
+  nq = jaxq.nnx.quantize_model(twins()[2], jaxq.Rule("head", act_compress=4,
+                                                     lora=jaxq.LoRA(2)))
+  jaxq.nnx.lora_merge(nq)
+  assert type(nq.head) is nnx.Linear and not [n for n in vars(nq.head) if "jaxq" in n]
 
 
 class Stack(nnx.Module):

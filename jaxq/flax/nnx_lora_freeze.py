@@ -113,7 +113,9 @@ def lora_merge(qmodel: nnx.Module) -> nnx.Module:
     a, b = getattr(layer, LORA_A).get_value(), getattr(layer, LORA_B).get_value()
     merged = per_layer(lambda w, a, b, lora=cfg.rule.lora: merge_kernel(
         w, a, b, lora, contract), stack)(layer.kernel.get_value(), a, b)
-    float_class = type(layer).__mro__[1]  # the class jaxq.nnx.quantize_model subclassed
+    # The class jaxq.nnx.quantize_model subclassed (under any other jaxq subclass, e.g.
+    # act_compress's): the first one not made by jaxq.flax.nnx_classes.node_subclass.
+    float_class = next(c for c in type(layer).__mro__ if not c.__module__.startswith("jaxq."))
     for name in RESERVED_NAMES:
       if name in vars(layer):
         delattr(layer, name)
