@@ -100,7 +100,8 @@ def frozen_base(op: Contraction, path: str, kernel: jax.Array | QArray | None = 
   """``op`` on the frozen base kernel: ``stop_gradient`` of ``kernel`` (default
   ``op.rhs``), dequantized in ``op.rhs``'s dtype when it is a :class:`QArray` (the
   frozen base after :func:`jaxq.lora.freeze`; ``op.rhs`` is then a placeholder of its
-  shape)."""
+  shape): by the op's ``compute``, blockwise, for a 2-D NF4 Dense kernel
+  (:mod:`jaxq.layer.nf4_base`: no float copy kept for the backward pass)."""
   if kernel is None:
     kernel = op.rhs
   if isinstance(kernel, QArray):
