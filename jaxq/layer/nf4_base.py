@@ -1,17 +1,20 @@
 """A frozen NF4 base kernel whose float copy is not kept for the backward pass.
 
-A QLoRA layer computes ``y = x @ W`` with ``W = dequant(q)`` (:mod:`jaxq.nf4`) and only
-``dx = dy @ W^T`` in the backward pass. Left to autodiff, XLA keeps every layer's ``W``
-from the forward pass until its backward step: the float base's bytes again, in
-temporaries. ``jax.checkpoint`` does not prevent it on XLA:CPU, which removes the
-optimization barriers before common-subexpression elimination merges the recomputed
-``W`` back into the forward one. Here the backward pass dequantizes ``W`` again, in
-blocks of columns inside a loop (a separate computation, which CSE does not merge):
+A QLoRA layer computes ``y = x @ W`` with ``W = dequant(q)`` (:mod:`jaxq.nf4`), and the
+backward pass needs ``dx = dy @ W^T``. Dequantizing whole kernels, XLA:CPU schedules
+every layer's dequantization (it depends on parameters only) at the start of the step
+and keeps each ``W`` until its backward step: the float base's bytes again, in
+temporaries. ``jax.checkpoint`` does not prevent it: XLA:CPU removes the optimization
+barriers and common-subexpression elimination merges the recomputed ``W`` back into the
+forward one. Here both passes dequantize ``W`` in blocks of columns inside a loop (a
+separate computation, neither hoisted nor merged):
 
-    dx = sum_c dy[:, c] @ W[:, c]^T,   W[:, c] = level[code[:, c]] * absmax[:, c]
+    y[:, c] = x @ W[:, c],   dx = sum_c dy[:, c] @ W[:, c]^T,
+    W[:, c] = level[code[:, c]] * absmax[:, c]
 
 so at most one block of ``W`` is in memory at a time, at the cost of a second
 dequantization per step (bitsandbytes' QLoRA also dequantizes in the backward pass).
+The products use the default matmul precision.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from jaxq.qarray import QArray, nf4_absmax
 
 __all__ = ["column_block", "applies", "nf4_base_compute"]
 
-#: Largest block of columns dequantized at once in the backward pass.
+#: Largest block of columns dequantized at once.
 MAX_BLOCK = 256
 
 
@@ -42,7 +45,7 @@ def applies(op: Contraction, q: QArray) -> bool:
   """A 2-D NF4 kernel ``(K, N)`` grouped along ``K``, contracted over axis 0 by a
   matmul-shaped op (Dense), with a column block (:func:`column_block`)."""
   return (op.matmul_ok and q.spec.scheme == "nf4" and q.ndim == 2
-          and tuple(op.rhs_contract) == (0,) and q.group_axis % 2 == 0
+          and tuple(op.rhs_contract) == (0,) and q.group_axis % q.ndim == 0
           and column_block(q.shape[1]) is not None)
 
 
@@ -52,8 +55,8 @@ def _dequant(values, absmax, q: QArray, n: int) -> jax.Array:
 
 def nf4_base_compute(op: Contraction, q: QArray):
   """``compute(x, _) = op``'s result on ``x`` and ``dequant(q)`` (the second operand,
-  a placeholder, is ignored), with the blockwise backward pass of the module docstring
-  and no gradient for ``q``. Requires :func:`applies`."""
+  a placeholder, is ignored), computed blockwise in both passes (module docstring),
+  with no gradient for ``q``. Requires :func:`applies`."""
   (k, n), g = q.shape, q.spec.group_size
   w = column_block(n)
   c = n // w
