@@ -36,6 +36,7 @@ key is given (training); without one it is off (evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxq.layer import nf4_base
 from jaxq.layer.views import Contraction, kernel_matrix
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import LoRA, QuantSpec
@@ -98,13 +100,16 @@ def frozen_base(op: Contraction, path: str, kernel: jax.Array | QArray | None = 
   """``op`` on the frozen base kernel: ``stop_gradient`` of ``kernel`` (default
   ``op.rhs``), dequantized in ``op.rhs``'s dtype when it is a :class:`QArray` (the
   frozen base after :func:`jaxq.lora.freeze`; ``op.rhs`` is then a placeholder of its
-  shape)."""
+  shape): by the op's ``compute``, blockwise, for a 2-D NF4 Dense kernel
+  (:mod:`jaxq.layer.nf4_base`: no float copy kept for the backward pass)."""
   if kernel is None:
     kernel = op.rhs
   if isinstance(kernel, QArray):
     if kernel.shape != tuple(op.rhs.shape):
       raise ValueError(f"layer '{path}': its frozen QArray kernel has shape "
                        f"{kernel.shape}; the layer expects {tuple(op.rhs.shape)}")
+    if nf4_base.applies(op, kernel):  # no float copy kept for the backward pass
+      return dataclasses.replace(op, compute=nf4_base.nf4_base_compute(op, kernel))
     kernel = dequantize(kernel).astype(op.rhs.dtype)
   return Contraction(op.kind, op.lhs, lax.stop_gradient(kernel), op.lhs_contract,
                      op.rhs_contract, op.compute, op.matmul_ok, op.out_shape)
