@@ -208,7 +208,10 @@ def call_path(root: tuple[str, ...], context) -> str | None:
   (relative to ``root``, the wrapper's path); None for other calls, the wrapper itself
   and modules outside it."""
   m = context.module
-  if context.method_name != "__call__" or m.scope is None or isinstance(m, QuantizedModel):
+  # nn.Embed's attend is its second use of the table (jaxq.flax.embed_linen).
+  method_ok = context.method_name == "__call__" or (
+      context.method_name == "attend" and isinstance(m, nn.Embed))
+  if not method_ok or m.scope is None or isinstance(m, QuantizedModel):
     return None
   path_t = module_path(m)
   if path_t[:len(root)] != root:
@@ -235,6 +238,10 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     self.used.add(index)
     m, rule = context.module, self.rules[index]
+    if isinstance(m, nn.Embed) and changes_contraction(rule):
+      from jaxq.flax.embed_linen import run_embed  # pylint: disable=import-outside-toplevel
+      call = LayerCall(m, path, rule, self.mode, self.int8)
+      return run_embed(call, context.method_name, MODES[self.mode], next_fun, args, kwargs)
     if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
       from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
       key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
@@ -287,7 +294,8 @@ class QuantizedModel(nn.Module):
     """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
     root = module_path(self)
     fq = fqvit.interceptor(self.rules, self.mode, root=root)
-    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES, QuantizedModel)
+    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES + (nn.Embed,),
+                                       QuantizedModel)
     icpt = self._interceptor()
     with nn.intercept_methods(qparams), nn.intercept_methods(fq), nn.intercept_methods(icpt):
       yield icpt

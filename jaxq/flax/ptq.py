@@ -61,7 +61,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from jaxq import calibration
-from jaxq.flax import fqvit
+from jaxq.flax import embed_linen, fqvit
 from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
                                      quantize_kernel, round_up_scale)
@@ -321,6 +321,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
         "their kernels are quantized with the layout inferred from the kernel and bias "
         "shapes", UserWarning, stacklevel=2)
   flat.update(fqvit.convert_params(qmodel.rules, params, stats))
+  embed_linen.convert_tables(qmodel.rules, params, flat)  # nn.Embed tables -> QArrays
   serving = {k: v for k, v in variables.items() if k != QUANT_STATS}
   serving["params"] = traverse_util.unflatten_dict(flat)
   model = ServingModel(qmodel.model, qmodel.rules, mode=SERVE_MODE, int8="forward")

@@ -18,7 +18,10 @@ from jaxq.spec import changes_contraction, match_rule
 __all__ = ["qarray_param_interceptor"]
 
 
-_QUANTIZED_PARAMS = ("kernel",)
+_QUANTIZED_PARAMS = ("kernel", "embedding")
+#: The methods in which a handled layer reads its QArray parameter (nn.Embed reads its
+#: table in setup, and uses it in __call__ and attend).
+_HANDLED_METHODS = ("__call__", "setup", "attend")
 
 
 def qarray_param_interceptor(root: tuple[str, ...], rules, layer_types: tuple[type, ...],
@@ -45,7 +48,7 @@ def qarray_param_interceptor(root: tuple[str, ...], rules, layer_types: tuple[ty
     path_t = module_path(m)
     rule = (match_rule(rules, "/".join(path_t[len(root):]))
             if path_t[:len(root)] == root else None)
-    handled = (context.method_name == "__call__" and isinstance(m, layer_types)
+    handled = (context.method_name in _HANDLED_METHODS and isinstance(m, layer_types)
                and rule is not None and changes_contraction(rule))
     orig = m.param
 

@@ -39,11 +39,12 @@ from flax.core import meta
 from jaxq.flax import linen as qlinen
 from jaxq.flax import nnx as qnnx
 from jaxq.flax.kernel_qarray import convert_kernel
+from jaxq.layer import embed
 from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.layer.views import Contraction
 from jaxq.spec import Rule, rule_index
 
-__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "REPORT_MODE"]
+__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "table_row", "REPORT_MODE"]
 
 REPORT_MODE = "report"
 
@@ -100,8 +101,8 @@ def _nbytes(tree) -> int:
              for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, learned
-              ) -> dict[str, Any]:
+def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, learned,
+              quantize=None) -> dict[str, Any]:
   """The report row of one layer.
 
   Args:
@@ -113,22 +114,36 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
     layout: ``(stack, rhs_contract)``: leading stacking axes and the axes one layer's
       kernel contracts; only read with a weight spec.
     learned: the layer's learned weight steps (LSQ / PACT) by reserved name, or {}.
+    quantize: ``quantize(kernel, learned) -> QArray`` when the layer's weight is not a
+      contraction kernel laid out by ``layout`` (an embedding table).
   """
   kernel = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
   float_bytes = _nbytes(kernel)
   quant_bytes = float_bytes
   if rule.weight is not None:
-    if layout is None:
-      raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
-    stack, contract = layout
-    qarray = jax.eval_shape(
-        lambda k, l: convert_kernel(path, rule.weight, k, None, contract, l, stack, False),
-        kernel, learned)
-    quant_bytes = _nbytes(qarray)
+    if quantize is None:
+      if layout is None:
+        raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
+      stack, contract = layout
+      quantize = lambda k, l: convert_kernel(path, rule.weight, k, None, contract, l,  # noqa: E731
+                                             stack, False)
+    quant_bytes = _nbytes(jax.eval_shape(quantize, kernel, learned))
   return {"path": path, "kind": kind, "rule": index, "weight": rule.weight,
           "act": rule.act, "act_compress": rule.act_compress,
           "smooth": getattr(rule, "smooth", None), "lora": getattr(rule, "lora", None),
           "float_bytes": float_bytes, "quant_bytes": quant_bytes}
+
+
+def table_row(path: str, kind: str, index: int, rule: Rule, variables) -> dict[str, Any]:
+  """The row of an Embed layer (``variables``: its own): its table as
+  :mod:`jaxq.layer.embed` serves it."""
+  table = variables.get(embed.TABLE)
+  if table is None:
+    raise ValueError(f"jaxq report: Embed layer '{path}' has no '{embed.TABLE}'")
+  spec = embed.table_rule(rule, path, table.shape).weight
+  learned = {n: variables[n] for n in WEIGHT_NAMES if n in variables}
+  return layer_row(path, kind, index, rule, table, None, learned, lambda t, l:
+                   embed.quantize_table(t, spec, path, embed.learned_state(spec, l)))
 
 
 def _unused(rules, used) -> tuple[int, ...]:
@@ -198,6 +213,10 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
     _LAYOUTS.value = None
   rows = []
   for path, (cls, index) in found.items():
+    if issubclass(cls, nn.Embed):
+      rows.append(table_row(path, cls.__name__, index, qmodel.rules[index],
+                            _node(params, path)))
+      continue
     if not issubclass(cls, qlinen.LAYER_TYPES):
       continue
     node = _node(params, path)
