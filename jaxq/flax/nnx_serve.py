@@ -213,6 +213,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
       setattr(layer, ACT_ZERO_POINT, nnx.Param(act["zero_point"]))
     setattr(layer, MODE, SERVE_MODE)
     set_class(layer, serving_class(type(layer)))
+  from jaxq.flax.nnx_embed import convert_embeds  # pylint: disable=import-outside-toplevel
+  convert_embeds(serving, act_qparams)  # nnx.Embed tables -> QArrays
   # FQ-ViT layers serve from their calibrated PTF observers and log2 codes.
   for _, layer in nnx.iter_modules(serving):
     fq = getattr(layer, CONFIG, None)

@@ -260,6 +260,11 @@ def nnx_report(qmodel: nnx.Module) -> QuantReport:
     if index is None:
       continue
     used.add(index)
+    if isinstance(module, nnx.Embed):
+      rows.append(table_row(path, "Embed", index, rules[index],
+                            {k: v.get_value() for k, v in vars(module).items()
+                             if isinstance(v, nnx.Variable)}))
+      continue
     if not isinstance(module, qnnx.LAYER_TYPES):
       continue
     rule = rules[index]
