@@ -136,11 +136,17 @@ def test_lsq_table_step_learns_in_lookup_and_attend(twins):
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("spec,act", [(W8, A8), (G4, A8), (W4, None)],
+@pytest.mark.parametrize("spec,act,kernel", [
+    (W8, A8, "int8_matmul"), (G4, A8, "int4_matmul_grouped"), (W4, None,
+                                                               "int4_matmul_grouped")],
                          ids=["w8a8", "g4a8", "w4"])
-def test_served_attend_equals_dequantize_reference(spec, act):
-  """Serving's attend (int8_matmul / int4 kernels where they apply) equals
+def test_served_attend_equals_dequantize_reference(spec, act, kernel, monkeypatch):
+  """Serving's attend runs the integer kernel and equals
   fake_quant(query) @ dequantize(table).T."""
+  calls = []
+  orig = getattr(jaxq.kernels, kernel)
+  monkeypatch.setattr(jaxq.kernels, kernel,
+                      lambda *a, **k: calls.append(kernel) or orig(*a, **k))
   rng = np.random.default_rng(3)
   table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
   query = jnp.asarray(rng.normal(size=(2, 3, D)), jnp.float32)
@@ -156,6 +162,7 @@ def test_served_attend_equals_dequantize_reference(spec, act):
     x = np.clip(np.round(x / 0.02), -128, 127) * 0.02
   want = x @ np.asarray(dequantize(q), np.float64).T
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert calls == [kernel]
 
 
 def test_qat_attend_equals_served_attend(twins):
