@@ -52,6 +52,10 @@ otherwise. ``Rule(act_compress=bits)`` runs the whole computation of each matche
 stream; inside a compressed module, nested ``act_compress`` rules are ignored (the
 outermost matched module is compressed) while weight/activation quantization applies.
 
+Embeddings: a matched ``nn.Embed`` (a rule with a weight spec) looks up, and ``attend``s
+over, its fake-quantized table; a rule's ``act`` spec applies to attend's query
+(:mod:`jaxq.flax.embed_linen`, :mod:`jaxq.layer.embed`).
+
 LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched layer gets
 ``lora_a`` (random, from the "params" rng) / ``lora_b`` (zeros) in its "params" and
 computes ``base(x) + (alpha / rank) dropout(x) A B`` with the base kernel frozen

@@ -242,8 +242,10 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
   float kernel is not kept; static activation ranges (from :func:`calibrate`, or learned
   LSQ/PACT steps) become ``jaxq_act_scale`` / ``jaxq_act_zero_point``; PTF LayerNorm
   statistics become ``jaxq_ptf_*`` (:mod:`jaxq.flax.fqvit`). "quant_stats" and learned
-  weight steps are dropped. ``serving_model.apply(serving_vars, *args, **kwargs)`` takes
-  the original model's arguments.
+  weight steps are dropped; a matched ``nn.Embed``'s table becomes a QArray with one
+  scale per row (or row and group; :mod:`jaxq.layer.embed`).
+  ``serving_model.apply(serving_vars, *args, **kwargs)`` takes the original model's
+  arguments.
 
   By default the served kernels dequantize to exactly the weights that QAT computes with
   the same spec (float32 scales), so the served model is the trained model.

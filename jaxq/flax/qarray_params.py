@@ -28,10 +28,10 @@ def qarray_param_interceptor(root: tuple[str, ...], rules, layer_types: tuple[ty
                              wrapper: type):
   """Serves QArray parameters to the layers' own code.
 
-  A matched Dense/DenseGeneral/Conv/Einsum, whose contraction its handler computes from
-  the QArray (serving: :mod:`jaxq.layer.serve`; a LoRA layer's frozen base:
-  :mod:`jaxq.layer.lora`), receives a zero placeholder of the kernel's shape (dead code
-  under jit); any other module owning a QArray parameter receives its dequantized
+  A matched Dense/DenseGeneral/Conv/Einsum (or Embed, whose table it reads in setup),
+  whose contraction its handler computes from the QArray (serving:
+  :mod:`jaxq.layer.serve`; a LoRA layer's frozen base: :mod:`jaxq.layer.lora`), receives
+  a zero placeholder of the kernel's shape (dead code under jit); any other module owning a QArray parameter receives its dequantized
   value. ``root``: the wrapper's module path; ``rules`` are matched below it;
   ``layer_types``: the layers whose contraction a handler computes; modules of type
   ``wrapper`` (the quantized model itself) are passed through.

@@ -3,10 +3,10 @@
 :func:`report` (Linen: ``jaxq.report(qmodel, variables, *args, **kwargs)``) and
 :func:`nnx_report` (NNX: ``jaxq.nnx.report(qmodel)``) return a :class:`QuantReport`:
 
-* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum (NNX: Linear/LinearGeneral/Conv/
-  Einsum) layer that a rule matches (first match wins), in call order (Linen) or graph
-  order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's class
-  name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
+* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum/Embed (NNX: Linear/LinearGeneral/
+  Conv/Einsum/Embed) layer that a rule matches (first match wins), in call order (Linen)
+  or graph order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's
+  class name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
   ``act_compress``, ``smooth`` and ``lora``, ``float_bytes`` (the stored kernel, all
   layers of a stack) and ``quant_bytes`` (the kernel as :func:`jaxq.convert` stores it
   with the default float32 scales: integer values, bit-packed for 1/2/4 bits, plus scales
@@ -125,8 +125,8 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
       if layout is None:
         raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
       stack, contract = layout
-      quantize = lambda k, l: convert_kernel(path, rule.weight, k, None, contract, l,  # noqa: E731
-                                             stack, False)
+      def quantize(k, l):
+        return convert_kernel(path, rule.weight, k, None, contract, l, stack, False)
     quant_bytes = _nbytes(jax.eval_shape(quantize, kernel, learned))
   return {"path": path, "kind": kind, "rule": index, "weight": rule.weight,
           "act": rule.act, "act_compress": rule.act_compress,
