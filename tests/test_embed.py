@@ -73,7 +73,28 @@ def _lookup_model():
 
 
 @pytest.mark.parametrize("spec", [W8, W4, G8, G4], ids=["w8", "w4", "g8", "g4"])
-def test_fake_quant_table_and_serving_match_numpy(spec):
+def test_table_quantizers_match_numpy(spec):
+  """The fake-quantized table, the QArray's dequantized table and both lookups equal a
+  float64 reference (out-of-range ids give NaN rows, negative ones wrap, as Flax's)."""
+  rng = np.random.default_rng(4)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  ref = _ref_fake_quant(table, spec)
+  tspec = embed.table_rule(Rule("emb", weight=spec), "emb", (V, D)).weight
+  vspec = embed.view_spec(tspec, "emb", (V, D))
+  np.testing.assert_allclose(embed.fake_quant_table(table, vspec, {}), ref, rtol=1e-6,
+                             atol=1e-7)
+  q = embed.quantize_table(table, tspec, "emb")
+  np.testing.assert_allclose(dequantize(q), ref, rtol=1e-6, atol=1e-7)
+  ids = jnp.asarray([[0, V - 1, 3], [V, -1, 5]], jnp.int32)
+  want = np.concatenate([ref, np.full((1, D), np.nan)])[
+      np.where(np.asarray(ids) >= V, V, np.asarray(ids) % V)]
+  qat = embed.qat_lookup(table, ids, "emb", vspec, lambda s, w: {}, lambda: None)
+  np.testing.assert_allclose(qat, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(embed.lookup(q, ids, "emb"), qat)
+
+
+@pytest.mark.parametrize("spec", [W8, G4], ids=["w8", "g4"])
+def test_served_lookup_equals_qat(spec):
   """QAT lookup == float64 reference[ids]; the served lookup gives the same values from
   a QArray (int8, or two codes per byte) with per-row / per-group scales."""
   model = _lookup_model()

@@ -246,7 +246,8 @@ class _Interceptor:
       from jaxq.flax.embed_linen import run_embed  # pylint: disable=import-outside-toplevel
       call = LayerCall(m, path, rule, self.mode, self.int8)
       return run_embed(call, context.method_name, MODES[self.mode], next_fun, args, kwargs)
-    if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
+    if (rule.act_compress is not None and self.mode == "qat" and not self.compressing
+        and context.method_name == "__call__"):
       from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
       key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
       self.compressing.append(path)

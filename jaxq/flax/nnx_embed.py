@@ -174,9 +174,11 @@ def convert_embeds(serving: nnx.Module, act_qparams) -> None:
   attend activation scales where attend was calibrated, mode "serve".
   ``act_qparams(layer, path, spec, stack)``: :func:`jaxq.flax.nnx_serve.act_qparams`."""
   for _, layer, cfg in list(quantized_embeds(serving)):
-    spec = cfg.rule.weight
+    spec, table = cfg.rule.weight, layer.embedding.get_value()
+    if isinstance(table, QArray):
+      raise ValueError(f"layer '{cfg.path}' (Embed) holds a QArray table already: convert "
+                       "the quantized model, not its serving model")
     if spec is not None:
-      table = layer.embedding.get_value()
       layer.embedding = nnx.Param(embed.quantize_table(table, spec, cfg.path,
                                                        _learned(layer, spec)))
     act = None
