@@ -139,7 +139,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     ValueError: no non-empty batch; a layer the batches reached whose observer saw no
       finite value (naming the layers). ``qmodel`` is then left as it was.
   """
-  if not list(quantized_modules(qmodel)):
+  if not list(quantized_modules(qmodel)) and not any(nnx_embed.quantized_embeds(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
   check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.calibrate", lora=False,
