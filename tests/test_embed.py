@@ -112,6 +112,11 @@ def test_served_lookup_equals_qat(spec):
   assert q.values.shape == ((V, D) if spec.bits == 8 else (V, D // 2))
   served = sm.apply(sv, IDS)
   np.testing.assert_array_equal(served, qat)
+  nemb = nnx.Embed(V, D, rngs=nnx.Rngs(0))  # the NNX twin, an Embed-only model
+  nemb.embedding.set_value(table)
+  qn = jaxq.nnx.quantize_model(nemb, Rule(".*", weight=spec))
+  np.testing.assert_array_equal(qn(IDS), qat)
+  np.testing.assert_array_equal(jaxq.nnx.convert(qn)(IDS), qat)
 
 
 def test_int4_table_bytes_and_no_float_copy(twins):

@@ -15,6 +15,11 @@ weight spec means what it means for a Dense kernel of that projection:
 * estimators "ste", "lsq" (LSQ+ when asymmetric) and "pact" and calibrations "minmax",
   "percentile", "mse" (one-shot range of the table) as for kernels; scheme "uniform".
 
+(:func:`jaxq.quantize_params`, which sees a bare ``embedding`` leaf and no layer, keeps
+``spec.axis`` of the stored ``(V, D)`` leaf instead: its default is one scale per
+feature column.) ``Rule.lora``, ``Rule.smooth`` and ``rounding="gptq"`` (no input
+Hessian) do not apply to a lookup: :func:`table_rule` refuses them by name.
+
 QAT (:func:`qat_lookup`, :func:`attend_contraction` + :func:`jaxq.layer.qat.
 qat_contraction`): both uses read the same fake-quantized table (straight-through
 gradient to it; LSQ / PACT steps shared). A lookup whose scales come from the rows
