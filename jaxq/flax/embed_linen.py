@@ -12,6 +12,10 @@ Dense layer's does: learned weight steps (shared by lookup and attend) in the la
   gathered rows dequantized), "ptq_sim" the table quantized on the fly; the
   calibration and report modes look up the float table.
 
+In "ptq_sim" an Embed is simulated only where its ``jaxq_select`` flag is > 0, and is
+float without one: :mod:`jaxq.analysis` does not analyse Embeds (yet), so they stay in
+float while it measures the other layers one at a time.
+
 :func:`convert_tables` is :func:`jaxq.flax.ptq.convert`'s step for tables.
 """
 
@@ -24,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxq.flax.linen_layer import LayerCall, weight_kwargs
-from jaxq.flax.ptq_modes import SERVE_MODE, SIM_MODE
+from jaxq.flax.linen_layer import QUANT_STATS, LayerCall, weight_kwargs
+from jaxq.flax.ptq_modes import SELECT, SERVE_MODE, SIM_MODE
 from jaxq.layer import embed
 from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.qarray import QArray
@@ -49,10 +53,13 @@ def _lookup(call: LayerCall, next_fun, inputs):
     return next_fun(inputs)
   (table,) = m.promote_dtype(m.embedding, dtype=m.dtype, inexact=False)
   if call.mode == SIM_MODE:
+    if not m.has_variable(QUANT_STATS, SELECT):
+      return next_fun(inputs)
     node = m.variables.get("params", {})
     q = embed.quantize_table(jax.lax.stop_gradient(table), spec, call.path,
                              embed.learned_state(spec, node))
-    return embed.lookup(q, inputs, call.path).astype(table.dtype)
+    y = embed.lookup(q, inputs, call.path).astype(table.dtype)
+    return jnp.where(m.get_variable(QUANT_STATS, SELECT) > 0, y, next_fun(inputs))
   vspec = embed.view_spec(spec, call.path, table.shape)
   return embed.qat_lookup(table, inputs, call.path, vspec,
                           functools.partial(weight_kwargs, call), call.rng)
@@ -61,7 +68,10 @@ def _lookup(call: LayerCall, next_fun, inputs):
 def _attend(call: LayerCall, handler, query):
   m = call.module
   query, table = m.promote_dtype(query, m.embedding, dtype=m.dtype)
-  return handler(call, embed.attend_contraction(query, table, call.path))
+  op = embed.attend_contraction(query, table, call.path)
+  if call.mode == SIM_MODE and not m.has_variable(QUANT_STATS, SELECT):
+    return op.compute(op.lhs, op.rhs)
+  return handler(call, op)
 
 
 def run_embed(call: LayerCall, method: str, handler, next_fun, args, kwargs):

@@ -265,6 +265,8 @@ def simulator(qmodel: nnx.Module) -> tuple[list[str], dict[str, int], Callable]:
     sizes[path] = math.prod(shape)
     setattr(layer, SELECT, SimSelect(jnp.zeros(shape[:stack], jnp.float32)))
     setattr(layer, MODE, SIM_MODE)
+  for _, embed_layer, _ in quantized_embeds(sim):  # not analysed: float (calibration)
+    setattr(embed_layer, MODE, "calibrate")
   view = inference_view(sim)
   graphdef, _, rest = nnx.split(view, SimSelect, ...)
   flags = {path: getattr(layer, SELECT) for path, layer, _ in quantized_modules(view)}
