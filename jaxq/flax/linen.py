@@ -121,6 +121,7 @@ __all__ = [
 #: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS,)
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+LORA_LAYERS = "nn.Dense, nn.DenseGeneral, nn.Conv and nn.Einsum"
 
 
 # --------------------------------------------------------------------------------------
@@ -201,10 +202,15 @@ def register_mode(name: str, handler: Callable[[LayerCall, Contraction], jax.Arr
 # --------------------------------------------------------------------------------------
 
 
+def _own_params(module) -> list:
+  """The parameters ``module`` holds itself (not those of its submodules)."""
+  own = module.variables.get("params", {})
+  return [v for v in own.values() if not isinstance(v, Mapping)]
+
+
 def _owns_weights(module) -> bool:
   """Whether ``module`` holds a parameter of rank >= 2 itself (not in a submodule)."""
-  own = module.variables.get("params", {})
-  return any(not isinstance(v, Mapping) and jnp.ndim(v) >= 2 for v in own.values())
+  return any(jnp.ndim(v) >= 2 for v in _own_params(module))
 
 
 def call_path(root: tuple[str, ...], context) -> str | None:
@@ -231,6 +237,9 @@ class _Interceptor:
     self.compressing: list[str] = []
     #: Indices of the rules that matched a module call (the others are reported unused).
     self.used: set[int] = set()
+    #: LoRA rules that adapted a layer / matched modules with parameters they cannot adapt.
+    self.adapted: set[int] = set()
+    self.unadaptable: dict[int, list[str]] = {}
     self._match = functools.lru_cache(maxsize=None)(lambda p: rule_index(self.rules, p))
 
   def __call__(self, next_fun, args, kwargs, context):
@@ -256,13 +265,17 @@ class _Interceptor:
       finally:
         self.compressing.pop()
     if isinstance(m, LAYER_TYPES) and changes_contraction(rule):
+      if rule.lora is not None:
+        self.adapted.add(index)
       call = LayerCall(m, path, rule, self.mode, self.int8)
       return run_layer(call, MODES[self.mode], next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if rule.lora is not None and _owns_weights(m):
       raise ValueError(
           f"rule {rule.path!r} gives layer '{path}' ({type(m).__name__}) a LoRA adapter; "
-          "jaxq adapts nn.Dense, nn.DenseGeneral, nn.Conv and nn.Einsum only")
+          f"jaxq adapts {LORA_LAYERS} only")
+    if rule.lora is not None and _own_params(m):
+      self.unadaptable.setdefault(index, []).append(f"'{path}' ({type(m).__name__})")
     return out
 
 
@@ -310,6 +323,7 @@ class QuantizedModel(nn.Module):
       out = self.model(*args, **kwargs)
     # Every trace runs this: warned from one place, each distinct message shows once.
     warn_unused_rules(self.rules, icpt.used, type(self.model).__name__, stacklevel=0)
+    lora_layer.check_lora_matches(self.rules, icpt.adapted, icpt.unadaptable, LORA_LAYERS)
     return out
 
   def call_method(self, method: str, *args, **kwargs):

@@ -38,8 +38,10 @@ from flax.core import meta
 
 from jaxq.flax import linen as qlinen
 from jaxq.flax import nnx as qnnx
-from jaxq.flax.kernel_qarray import convert_kernel
 from jaxq.layer import embed
+from jaxq.layer.lora import LORA_A
+from jaxq.lora import freeze_kernel
+from jaxq.qarray import QArray
 from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.layer.views import Contraction
 from jaxq.spec import Rule, rule_index
@@ -101,8 +103,8 @@ def _nbytes(tree) -> int:
              for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, learned,
-              quantize=None) -> dict[str, Any]:
+def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, learned
+              ) -> dict[str, Any]:
   """The report row of one layer.
 
   Args:
@@ -114,20 +116,25 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
     layout: ``(stack, rhs_contract)``: leading stacking axes and the axes one layer's
       kernel contracts; only read with a weight spec.
     learned: the layer's learned weight steps (LSQ / PACT) by reserved name, or {}.
-    quantize: ``quantize(kernel, learned) -> QArray`` when the layer's weight is not a
-      contraction kernel laid out by ``layout`` (an embedding table).
   """
+  if isinstance(kernel, QArray):  # a LoRA base frozen by jaxq.lora.freeze / lora_freeze
+    lead = jax.tree_util.tree_leaves(kernel)[0].shape[:layout[0]]
+    return _row(path, kind, index, rule, math.prod(lead + kernel.shape)
+                * jax.numpy.dtype(kernel.dtype).itemsize, _nbytes(kernel))
   kernel = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
   float_bytes = _nbytes(kernel)
   quant_bytes = float_bytes
   if rule.weight is not None:
-    if quantize is None:
-      if layout is None:
-        raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
-      stack, contract = layout
-      def quantize(k, l):
-        return convert_kernel(path, rule.weight, k, None, contract, l, stack, False)
-    quant_bytes = _nbytes(jax.eval_shape(quantize, kernel, learned))
+    if layout is None:
+      raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
+    stack, contract = layout
+    qarray = jax.eval_shape(  # NF4 as jaxq.lora.freeze stores it, uniform as convert
+        lambda k, l: freeze_kernel(path, rule, k, None, contract, stack, l), kernel, learned)
+    quant_bytes = _nbytes(qarray)
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
+
+
+def _row(path, kind, index, rule, float_bytes, quant_bytes) -> dict[str, Any]:
   return {"path": path, "kind": kind, "rule": index, "weight": rule.weight,
           "act": rule.act, "act_compress": rule.act_compress,
           "smooth": getattr(rule, "smooth", None), "lora": getattr(rule, "lora", None),
@@ -141,9 +148,13 @@ def table_row(path: str, kind: str, index: int, rule: Rule, variables) -> dict[s
   if table is None:
     raise ValueError(f"jaxq report: Embed layer '{path}' has no '{embed.TABLE}'")
   spec = embed.table_rule(rule, path, table.shape).weight
-  learned = {n: variables[n] for n in WEIGHT_NAMES if n in variables}
-  return layer_row(path, kind, index, rule, table, None, learned, lambda t, l:
-                   embed.quantize_table(t, spec, path, embed.learned_state(spec, l)))
+  table = jax.ShapeDtypeStruct(table.shape, table.dtype)
+  float_bytes = quant_bytes = _nbytes(table)
+  if spec is not None:
+    learned = embed.learned_state(spec, variables)
+    quant_bytes = _nbytes(jax.eval_shape(
+        lambda t, l: embed.quantize_table(t, spec, path, l), table, learned))
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
 
 
 def _unused(rules, used) -> tuple[int, ...]:
@@ -271,6 +282,8 @@ def nnx_report(qmodel: nnx.Module) -> QuantReport:
     layout = None
     if rule.weight is not None:
       stack, contract, _ = qnnx.kernel_layout(module, path)
+      if isinstance(module.kernel.get_value(), QArray):  # per-layer shape; adapters stacked
+        stack = getattr(module, LORA_A).get_value().ndim - 2
       layout = (stack, contract)
     learned = {n: getattr(module, n).get_value() for n in WEIGHT_NAMES
                if hasattr(module, n)}

@@ -37,7 +37,7 @@ key is given (training); without one it is off (evaluation).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ from jaxq.spec import LoRA, QuantSpec
 
 __all__ = ["LORA_A", "LORA_B", "DROPOUT_STREAM", "kernel_view_shape", "lora_shapes",
            "init_lora", "check_lora_params", "frozen_base", "base_weight_spec",
-           "lora_contraction", "merge_kernel"]
+           "lora_contraction", "merge_kernel", "check_lora_matches"]
 
 #: Names of the adapter matrices in a layer's "params" (Linen) / attributes (NNX).
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -177,3 +177,18 @@ def merge_kernel(kernel: jax.Array | QArray, a: jax.Array, b: jax.Array, lora: L
                      f"{tuple(w.shape)} contracted over {tuple(rhs_contract)} has the "
                      f"view {w2.shape}")
   return unview(w2.astype(jnp.float32) + lora.scaling * update).astype(w.dtype)
+
+
+def check_lora_matches(rules: Sequence, adapted: set[int],
+                       unadaptable: Mapping[int, Sequence[str]], layers: str) -> None:
+  """ValueError for a rule with ``lora`` that adapted no layer although it matched
+  modules owning parameters that are not an adaptable layer (e.g. a LayerNorm):
+  ``unadaptable`` maps a rule's index to those modules ("'path' (Class)"), ``adapted``
+  holds the indices of the rules that adapted a layer, ``layers`` names the adaptable
+  classes. (A module owning a kernel jaxq cannot adapt, e.g. an Embed, is an error
+  wherever it is matched; containers are not counted.)"""
+  for i, found in unadaptable.items():
+    if i not in adapted and rules[i].lora is not None:
+      raise ValueError(
+          f"rule {rules[i].path!r} has Rule.lora={rules[i].lora} but matches only modules "
+          f"jaxq cannot adapt: {', '.join(found)}; LoRA adapts {layers}")
