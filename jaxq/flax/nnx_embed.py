@@ -41,7 +41,7 @@ __all__ = ["QuantizedEmbed", "quantize_embed", "quantized_embeds", "convert_embe
            "reset_observers", "copy_observers", "EMBED_KIND"]
 
 EMBED_KIND = "embed"
-_SERVE, _SIM, _CALIBRATE = "serve", "sim", "calibrate"
+_SERVE, _SIM = "serve", "sim"
 
 
 def _get(layer, name: str):
