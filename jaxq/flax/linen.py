@@ -52,6 +52,10 @@ otherwise. ``Rule(act_compress=bits)`` runs the whole computation of each matche
 stream; inside a compressed module, nested ``act_compress`` rules are ignored (the
 outermost matched module is compressed) while weight/activation quantization applies.
 
+Embeddings: a matched ``nn.Embed`` (a rule with a weight spec) looks up, and ``attend``s
+over, its fake-quantized table; a rule's ``act`` spec applies to attend's query
+(:mod:`jaxq.flax.embed_linen`, :mod:`jaxq.layer.embed`).
+
 LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched layer gets
 ``lora_a`` (random, from the "params" rng) / ``lora_b`` (zeros) in its "params" and
 computes ``base(x) + (alpha / rank) dropout(x) A B`` with the base kernel frozen
@@ -214,7 +218,10 @@ def call_path(root: tuple[str, ...], context) -> str | None:
   (relative to ``root``, the wrapper's path); None for other calls, the wrapper itself
   and modules outside it."""
   m = context.module
-  if context.method_name != "__call__" or m.scope is None or isinstance(m, QuantizedModel):
+  # nn.Embed's attend is its second use of the table (jaxq.flax.embed_linen).
+  method_ok = context.method_name == "__call__" or (
+      context.method_name == "attend" and isinstance(m, nn.Embed))
+  if not method_ok or m.scope is None or isinstance(m, QuantizedModel):
     return None
   path_t = module_path(m)
   if path_t[:len(root)] != root:
@@ -244,7 +251,12 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     self.used.add(index)
     m, rule = context.module, self.rules[index]
-    if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
+    if isinstance(m, nn.Embed) and changes_contraction(rule):
+      from jaxq.flax.embed_linen import run_embed  # pylint: disable=import-outside-toplevel
+      call = LayerCall(m, path, rule, self.mode, self.int8)
+      return run_embed(call, context.method_name, MODES[self.mode], next_fun, args, kwargs)
+    if (rule.act_compress is not None and self.mode == "qat" and not self.compressing
+        and context.method_name == "__call__"):
       from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
       key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
       self.compressing.append(path)
@@ -300,7 +312,8 @@ class QuantizedModel(nn.Module):
     """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
     root = module_path(self)
     fq = fqvit.interceptor(self.rules, self.mode, root=root)
-    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES, QuantizedModel)
+    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES + (nn.Embed,),
+                                       QuantizedModel)
     icpt = self._interceptor()
     with nn.intercept_methods(qparams), nn.intercept_methods(fq), nn.intercept_methods(icpt):
       yield icpt

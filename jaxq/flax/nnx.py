@@ -18,6 +18,8 @@ reserved ``jaxq_*`` variables, and a float checkpoint restores into it.
   :mod:`jaxq.layer.views` (as :mod:`jaxq.flax.linen`). Its quantizer state (learned
   steps as ``nnx.Param``, observers as :class:`QuantStats`) is described in
   :mod:`jaxq.flax.nnx_state`.
+* ``nnx.Embed`` with a ``weight`` spec: its table fake-quantized for the lookup and
+  ``attend`` (the ``act`` spec applies to attend's query; :mod:`jaxq.flax.nnx_embed`).
 * ``nnx.LayerNorm`` with ``act.scheme="ptf"`` and ``nnx.MultiHeadAttention`` with
   ``act.scheme="log2"``: FQ-ViT's quantizers (:mod:`jaxq.flax.nnx_fqvit`).
 * any module with ``act_compress``: its whole computation runs with compressed
@@ -327,7 +329,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
 
   Raises:
     ValueError: for a rule that matches only layers jaxq cannot quantize (e.g.
-      ``nnx.Embed``, ``nnx.ConvTranspose``, a custom module with its own kernel), for a
+      ``nnx.ConvTranspose``, a custom module with its own kernel), for a
       matched layer it cannot quantize as configured (LinearGeneral with ``batch_axis``,
       an Einsum without a constructor ``einsum_str``, a group size that does not divide
       the contracted axis, log2 attention with a custom ``attention_fn``), or an
@@ -367,7 +369,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     if kind is not None:
       used.add(i)
       fq.append((module, path, rule, kind))
-    elif isinstance(module, LAYER_TYPES):
+    elif isinstance(module, LAYER_TYPES + (nnx.Embed,)):
       used.add(i)
       if changes_contraction(rule):
         todo.append((module, path, rule))
@@ -384,11 +386,15 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
       raise ValueError(
           f"rule {rules[i].path!r} matches only layers jaxq cannot quantize: "
           f"{', '.join(layers)}; supported layers are nnx.Linear, nnx.LinearGeneral, "
-          "nnx.Conv and nnx.Einsum (and their subclasses)")
+          "nnx.Conv, nnx.Einsum and nnx.Embed (and their subclasses)")
   warn_unused_rules(rules, matched, type(model).__name__)
   lora_layer.check_lora_matches(rules, adapted, unadaptable, LORA_LAYERS)
   for module, path, rule in todo:
-    _quantize_layer(module, path, rule, rngs, int8)
+    if isinstance(module, nnx.Embed):
+      from jaxq.flax.nnx_embed import quantize_embed  # pylint: disable=import-outside-toplevel
+      quantize_embed(module, path, rule, rngs, int8)
+    else:
+      _quantize_layer(module, path, rule, rngs, int8)
   for module, path, rule, kind in fq:
     quantize_fqvit_layer(module, path, rule, kind)
   # The outermost matched module is compressed; act_compress rules inside it are ignored.

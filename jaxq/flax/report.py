@@ -3,10 +3,10 @@
 :func:`report` (Linen: ``jaxq.report(qmodel, variables, *args, **kwargs)``) and
 :func:`nnx_report` (NNX: ``jaxq.nnx.report(qmodel)``) return a :class:`QuantReport`:
 
-* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum (NNX: Linear/LinearGeneral/Conv/
-  Einsum) layer that a rule matches (first match wins), in call order (Linen) or graph
-  order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's class
-  name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
+* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum/Embed (NNX: Linear/LinearGeneral/
+  Conv/Einsum/Embed) layer that a rule matches (first match wins), in call order (Linen)
+  or graph order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's
+  class name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
   ``act_compress``, ``smooth`` and ``lora``, ``float_bytes`` (the stored kernel, all
   layers of a stack) and ``quant_bytes`` (the kernel as :func:`jaxq.convert` stores it
   with the default float32 scales: integer values, bit-packed for 1/2/4 bits, plus scales
@@ -38,6 +38,7 @@ from flax.core import meta
 
 from jaxq.flax import linen as qlinen
 from jaxq.flax import nnx as qnnx
+from jaxq.layer import embed
 from jaxq.layer.lora import LORA_A
 from jaxq.lora import freeze_kernel
 from jaxq.qarray import QArray
@@ -45,7 +46,7 @@ from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.layer.views import Contraction
 from jaxq.spec import Rule, rule_index
 
-__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "REPORT_MODE"]
+__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "table_row", "REPORT_MODE"]
 
 REPORT_MODE = "report"
 
@@ -140,6 +141,22 @@ def _row(path, kind, index, rule, float_bytes, quant_bytes) -> dict[str, Any]:
           "float_bytes": float_bytes, "quant_bytes": quant_bytes}
 
 
+def table_row(path: str, kind: str, index: int, rule: Rule, variables) -> dict[str, Any]:
+  """The row of an Embed layer (``variables``: its own): its table as
+  :mod:`jaxq.layer.embed` serves it."""
+  table = variables.get(embed.TABLE)
+  if table is None:
+    raise ValueError(f"jaxq report: Embed layer '{path}' has no '{embed.TABLE}'")
+  spec = embed.table_rule(rule, path, table.shape).weight
+  table = jax.ShapeDtypeStruct(table.shape, table.dtype)
+  float_bytes = quant_bytes = _nbytes(table)
+  if spec is not None:
+    learned = embed.learned_state(spec, variables)
+    quant_bytes = _nbytes(jax.eval_shape(
+        lambda t, l: embed.quantize_table(t, spec, path, l), table, learned))
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
+
+
 def _unused(rules, used) -> tuple[int, ...]:
   return tuple(i for i in range(len(rules)) if i not in used)
 
@@ -207,6 +224,10 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
     _LAYOUTS.value = None
   rows = []
   for path, (cls, index) in found.items():
+    if issubclass(cls, nn.Embed):
+      rows.append(table_row(path, cls.__name__, index, qmodel.rules[index],
+                            _node(params, path)))
+      continue
     if not issubclass(cls, qlinen.LAYER_TYPES):
       continue
     node = _node(params, path)
@@ -250,6 +271,11 @@ def nnx_report(qmodel: nnx.Module) -> QuantReport:
     if index is None:
       continue
     used.add(index)
+    if isinstance(module, nnx.Embed):
+      rows.append(table_row(path, "Embed", index, rules[index],
+                            {k: v.get_value() for k, v in vars(module).items()
+                             if isinstance(v, nnx.Variable)}))
+      continue
     if not isinstance(module, qnnx.LAYER_TYPES):
       continue
     rule = rules[index]
