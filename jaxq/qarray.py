@@ -183,7 +183,7 @@ def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
   ``double_quant=True`` stores the absmaxes double-quantized (QLoRA; NF4 only).
   """
   spec = _as_qarray_spec(spec)
-  x = quantizer._check_float(x)
+  x = numerics.check_float(x)
   if spec.scheme == "nf4":
     return _quantize_nf4(x, spec, group_axis, double_quant)
   if double_quant:
@@ -208,7 +208,7 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   ``spec.rounding == "stochastic"``.
   """
   spec = _as_uniform_spec(spec)
-  x = quantizer._check_float(x)
+  x = numerics.check_float(x)
   if spec.rounding == "stochastic" and key is None:
     raise ValueError(
         "QuantSpec.rounding='stochastic' needs a PRNG key: quantize(x, spec, "
@@ -216,12 +216,12 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   if spec.symmetric:
     numerics.check_symmetric_range(spec.bits, spec.signed)
   qmin, qmax = spec.qmin, spec.qmax
-  xv = quantizer.quant_view(x.astype(quantizer._compute_dtype(x.dtype)), spec, group_axis)
+  xv = quantizer.quant_view(x.astype(numerics.compute_dtype(x.dtype)), spec, group_axis)
   scale = numerics.floor_scale(jnp.asarray(scale, numerics.float_dtype(x)))
   zero_point = jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(
       zero_point, jnp.float32)
-  quantizer._check_broadcast("scale", scale, xv.shape)
-  quantizer._check_broadcast("zero_point", zero_point, xv.shape)
+  numerics.check_broadcast("scale", scale, xv.shape)
+  numerics.check_broadcast("zero_point", zero_point, xv.shape)
   stat = jnp.broadcast_shapes(scale.shape, zero_point.shape)
   scale = jnp.broadcast_to(scale, stat)
   zero_point = jnp.clip(jnp.round(jnp.broadcast_to(zero_point, stat)), qmin, qmax)

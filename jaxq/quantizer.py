@@ -35,18 +35,6 @@ def _check_spec(spec) -> QuantSpec:
   return spec
 
 
-def _check_float(x: jax.Array, name: str = "x") -> jax.Array:
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
-  return x
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32 for every narrower float (bf16/f16 inputs are quantized in float32)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 # ---------------------------------------------------------------------------------------
 # Scale layout
 # ---------------------------------------------------------------------------------------
@@ -135,7 +123,7 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, group_axis: int = 0
   if spec.scheme == "nf4":
     raise ValueError("scheme='nf4' has no (scale, zero_point): its absmax per group comes "
                      "from jaxq.nf4.nf4_codes")
-  x = _check_float(x)
+  x = numerics.check_float(x)
   xv = quant_view(x, spec, group_axis)
   lo, hi = numerics.minmax(xv, quant_axes(x.ndim, spec, group_axis))
   return qparams_from_range(lo, hi, spec)
@@ -157,16 +145,6 @@ def _rounding_key(spec: QuantSpec, key, require_key: bool):
           " (or require_key=False to round to nearest when no key is given)")
     return None
   return key
-
-
-def _check_broadcast(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
-  """``value`` must broadcast against ``shape`` without enlarging it."""
-  vshape = tuple(jnp.shape(value))
-  if len(vshape) > len(shape) or any(
-      v not in (1, s) for v, s in zip(vshape[::-1], tuple(shape)[::-1])):
-    raise ValueError(
-        f"{name} of shape {vshape} does not broadcast against the quantized view of "
-        f"shape {tuple(shape)}")
 
 
 def fake_quantize(
@@ -219,7 +197,7 @@ def fake_quantize(
   NaN propagates; +-Inf saturates to the ends of the range.
   """
   spec = _check_spec(spec)
-  x = _check_float(x)
+  x = numerics.check_float(x)
   key = _rounding_key(spec, key, require_key)
   if grad_scale is not None and not (spec.scheme == "uniform" and spec.estimator == "lsq"):
     raise ValueError(
@@ -230,7 +208,7 @@ def fake_quantize(
   if factor_exp is not None and spec.scheme != "ptf":
     raise ValueError("factor_exp is only used by scheme='ptf'")
   dtype = x.dtype
-  xc = x.astype(_compute_dtype(dtype))
+  xc = x.astype(numerics.compute_dtype(dtype))
 
   if spec.scheme == "log2":
     if key is not None:
@@ -266,7 +244,7 @@ def fake_quantize(
             "estimator='pact' needs the learned clipping level: pass alpha= (or scale=, "
             "then alpha = scale * qmax)")
       alpha = jnp.asarray(scale) * spec.qmax
-    _check_broadcast("alpha", alpha, xv.shape)
+    numerics.check_broadcast("alpha", alpha, xv.shape)
     out = estimators.pact_fake_quant(xv, alpha, spec.bits, key=key)
     return from_quant_view(out, spec, group_axis).astype(dtype)
 
@@ -283,8 +261,8 @@ def fake_quantize(
       raise ValueError(
           "an asymmetric spec (symmetric=False) with an explicit scale needs zero_point")
     zero_point = jnp.zeros((), jnp.float32)
-  _check_broadcast("scale", scale, xv.shape)
-  _check_broadcast("zero_point", zero_point, xv.shape)
+  numerics.check_broadcast("scale", scale, xv.shape)
+  numerics.check_broadcast("zero_point", zero_point, xv.shape)
   if spec.estimator == "lsq":
     out = estimators.lsq_fake_quant(
         xv, scale, zero_point, spec.qmin, spec.qmax, grad_scale, key=key)
