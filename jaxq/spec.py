@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from jaxq import numerics
+from jaxq.bitpack import PACK_BITS
 from jaxq.nf4 import check_nf4_fields
+from jaxq.sample_bits import SampleBits
 
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic", "gptq")
 SMOOTH_MODES = ("auto",)
 ESTIMATORS = ("ste", "lsq", "pact")
+#: Estimators whose step (LSQ, LSQ+) or clipping level (PACT) is a learned parameter.
+LEARNED_ESTIMATORS = ("lsq", "pact")
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse")
 SCHEMES = ("uniform", "log2", "ptf", "nf4")
 #: Schemes a layer's weight (kernel) may use; "nf4" is weight-only.
@@ -232,12 +236,11 @@ class Rule:
                        "for activations")
     if self.lora is not None and not isinstance(self.lora, LoRA):
       raise ValueError(f"Rule.lora must be a jaxq.LoRA or None; got {self.lora!r}")
-    from jaxq.act.adaptive import SampleBits  # pylint: disable=import-outside-toplevel
     c = self.act_compress
     if c is not None and not isinstance(c, SampleBits) and (
-        not _is_int(c) or c not in (1, 2, 4, 8)):
-      raise ValueError(f"Rule.act_compress must be None, one of 1, 2, 4, 8, or a "
-                       f"jaxq.act.SampleBits; got {c!r}")
+        not _is_int(c) or c not in PACK_BITS):
+      raise ValueError(f"Rule.act_compress must be None, one of "
+                       f"{', '.join(map(str, PACK_BITS))}, or a jaxq.act.SampleBits; got {c!r}")
     _check_ptq_fields(self)
 
   def matches(self, path: str) -> bool:
@@ -307,6 +310,16 @@ def _check_ptq_fields(rule: Rule) -> None:
         "Rule.smooth with Rule.act needs a uniform 'ste' activation spec that is dynamic "
         "or calibrated 'minmax' (its range is rescaled exactly by 1/s at convert); got "
         f"scheme={a.scheme!r}, estimator={a.estimator!r}, calibration={a.calibration!r}")
+
+
+def learned_step(spec: QuantSpec | None, *, act: bool = False) -> bool:
+  """Whether ``spec``'s step is a learned parameter (LSQ, LSQ+, PACT on a uniform grid).
+
+  ``dynamic`` is an activation option (``act=True``): a dynamic activation spec has no
+  learned step; on a weight spec the flag has no effect.
+  """
+  return (spec is not None and spec.scheme == "uniform"
+          and spec.estimator in LEARNED_ESTIMATORS and not (act and spec.dynamic))
 
 
 def changes_contraction(rule: Rule) -> bool:
