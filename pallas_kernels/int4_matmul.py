@@ -32,6 +32,9 @@ from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref, matmu
 def pack_int4(w):
   """Pack ``int[K, N]`` values in [-8, 7] (K even) into ``uint8[K/2, N]`` (low nibble = even k).
 
+  The bit order of ``jaxq.bitpack.pack_bits(w, 4, axis=0)``, done here so that the kernels
+  need nothing from jaxq; packed along K, which a matmul tile streams.
+
   Values outside [-8, 7] are rejected when concrete; under tracing they wrap modulo 16.
   """
   check_rank("w", w, 2)
