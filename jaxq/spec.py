@@ -88,10 +88,19 @@ class QuantSpec:
     signed: signed integer range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
     symmetric: zero point fixed at 0 (else affine, with a zero point).
     granularity: "tensor" (one scale), "channel" (one per index of ``axis``) or "group"
-      (one per ``group_size`` consecutive elements along the contraction axis, per
-      channel: the input axis of a Dense/Conv kernel, the last axis of an activation,
-      axis 0 of a bare array given to :func:`jaxq.quantize`).
-    axis: the kept channel axis for "channel" and "group".
+      (one per ``group_size`` consecutive elements of the grouped axis and per index of
+      ``axis``; when ``axis`` is the grouped axis itself, a group's scale is shared by
+      every other index). The grouped axis is the contraction axis, which the context
+      fixes: ``group_axis`` (default 0) of a bare array given to :func:`jaxq.quantize` /
+      :func:`jaxq.quantizer.fake_quantize`; in :func:`jaxq.quantize_params` and the Flax
+      layers, the rows of a kernel's ``(K, N)`` view (contracted axes flattened, so a
+      Conv group is ``group_size`` input channels at one ``(kh, kw)``: the result of
+      ``jaxq.quantize(w.reshape(K, N), spec)``; an embedding groups its last axis) and
+      the feature (last) axis of a layer's activation.
+    axis: the kept channel axis for "channel" and "group". What each context accepts
+      (anything else is a ValueError that says so): a bare array, any axis; a layer's
+      weight (params tree or Flax layer), an output axis of its kernel (default -1); a
+      layer's activation, -1 (its input features).
     group_size: elements per group; required for, and only allowed with, "group".
     rounding: "nearest" (half to even) or "stochastic" (``floor(x / s + u)``, u uniform,
       from a PRNG key). Without a key, :func:`jaxq.quantize`,

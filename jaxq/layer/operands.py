@@ -73,6 +73,10 @@ def weight_view_spec(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
 
 def act_view_spec(spec: QuantSpec, path: str, k: int) -> QuantSpec:
   """``spec`` as it applies to the ``(M, K)`` activation view (``k`` input features)."""
+  if spec.granularity == "group" and spec.axis != -1:
+    raise ValueError(f"layer '{path}': an activation 'group' spec groups the input "
+                     f"features (axis=-1), shared by all rows (per row: dynamic=True); got "
+                     f"axis={spec.axis}")
   if spec.granularity == "group" and k % spec.group_size:
     raise ValueError(f"layer '{path}': activation group_size={spec.group_size} does not "
                      f"divide the number of input features {k}")
