@@ -56,7 +56,7 @@ from jaxq import numerics
 from jaxq import quantizer
 from jaxq.bitpack import pack_bits, unpack_bits  # re-exported: jaxq.qarray.pack_bits
 from jaxq.qarray_layout import PACKED_BITS, check_arrays, storage_dtype, storage_shape
-from jaxq.spec import QuantSpec
+from jaxq.spec import QuantSpec, check_spec
 
 # ---------------------------------------------------------------------------------------
 # QArray
@@ -152,17 +152,8 @@ def _scale_repr(scale) -> str:
 
 
 def _as_qarray_spec(spec, schemes=("uniform", "nf4")) -> QuantSpec:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  if spec.scheme not in schemes:
-    raise ValueError(
-        f"QArray stores uniform or NF4 quantization: QuantSpec.scheme must be one of "
-        f"{', '.join(map(repr, schemes))}; got {spec.scheme!r}")
-  return spec
-
-
-def _as_uniform_spec(spec) -> QuantSpec:
-  return _as_qarray_spec(spec, ("uniform",))
+  """QArray stores uniform or NF4 quantization (``quantize_with``: uniform only)."""
+  return check_spec(spec, schemes, "QArray stores uniform or NF4 quantization")
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
@@ -200,7 +191,7 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   even, or ``floor(x / scale + u)`` with ``u ~ U[0, 1)`` drawn from ``key`` when
   ``spec.rounding == "stochastic"``.
   """
-  spec = _as_uniform_spec(spec)
+  spec = _as_qarray_spec(spec, ("uniform",))
   x = numerics.check_float(x)
   if spec.rounding == "stochastic" and key is None:
     raise ValueError(

@@ -26,13 +26,7 @@ import jax.numpy as jnp
 from jaxq import estimators
 from jaxq import nf4
 from jaxq import numerics
-from jaxq.spec import QuantSpec
-
-
-def _check_spec(spec) -> QuantSpec:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  return spec
+from jaxq.spec import QuantSpec, check_spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,7 +97,7 @@ def qparams_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
   Thin wrapper over :func:`jaxq.numerics.scale_zero_point` with the spec's bits,
   signedness, symmetry and power-of-two option.
   """
-  spec = _check_spec(spec)
+  spec = check_spec(spec)
   return numerics.scale_zero_point(
       lo, hi, spec.bits, signed=spec.signed, symmetric=spec.symmetric,
       pow2_scale=spec.pow2_scale)
@@ -119,7 +113,7 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, group_axis: int = 0
   they broadcast against ``x``, or against ``to_groups(x, spec.group_size, group_axis)``
   for "group".
   """
-  spec = _check_spec(spec)
+  spec = check_spec(spec)
   if spec.scheme == "nf4":
     raise ValueError("scheme='nf4' has no (scale, zero_point): its absmax per group comes "
                      "from jaxq.nf4.nf4_codes")
@@ -196,7 +190,7 @@ def fake_quantize(
   Inputs narrower than float32 (bf16, f16) are quantized in float32 and cast back.
   NaN propagates; +-Inf saturates to the ends of the range.
   """
-  spec = _check_spec(spec)
+  spec = check_spec(spec)
   x = numerics.check_float(x)
   key = _rounding_key(spec, key, require_key)
   if grad_scale is not None and not (spec.scheme == "uniform" and spec.estimator == "lsq"):

@@ -321,6 +321,17 @@ def _check_ptq_fields(rule: Rule) -> None:
         f"scheme={a.scheme!r}, estimator={a.estimator!r}, calibration={a.calibration!r}")
 
 
+def check_spec(spec, schemes: tuple[str, ...] | None = None, where: str = "") -> QuantSpec:
+  """``spec`` if it is a :class:`QuantSpec` (TypeError otherwise) whose scheme is one of
+  ``schemes`` when given (ValueError naming them, and ``where``, otherwise)."""
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
+  if schemes is not None and spec.scheme not in schemes:
+    raise ValueError(f"{where}{': ' if where else ''}QuantSpec.scheme must be one of "
+                     f"{', '.join(map(repr, schemes))}; got {spec.scheme!r}")
+  return spec
+
+
 def learned_step(spec: QuantSpec | None, *, act: bool = False) -> bool:
   """Whether ``spec``'s step is a learned parameter (LSQ, LSQ+, PACT on a uniform grid).
 
