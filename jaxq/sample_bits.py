@@ -45,8 +45,8 @@ class SampleBits:
   :func:`~jaxq.act.compressed_residuals`), ActNN's setting. The others (attention
   probabilities, normalised values, activation-function derivatives) scale the cotangent
   passed to the layers below, so their rounding noise compounds along the backward pass,
-  and 1-bit codes there wreck the gradient however the samples are ranked (see the module
-  docstring); they, and residuals without ``batch_size`` rows on their leading axis
+  and 1-bit codes there wreck the gradient however the samples are ranked (see
+  :mod:`jaxq.act.adaptive`); they, and residuals without ``batch_size`` rows on their leading axis
   (weight-sized intermediates, flattened tokens, ...), are stored per tensor at
   ``fallback`` bits.
 
