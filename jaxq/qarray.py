@@ -3,7 +3,7 @@
 ``quantize(x, spec)`` stores ``q = clip(round(x / s) + z, qmin, qmax)`` and
 ``dequantize(q)`` returns ``(q - z) * s`` in the original dtype (Jacob et al. 2018).
 
-Storage (what :attr:`QArray.nbytes` counts):
+Storage (what :attr:`QArray.nbytes` counts; :mod:`jaxq.qarray_layout` checks it):
 
 * ``values``: widths that divide 8 (1, 2, 4 bits) are bit-packed into ``uint8`` along the
   last axis, ``8 // bits`` elements a byte, the last axis zero-padded to a multiple of
