@@ -13,20 +13,22 @@ The public API of ``DESIGN.md``'s contract:
   ``freeze``, ``merge``);
 * what a rule set quantized: :func:`report` (Linen), :func:`jaxq.nnx.report`
   (:class:`QuantReport`);
-* submodules :mod:`jaxq.act` (activation compression), :mod:`jaxq.kernels`,
-  :mod:`jaxq.layer` (the quantized contraction that the Linen and NNX adapters share),
-  and the op-level PTQ algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`,
-  :mod:`jaxq.nf4`.
+* submodules, all imported with ``jaxq``: :mod:`jaxq.act` (activation compression),
+  :mod:`jaxq.kernels`, :mod:`jaxq.layer` (the quantized contraction that the Linen and
+  NNX adapters share), :mod:`jaxq.flax` / :mod:`jaxq.nnx` (the adapters),
+  :mod:`jaxq.optim`, :mod:`jaxq.fold`, :mod:`jaxq.analysis`, :mod:`jaxq.export`,
+  :mod:`jaxq.checkpoint`, :mod:`jaxq.sharding` / :mod:`jaxq.mesh`, the op-level PTQ
+  algorithms :mod:`jaxq.gptq`, :mod:`jaxq.smoothing`, :mod:`jaxq.nf4`, and the lower
+  tier (:mod:`jaxq.numerics`, :mod:`jaxq.estimators`, :mod:`jaxq.spec`,
+  :mod:`jaxq.qarray`, :mod:`jaxq.quantizer`, :mod:`jaxq.calibration`,
+  :mod:`jaxq.params`, ...).
 """
 
-from jaxq import act
-from jaxq import gptq
-from jaxq import kernels
-from jaxq import layer
-from jaxq import lora
-from jaxq import nf4
-from jaxq import nnx
-from jaxq import smoothing
+# Every submodule, so that ``import jaxq`` is enough for ``jaxq.X`` (the README's tour).
+from jaxq import (act, allocation, analysis, bitpack, calibration, checkpoint, estimators,
+                  export, flax, fold, gptq, kernels, layer, lora, mesh, nf4, nnx, numerics,
+                  optim, param_tree, params, qarray, qarray_layout, quantizer, sample_bits,
+                  sharding, smoothing, spec)
 from jaxq.estimators import (
     fake_quant,
     log2_fake_quant,
@@ -46,9 +48,11 @@ from jaxq.spec import LoRA, QuantSpec, Rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRA", "QArray", "QuantReport", "QuantSpec", "Rule", "act", "calibrate", "convert",
-    "dequantize", "fake_quant", "gptq", "init_qstate", "kernels", "layer",
-    "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "nf4", "nnx",
-    "pact_fake_quant", "ptf_calibrate", "ptf_fake_quant", "quantize", "quantize_model",
-    "quantize_params", "report", "smoothing",
+    "LoRA", "QArray", "QuantReport", "QuantSpec", "Rule", "act", "allocation", "analysis",
+    "bitpack", "calibrate", "calibration", "checkpoint", "convert", "dequantize",
+    "estimators", "export", "fake_quant", "flax", "fold", "gptq", "init_qstate", "kernels",
+    "layer", "log2_fake_quant", "log2_quantize", "lora", "lsq_fake_quant", "mesh", "nf4",
+    "nnx", "numerics", "optim", "pact_fake_quant", "param_tree", "params", "ptf_calibrate",
+    "ptf_fake_quant", "qarray", "qarray_layout", "quantize", "quantize_model",
+    "quantize_params", "quantizer", "report", "sample_bits", "sharding", "smoothing", "spec",
 ]

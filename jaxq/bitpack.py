@@ -1,8 +1,11 @@
 """Bit packing: integers of width 1, 2, 4 or 8 bits stored in ``uint8`` bytes.
 
-The layout of a packed :class:`jaxq.QArray` (and of :mod:`jaxq.nf4` codes): along one
-axis, ``8 // bits`` consecutive elements a byte, element ``j`` in bits
-``[j*bits, (j+1)*bits)`` (little end first, as the Pallas kernels of Contract 5).
+The one packing layout of jaxq: along one axis, ``8 // bits`` consecutive elements a
+byte, element ``j`` in bits ``[j*bits, (j+1)*bits)`` (little end first, as the Pallas
+kernels of Contract 5). Only the axis differs by user: a :class:`jaxq.QArray` (and
+:mod:`jaxq.nf4` codes) packs its last axis, whatever its rank; the int4 matmul kernels
+read two rows of K a byte, ``kernels.pack_int4(w) == pack_bits(w, 4, axis=0)`` for
+``w[K, N]`` (the K-major operand a matmul tile streams), so serving re-packs once.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import jax.numpy as jnp
 
 from jaxq import numerics
 
-__all__ = ["pack_bits", "unpack_bits"]
+__all__ = ["PACK_BITS", "check_pack_bits", "pack_bits", "unpack_bits"]
+
+#: Widths that divide a byte: the ones bit packing (and activation compression) stores.
+PACK_BITS = (1, 2, 4, 8)
 
 
-def _check_pack_bits(bits: int) -> int:
-  if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
-    raise ValueError(f"bits must be one of 1, 2, 4, 8 for bit packing; got {bits!r}")
-  return int(bits)
+def check_pack_bits(bits, name: str = "bits") -> int:
+  """Validates a packing width, one of :data:`PACK_BITS` (:func:`jaxq.numerics.check_bits`)."""
+  return numerics.check_bits(bits, name, PACK_BITS)
 
 
 def pack_bits(q: jax.Array, bits: int, axis: int = -1) -> jax.Array:
@@ -29,7 +34,7 @@ def pack_bits(q: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   ``[j*bits, (j+1)*bits)``. ``axis`` (length ``n``) is zero-padded to a multiple of
   ``8 // bits`` and becomes ``ceil(n * bits / 8)`` long.
   """
-  bits = _check_pack_bits(bits)
+  bits = check_pack_bits(bits)
   q = jnp.asarray(q)
   if not jnp.issubdtype(q.dtype, jnp.integer):
     raise TypeError(f"pack_bits needs an integer array; got dtype {q.dtype}")
@@ -54,7 +59,7 @@ def unpack_bits(packed: jax.Array, bits: int, n: int, axis: int = -1, *,
 
   Returns ``int8`` (sign-extended from ``bits`` bits) when ``signed`` else ``uint8``.
   """
-  bits = _check_pack_bits(bits)
+  bits = check_pack_bits(bits)
   packed = jnp.asarray(packed)
   if packed.dtype != jnp.uint8:
     raise TypeError(f"unpack_bits needs a uint8 array; got dtype {packed.dtype}")

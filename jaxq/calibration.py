@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from jaxq import estimators
 from jaxq import numerics
 from jaxq import quantizer
-from jaxq.spec import QuantSpec
+from jaxq.spec import QuantSpec, check_spec
 
 #: Candidate clipping ranges of the "mse" observer.
 MSE_CANDIDATES = 100
@@ -76,12 +76,6 @@ MSE_BINS_PER_LEVEL, MSE_MIN_BINS = 8, 256
 MSE_HISTOGRAM_TOLERANCE = 0.01
 
 State = dict[str, jax.Array]
-
-
-def _check(spec) -> QuantSpec:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  return spec
 
 
 def _axes(axes: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
@@ -99,7 +93,7 @@ def mse_bins(spec: QuantSpec) -> int:
 
 def observer_init(spec: QuantSpec, stat_shape: Sequence[int]) -> State:
   """Empty observer state for ranges of shape ``stat_shape``."""
-  _check(spec)
+  check_spec(spec)
   stat_shape = tuple(stat_shape)
   z = jnp.zeros(stat_shape, jnp.float32)
   state = {"lo": z, "hi": z, "n": z}
@@ -141,7 +135,7 @@ def mse_range(x: jax.Array, spec: QuantSpec, axes: int | Sequence[int] | None = 
   and scored by ``sum((x - fake_quant(x))^2)`` over the finite entries of the slice.
   Ties go to the wider range. A slice with no finite value gives ``(0, 0)``.
   """
-  spec = _check(spec)
+  spec = check_spec(spec)
   if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or (
       num_candidates < 1):
     raise ValueError(f"num_candidates must be a positive int; got {num_candidates!r}")
@@ -328,7 +322,7 @@ def observer_update(state: State, x: jax.Array, spec: QuantSpec,
   The reduced shape must equal the state's ``stat_shape`` (or have its size, e.g.
   ``(1, 1, C)`` for ``(C,)``). ``axes=None`` reduces over all axes.
   """
-  spec = _check(spec)
+  spec = check_spec(spec)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
@@ -383,7 +377,7 @@ def _fold(state: State, x, spec: QuantSpec, axes, reduced) -> State:
 
 def observer_range(state: State, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
   """The observed range ``(lo, hi)``, of the state's shape; ``(0, 0)`` where ``n == 0``."""
-  spec = _check(spec)
+  spec = check_spec(spec)
   lo, hi, n = state["lo"], state["hi"], state["n"]
   if spec.calibration == "ema":
     corr = 1.0 - jnp.power(jnp.float32(spec.ema_decay), n)

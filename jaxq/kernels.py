@@ -28,11 +28,14 @@ ENV_VAR = "JAXQ_KERNEL_BACKEND"
 __all__ = [
     "BACKENDS", "resolve_backend", "quantize_pack", "unpack_dequantize", "int8_matmul",
     "int8_matmul_dynamic", "int4_matmul", "int4_matmul_grouped", "pack_int4", "unpack_int4",
-    "TINY",
+    "TINY", "epilogue",
 ]
 
 #: Floor of ``int8_matmul_dynamic``'s per-token absmax (``a_scale = max(amax, TINY) / 127``).
 TINY = _pk.TINY
+#: The matmul kernels' dequant epilogue ``act(acc * a_scale * b_scale + bias)``, for code
+#: that reduces int32 accumulators itself (:func:`jaxq.sharding.int8_matmul_sharded`).
+epilogue = _pk.epilogue
 pack_int4 = _pk.pack_int4
 unpack_int4 = _pk.unpack_int4
 

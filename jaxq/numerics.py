@@ -8,7 +8,10 @@ Quantization"). This module holds the arithmetic shared by every quantizer:
 
 * :func:`int_range` -- ``(qmin, qmax)`` for a bit width and signedness;
 * :func:`scale_zero_point` -- ``(s, z)`` from a real range ``[lo, hi]``;
-* :func:`round_nearest` / :func:`round_stochastic` -- the two rounding modes;
+* :func:`round_nearest` / :func:`round_stochastic` -- the two rounding modes
+  (:func:`round_with` picks one by whether a key is given);
+* :func:`check_bits`, :func:`check_float`, :func:`check_broadcast` -- the input checks
+  every quantizer shares; :func:`compute_dtype` -- the dtype it computes in;
 * :func:`pow2` -- power-of-two scales ``2^round(log2 s)``;
 * :func:`reduction_axes`, :func:`to_groups`, :func:`from_groups` -- the axes a
   per-tensor / per-channel / per-group scale is shared over.
@@ -37,14 +40,48 @@ SCALE_EPS = float(np.finfo(np.float32).eps)
 MIN_BITS, MAX_BITS = 1, 8
 
 
-def check_bits(bits: int, name: str = "bits") -> int:
-  """Validates an integer bit width in ``[1, 8]`` (ValueError otherwise, even for a
-  non-integer such as ``2.5`` or ``True``: a bad value, whatever its type)."""
+def check_bits(bits: int, name: str = "bits", allowed: tuple[int, ...] | None = None) -> int:
+  """Validates an integer bit width: in ``[1, 8]``, or one of ``allowed`` when given.
+
+  The one bit-width check of jaxq (packing widths pass ``allowed=bitpack.PACK_BITS``).
+  ValueError for anything else, a non-integer such as ``2.5`` or ``True`` included: a
+  bad value, whatever its type.
+  """
+  want = (f"one of {', '.join(map(str, allowed))}" if allowed is not None
+          else f"an int in [{MIN_BITS}, {MAX_BITS}]")
   if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-    raise ValueError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    raise ValueError(f"{name} must be {want}, got {bits!r}")
+  if allowed is not None and bits not in allowed:
+    raise ValueError(f"{name} must be {want}, got {bits}")
   if not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
   return int(bits)
+
+
+def check_float(x, name: str = "x") -> jax.Array:
+  """``x`` as an array; TypeError unless its dtype is floating (bf16, f16, f32, f64)."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array (bfloat16, float16, float32); "
+                    f"got dtype {x.dtype}")
+  return x
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype quantization arithmetic runs in: float32, or float64 for float64 inputs
+  (bf16/f16 are quantized in float32 and cast back)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_broadcast(name: str, value, shape: tuple[int, ...]) -> None:
+  """ValueError unless ``value`` broadcasts against ``shape`` without enlarging it (a
+  scale, zero point or range end against the array it quantizes)."""
+  vshape = tuple(jnp.shape(value))
+  shape = tuple(shape)
+  if len(vshape) > len(shape) or any(
+      v not in (1, s) for v, s in zip(vshape[::-1], shape[::-1])):
+    raise ValueError(f"{name} of shape {vshape} must broadcast against the quantized "
+                     f"array of shape {shape} without enlarging it")
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -164,6 +201,11 @@ def scale_zero_point(
 def round_nearest(x: jax.Array) -> jax.Array:
   """Round half to even (IEEE default; ``jnp.round``)."""
   return jnp.round(x)
+
+
+def round_with(x: jax.Array, key: jax.Array | None) -> jax.Array:
+  """:func:`round_nearest` when ``key`` is None, else :func:`round_stochastic`."""
+  return round_nearest(x) if key is None else round_stochastic(x, key)
 
 
 def round_stochastic(x: jax.Array, key: jax.Array) -> jax.Array:

@@ -63,17 +63,17 @@ alongside (or together with) the params, e.g. ``optax.adam`` on ``(params, qstat
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxq import estimators
 from jaxq import quantizer
-from jaxq.spec import QuantSpec, Rule, match_rule
+from jaxq.param_tree import (FLOAT_NAMES, WeightLeaf, key_name, leaf_group_axis, leaf_role,
+                             looks_stacked, matched_leaves, output_axes, per_layer, tree_get)
+from jaxq.spec import QuantSpec, Rule, learned_step
 
 PyTree = Any
 
@@ -83,15 +83,7 @@ DEFAULT_RULES: tuple[Rule, ...] = (Rule(path=".*", weight=QuantSpec()),)
 __all__ = ["DEFAULT_RULES", "quantize_params", "init_qstate", "leaf_group_axis",
            "leaf_role", "check_weight_axis", "init_weight_state", "fake_quantize_weight",
            "key_name", "check_rules", "per_layer", "output_axes", "looks_stacked",
-           "FLOAT_NAMES"]
-
-
-def key_name(k) -> str:
-  """The string of one ``jax.tree_util`` path entry (dict key, attribute or index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+           "FLOAT_NAMES", "params_rules", "tree_get"]
 
 
 def check_rules(rules: Rule | Sequence[Rule]) -> tuple[Rule, ...]:
@@ -138,36 +130,12 @@ def check_rule_fields(rules: Sequence[Rule], where: str, *, lora: bool, smooth: 
           "jaxq.layer.calib.convert_weight); use rounding='nearest'")
 
 
-def _check_rules(rules) -> tuple[Rule, ...]:
+def params_rules(rules) -> tuple[Rule, ...]:
   """:func:`check_rules`, with None meaning :data:`DEFAULT_RULES`, for the params-tree API
   (no layers to adapt, no calibration: neither ``lora`` nor ``smooth``)."""
   rules = DEFAULT_RULES if rules is None else check_rules(rules)
   check_rule_fields(rules, "jaxq.quantize_params", lora=False, smooth=False, gptq=True)
   return rules
-
-
-def leaf_group_axis(name: str, ndim: int) -> int:
-  """The contraction axis of a weight leaf: ``-1`` for ``"embedding"``, else ``-2``."""
-  return ndim - 1 if name == "embedding" else ndim - 2
-
-
-#: Leaf names that are never quantized: biases and norm scales (jaxq's own ``jaxq_*``
-#: entries neither).
-FLOAT_NAMES = ("bias", "scale")
-
-
-def leaf_role(name: str, ndim: int) -> str | None:
-  """How :func:`quantize_params` treats a leaf of a matched module (module docstring).
-
-  ``"kernel"`` and ``"embedding"`` by name (quantized whatever their rank), None (kept in
-  float) for ``"bias"``, ``"scale"`` and ``jaxq_*``, and for any other name ``"other"``
-  when ``ndim >= 2`` (``ndim`` without stacking axes), else None.
-  """
-  if name in FLOAT_NAMES or name.startswith("jaxq_"):
-    return None
-  if name in ("kernel", "embedding"):
-    return name
-  return "other" if ndim >= 2 else None
 
 
 def check_weight_axis(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
@@ -189,10 +157,6 @@ def check_weight_axis(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
       f"its kernel of shape {tuple(kernel_shape)} (contracted axes "
       f"{tuple(sorted(contracted))}); a layer keeps one scale per output feature, so "
       f"axis must be one of {outputs + [a - nd for a in outputs]} (default -1)")
-
-
-def _learnable(spec: QuantSpec | None) -> bool:
-  return spec is not None and spec.scheme == "uniform" and spec.estimator in ("lsq", "pact")
 
 
 def init_weight_state(w: jax.Array, spec: QuantSpec, group_axis: int) -> dict[str, jax.Array]:
@@ -232,91 +196,7 @@ def fake_quantize_weight(w: jax.Array, spec: QuantSpec, group_axis: int,
                                  require_key=False)
 
 
-class _Leaf(NamedTuple):
-  """A weight leaf that a rule quantizes."""
-
-  index: int          # in the flattened tree
-  keys: tuple[str, ...]
-  module_path: str
-  name: str
-  leaf: jax.Array
-  spec: QuantSpec
-  stack: int          # leading stacking axes
-  n_out: int          # output axes of a kernel (0 for other roles)
-
-  @property
-  def where(self) -> str:
-    return "/".join(self.keys)
-
-  @property
-  def layer_shape(self) -> tuple[int, ...]:
-    return tuple(jnp.shape(self.leaf))[self.stack:]
-
-
-def output_axes(kernel_shape, bias_shape) -> int:
-  """Output axes of a kernel: those of its bias when the kernel ends in its shape, else 1."""
-  if bias_shape is not None and 1 <= len(bias_shape) < len(kernel_shape) and tuple(
-      kernel_shape[len(kernel_shape) - len(bias_shape):]) == tuple(bias_shape):
-    return len(bias_shape)
-  return 1
-
-
-def looks_stacked(kernel_shape, bias_shape) -> bool:
-  """A bias ``(L, out)`` that the kernel ``(L, ..., out)`` starts with but does not end in."""
-  return (bias_shape is not None and len(bias_shape) >= 2
-          and output_axes(kernel_shape, bias_shape) == 1
-          and kernel_shape[-1] == bias_shape[-1]
-          and kernel_shape[:len(bias_shape) - 1] == tuple(bias_shape[:-1]))
-
-
-def _matched_leaves(params: PyTree, rules: tuple[Rule, ...], stacked: str | None = None):
-  """``(flat, treedef, leaves)``: the flattened tree and every quantized :class:`_Leaf`."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-  named = []
-  for path, leaf in flat:
-    keys = tuple(key_name(k) for k in path)
-    shapes[keys] = tuple(jnp.shape(leaf))
-    named.append(keys)
-  out = []
-  for i, ((_, leaf), keys) in enumerate(zip(flat, named)):
-    if not keys:
-      continue
-    module_path = "/".join(keys[:-1])
-    rule = match_rule(rules, module_path)
-    if rule is None or rule.weight is None:
-      continue
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      continue
-    stack = int(stacked is not None and re.fullmatch(stacked, module_path) is not None)
-    ndim = jnp.ndim(leaf) - stack
-    role = leaf_role(keys[-1], ndim)
-    if role is None:
-      continue
-    where = "/".join(keys)
-    if ndim < 2:
-      raise ValueError(
-          f"weight '{where}' of shape {tuple(jnp.shape(leaf))}: a {role!r} leaf "
-          f"{'of a stacked module ' if stack else ''}is quantized and needs rank >= 2 "
-          f"{'after its stacking axis ' if stack else ''}(a {role} has Flax layout "
-          f"{'(..., in, out)' if role == 'kernel' else '(vocab, dim)'}); exclude module "
-          f"'{module_path}' with Rule(path=..., weight=None) if it is not one")
-    n_out = 0
-    if role == "kernel":
-      bias = shapes.get(keys[:-1] + ("bias",))
-      n_out = output_axes(tuple(jnp.shape(leaf))[stack:],
-                           None if bias is None else bias[stack:])
-      if not stack and looks_stacked(tuple(jnp.shape(leaf)), bias):
-        warnings.warn(
-            f"weight '{where}' of shape {tuple(jnp.shape(leaf))} with a bias of shape "
-            f"{bias} looks like a stacked layer (nn.scan / nnx.vmap): its leading axis is "
-            f"pooled into its scales unless quantize_params gets stacked= matching "
-            f"'{module_path}'", UserWarning, stacklevel=3)
-    out.append(_Leaf(i, keys, module_path, keys[-1], leaf, rule.weight, stack, n_out))
-  return flat, treedef, out
-
-
-def _check_group(spec: QuantSpec, lf: _Leaf, ga: int) -> int:
+def _check_group(spec: QuantSpec, lf: WeightLeaf, ga: int) -> int:
   shape = lf.layer_shape
   if spec.granularity == "group" and shape[ga] % spec.group_size:
     raise ValueError(
@@ -326,13 +206,15 @@ def _check_group(spec: QuantSpec, lf: _Leaf, ga: int) -> int:
   return ga
 
 
-def _kernel_quantizer(lf: _Leaf):
+def _kernel_quantizer(lf: WeightLeaf):
   """``(fake_quant(w, state, key), init(w))`` of one layer's kernel on its ``(K, N)`` view
   (the view and spec the Flax wrappers use), state in the kernel's keepdims layout."""
   shape, n_out, spec = lf.layer_shape, lf.n_out, lf.spec
   contract = tuple(range(len(shape) - n_out))
   check_weight_axis(spec, lf.module_path, shape, contract)
   _check_group(spec, lf, len(contract) - 1)
+  # A params-tree kernel contracts its leading axes, so its (K, N) view is a reshape
+  # (jaxq.layer.views.kernel_matrix transposes, for any contraction a layer declares).
   view = (math.prod(shape[:-n_out]), math.prod(shape[-n_out:]))
   vspec = spec if spec.granularity == "tensor" else spec.replace(axis=-1)
   vstat = quantizer.stat_shape(view, vspec, 0)
@@ -355,20 +237,13 @@ def _kernel_quantizer(lf: _Leaf):
   return fq, init
 
 
-def _quantizer(lf: _Leaf):
+def _quantizer(lf: WeightLeaf):
   """``(fake_quant(w, state, key), init(w))`` of one layer's leaf (unstacked)."""
   if lf.n_out:
     return _kernel_quantizer(lf)
   ga = _check_group(lf.spec, lf, leaf_group_axis(lf.name, len(lf.layer_shape)))
   return (lambda w, state, key: fake_quantize_weight(w, lf.spec, ga, state, key),
           lambda w: init_weight_state(w, lf.spec, ga))
-
-
-def per_layer(fn, stack: int):
-  """``fn`` mapped over ``stack`` leading stacking axes of all its arguments."""
-  for _ in range(stack):
-    fn = jax.vmap(fn)
-  return fn
 
 
 def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None, *,
@@ -380,11 +255,11 @@ def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None, *,
   ``{"alpha": ...}`` (PACT); see :func:`init_weight_state`. Empty when no rule learns.
   ``stacked``: as in :func:`quantize_params` (the state then has the stacking axis).
   """
-  rules = _check_rules(rules)
-  _, _, matched = _matched_leaves(params, rules, stacked)
+  rules = params_rules(rules)
+  _, _, matched = matched_leaves(params, rules, stacked)
   qstate: dict = {}
   for lf in matched:
-    if not _learnable(lf.spec):
+    if not learned_step(lf.spec):
       continue
     _, init = _quantizer(lf)
     node = qstate
@@ -394,17 +269,7 @@ def init_qstate(params: PyTree, rules: Rule | Sequence[Rule] | None = None, *,
   return qstate
 
 
-def tree_get(tree, keys):
-  """The node of a nested mapping at ``keys``, or None where the path is missing."""
-  node = tree
-  for k in keys:
-    if not isinstance(node, Mapping) or k not in node:
-      return None
-    node = node[k]
-  return node
-
-
-def _checked_state(lf: _Leaf, qstate, init) -> dict[str, jax.Array]:
+def _checked_state(lf: WeightLeaf, qstate, init) -> dict[str, jax.Array]:
   """The learned state of ``lf`` in ``qstate``, checked against what init_qstate makes."""
   spec = lf.spec
   state = tree_get(qstate, lf.keys) if qstate is not None else None
@@ -456,12 +321,12 @@ def quantize_params(params: PyTree, rules: Rule | Sequence[Rule] | None = None,
     ``axis`` is an input axis, a group size that does not divide the grouped axis, a
     missing qstate or one of the wrong kind or shape.
   """
-  rules = _check_rules(rules)
-  flat, treedef, matched = _matched_leaves(params, rules, stacked)
+  rules = params_rules(rules)
+  flat, treedef, matched = matched_leaves(params, rules, stacked)
   leaves = [leaf for _, leaf in flat]
   for lf in matched:
     fq, init = _quantizer(lf)
-    state = _checked_state(lf, qstate, init) if _learnable(lf.spec) else None
+    state = _checked_state(lf, qstate, init) if learned_step(lf.spec) else None
     k = None
     if lf.spec.rounding == "stochastic":
       if key is None:

@@ -3,7 +3,7 @@
 ``quantize(x, spec)`` stores ``q = clip(round(x / s) + z, qmin, qmax)`` and
 ``dequantize(q)`` returns ``(q - z) * s`` in the original dtype (Jacob et al. 2018).
 
-Storage (what :attr:`QArray.nbytes` counts):
+Storage (what :attr:`QArray.nbytes` counts; :mod:`jaxq.qarray_layout` checks it):
 
 * ``values``: widths that divide 8 (1, 2, 4 bits) are bit-packed into ``uint8`` along the
   last axis, ``8 // bits`` elements a byte, the last axis zero-padded to a multiple of
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 
 import jax
@@ -56,14 +55,8 @@ from jaxq import nf4
 from jaxq import numerics
 from jaxq import quantizer
 from jaxq.bitpack import pack_bits, unpack_bits  # re-exported: jaxq.qarray.pack_bits
-from jaxq.spec import QuantSpec
-
-PACKED_BITS = (1, 2, 4)
-
-
-def _storage_dtype(signed: bool) -> jnp.dtype:
-  return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
-
+from jaxq.qarray_layout import PACKED_BITS, check_arrays, storage_dtype, storage_shape
+from jaxq.spec import QuantSpec, check_spec
 
 # ---------------------------------------------------------------------------------------
 # QArray
@@ -159,17 +152,8 @@ def _scale_repr(scale) -> str:
 
 
 def _as_qarray_spec(spec, schemes=("uniform", "nf4")) -> QuantSpec:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  if spec.scheme not in schemes:
-    raise ValueError(
-        f"QArray stores uniform or NF4 quantization: QuantSpec.scheme must be one of "
-        f"{', '.join(map(repr, schemes))}; got {spec.scheme!r}")
-  return spec
-
-
-def _as_uniform_spec(spec) -> QuantSpec:
-  return _as_qarray_spec(spec, ("uniform",))
+  """QArray stores uniform or NF4 quantization (``quantize_with``: uniform only)."""
+  return check_spec(spec, schemes, "QArray stores uniform or NF4 quantization")
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
@@ -183,7 +167,7 @@ def quantize(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None = None,
   ``double_quant=True`` stores the absmaxes double-quantized (QLoRA; NF4 only).
   """
   spec = _as_qarray_spec(spec)
-  x = quantizer._check_float(x)
+  x = numerics.check_float(x)
   if spec.scheme == "nf4":
     return _quantize_nf4(x, spec, group_axis, double_quant)
   if double_quant:
@@ -207,8 +191,8 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   even, or ``floor(x / scale + u)`` with ``u ~ U[0, 1)`` drawn from ``key`` when
   ``spec.rounding == "stochastic"``.
   """
-  spec = _as_uniform_spec(spec)
-  x = quantizer._check_float(x)
+  spec = _as_qarray_spec(spec, ("uniform",))
+  x = numerics.check_float(x)
   if spec.rounding == "stochastic" and key is None:
     raise ValueError(
         "QuantSpec.rounding='stochastic' needs a PRNG key: quantize(x, spec, "
@@ -216,12 +200,12 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   if spec.symmetric:
     numerics.check_symmetric_range(spec.bits, spec.signed)
   qmin, qmax = spec.qmin, spec.qmax
-  xv = quantizer.quant_view(x.astype(quantizer._compute_dtype(x.dtype)), spec, group_axis)
+  xv = quantizer.quant_view(x.astype(numerics.compute_dtype(x.dtype)), spec, group_axis)
   scale = numerics.floor_scale(jnp.asarray(scale, numerics.float_dtype(x)))
   zero_point = jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(
       zero_point, jnp.float32)
-  quantizer._check_broadcast("scale", scale, xv.shape)
-  quantizer._check_broadcast("zero_point", zero_point, xv.shape)
+  numerics.check_broadcast("scale", scale, xv.shape)
+  numerics.check_broadcast("zero_point", zero_point, xv.shape)
   stat = jnp.broadcast_shapes(scale.shape, zero_point.shape)
   scale = jnp.broadcast_to(scale, stat)
   zero_point = jnp.clip(jnp.round(jnp.broadcast_to(zero_point, stat)), qmin, qmax)
@@ -230,12 +214,12 @@ def quantize_with(x: jax.Array, spec: QuantSpec, scale: jax.Array,
   r = numerics.round_stochastic(v, key) if spec.rounding == "stochastic" else jnp.round(v)
   q = jnp.clip(r + zero_point, qmin, qmax)
   q = jnp.where(jnp.isnan(xv), zero_point, q)
-  q = quantizer.from_quant_view(q, spec, group_axis).astype(_storage_dtype(spec.signed))
+  q = quantizer.from_quant_view(q, spec, group_axis).astype(storage_dtype(spec.signed))
   if spec.bits in PACKED_BITS:
     values = pack_bits(q.reshape(q.shape if q.ndim else (1,)), spec.bits, axis=-1)
   else:
     values = q
-  return QArray(values, scale, zero_point.astype(_storage_dtype(spec.signed)),
+  return QArray(values, scale, zero_point.astype(storage_dtype(spec.signed)),
                 spec=spec, shape=x.shape, dtype=x.dtype, group_axis=group_axis)
 
 
@@ -329,74 +313,6 @@ def qarray_from_state(state: Mapping) -> QArray:
     scale = nf4.DoubleQuantAbsmax(**scale)
   check_arrays(state["values"], scale, state["zero_point"], **meta)
   return QArray(state["values"], scale, state["zero_point"], **meta)
-
-
-def storage_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape of ``values`` for a logical ``shape`` (bit-packed along the last axis)."""
-  if spec.bits not in PACKED_BITS:
-    return tuple(shape)
-  flat = tuple(shape) if shape else (1,)
-  return flat[:-1] + (-(-flat[-1] // (8 // spec.bits)),)
-
-
-def check_arrays(values, scale, zero_point, *, spec: QuantSpec, shape, dtype,
-                 group_axis: int) -> None:
-  """ValueError unless the three arrays are what ``spec``, ``shape``, ``dtype`` and
-  ``group_axis`` describe: ``values`` of :func:`storage_shape` and the storage dtype,
-  a floating ``scale`` and an integer ``zero_point`` broadcasting against the quant
-  view. Leading axes shared by all three (a stack of QArrays, under ``vmap`` or
-  ``scan``) are allowed."""
-  shape = tuple(shape)
-  if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
-    raise ValueError(f"QArray dtype must be floating; got {dtype}")
-  want = storage_shape(spec, shape)
-  vshape = tuple(np.shape(values))
-  lead = len(vshape) - len(want)
-  if lead < 0 or vshape[lead:] != want:
-    raise ValueError(
-        f"QArray values of shape {vshape} do not match its logical shape {shape} "
-        f"({spec.bits}-bit values are stored as {want})")
-  vdtype = jnp.dtype(jnp.uint8) if spec.bits in PACKED_BITS else _storage_dtype(spec.signed)
-  if np.dtype(values.dtype) != vdtype:
-    raise ValueError(f"QArray values must be {vdtype} for a {spec.bits}-bit "
-                     f"{'signed' if spec.signed else 'unsigned'} spec; got {values.dtype}")
-  view = shape
-  if spec.granularity == "group":
-    if not shape or not -len(shape) <= group_axis < len(shape) or (
-        shape[group_axis] % spec.group_size):
-      raise ValueError(f"QArray group_axis={group_axis} with group_size={spec.group_size} "
-                       f"does not fit its logical shape {shape}")
-    ga = group_axis % len(shape)
-    view = shape[:ga] + (shape[ga] // spec.group_size, spec.group_size) + shape[ga + 1:]
-  checked = (("zero_point", zero_point, jnp.integer),)
-  if isinstance(scale, nf4.DoubleQuantAbsmax):
-    _check_double_quant(scale, spec, view, lead)
-  else:
-    checked = (("scale", scale, jnp.floating),) + checked
-  for name, a, kind in checked:
-    ashape = tuple(np.shape(a))
-    core = ashape[lead:] if ashape[:lead] == vshape[:lead] else ashape
-    if len(core) > len(view) or any(c not in (1, d) for c, d in zip(core[::-1], view[::-1])):
-      raise ValueError(f"QArray {name} of shape {ashape} does not broadcast against its "
-                       f"quantized view of shape {view} (logical shape {shape})")
-    if not jnp.issubdtype(a.dtype, kind):
-      raise ValueError(f"QArray {name} must be {kind.__name__}; got dtype {a.dtype}")
-
-
-def _check_double_quant(dq, spec: QuantSpec, view, lead: int) -> None:
-  """A double-quantized absmax must be NF4's, with one int8 code per group."""
-  if spec.scheme != "nf4":
-    raise ValueError(f"a double-quantized scale belongs to scheme='nf4'; got "
-                     f"scheme={spec.scheme!r}")
-  groups = math.prod(view) // spec.group_size
-  blocks = -(-groups // nf4.DOUBLE_QUANT_BLOCK)
-  want = {"codes": ((groups,), jnp.int8), "block_scale": ((blocks,), jnp.float32),
-          "mean": ((), jnp.float32)}
-  for name, (shape, dtype) in want.items():
-    a = getattr(dq, name)
-    if tuple(np.shape(a))[lead:] != shape or np.dtype(a.dtype) != dtype:
-      raise ValueError(f"QArray double-quantized scale {name} must be {np.dtype(dtype)}"
-                       f"{shape} for {groups} groups; got {a.dtype}{tuple(np.shape(a))}")
 
 
 serialization.register_serialization_state(

@@ -26,25 +26,7 @@ import jax.numpy as jnp
 from jaxq import estimators
 from jaxq import nf4
 from jaxq import numerics
-from jaxq.spec import QuantSpec
-
-
-def _check_spec(spec) -> QuantSpec:
-  if not isinstance(spec, QuantSpec):
-    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
-  return spec
-
-
-def _check_float(x: jax.Array, name: str = "x") -> jax.Array:
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
-  return x
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32 for every narrower float (bf16/f16 inputs are quantized in float32)."""
-  return jnp.promote_types(dtype, jnp.float32)
+from jaxq.spec import QuantSpec, check_spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +97,7 @@ def qparams_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
   Thin wrapper over :func:`jaxq.numerics.scale_zero_point` with the spec's bits,
   signedness, symmetry and power-of-two option.
   """
-  spec = _check_spec(spec)
+  spec = check_spec(spec)
   return numerics.scale_zero_point(
       lo, hi, spec.bits, signed=spec.signed, symmetric=spec.symmetric,
       pow2_scale=spec.pow2_scale)
@@ -131,11 +113,11 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, group_axis: int = 0
   they broadcast against ``x``, or against ``to_groups(x, spec.group_size, group_axis)``
   for "group".
   """
-  spec = _check_spec(spec)
+  spec = check_spec(spec)
   if spec.scheme == "nf4":
     raise ValueError("scheme='nf4' has no (scale, zero_point): its absmax per group comes "
                      "from jaxq.nf4.nf4_codes")
-  x = _check_float(x)
+  x = numerics.check_float(x)
   xv = quant_view(x, spec, group_axis)
   lo, hi = numerics.minmax(xv, quant_axes(x.ndim, spec, group_axis))
   return qparams_from_range(lo, hi, spec)
@@ -157,16 +139,6 @@ def _rounding_key(spec: QuantSpec, key, require_key: bool):
           " (or require_key=False to round to nearest when no key is given)")
     return None
   return key
-
-
-def _check_broadcast(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
-  """``value`` must broadcast against ``shape`` without enlarging it."""
-  vshape = tuple(jnp.shape(value))
-  if len(vshape) > len(shape) or any(
-      v not in (1, s) for v, s in zip(vshape[::-1], tuple(shape)[::-1])):
-    raise ValueError(
-        f"{name} of shape {vshape} does not broadcast against the quantized view of "
-        f"shape {tuple(shape)}")
 
 
 def fake_quantize(
@@ -218,8 +190,8 @@ def fake_quantize(
   Inputs narrower than float32 (bf16, f16) are quantized in float32 and cast back.
   NaN propagates; +-Inf saturates to the ends of the range.
   """
-  spec = _check_spec(spec)
-  x = _check_float(x)
+  spec = check_spec(spec)
+  x = numerics.check_float(x)
   key = _rounding_key(spec, key, require_key)
   if grad_scale is not None and not (spec.scheme == "uniform" and spec.estimator == "lsq"):
     raise ValueError(
@@ -230,7 +202,7 @@ def fake_quantize(
   if factor_exp is not None and spec.scheme != "ptf":
     raise ValueError("factor_exp is only used by scheme='ptf'")
   dtype = x.dtype
-  xc = x.astype(_compute_dtype(dtype))
+  xc = x.astype(numerics.compute_dtype(dtype))
 
   if spec.scheme == "log2":
     if key is not None:
@@ -266,7 +238,7 @@ def fake_quantize(
             "estimator='pact' needs the learned clipping level: pass alpha= (or scale=, "
             "then alpha = scale * qmax)")
       alpha = jnp.asarray(scale) * spec.qmax
-    _check_broadcast("alpha", alpha, xv.shape)
+    numerics.check_broadcast("alpha", alpha, xv.shape)
     out = estimators.pact_fake_quant(xv, alpha, spec.bits, key=key)
     return from_quant_view(out, spec, group_axis).astype(dtype)
 
@@ -283,8 +255,8 @@ def fake_quantize(
       raise ValueError(
           "an asymmetric spec (symmetric=False) with an explicit scale needs zero_point")
     zero_point = jnp.zeros((), jnp.float32)
-  _check_broadcast("scale", scale, xv.shape)
-  _check_broadcast("zero_point", zero_point, xv.shape)
+  numerics.check_broadcast("scale", scale, xv.shape)
+  numerics.check_broadcast("zero_point", zero_point, xv.shape)
   if spec.estimator == "lsq":
     out = estimators.lsq_fake_quant(
         xv, scale, zero_point, spec.qmin, spec.qmax, grad_scale, key=key)

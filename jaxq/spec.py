@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from jaxq import numerics
+from jaxq.bitpack import PACK_BITS
 from jaxq.nf4 import check_nf4_fields
+from jaxq.sample_bits import SampleBits
 
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic", "gptq")
 SMOOTH_MODES = ("auto",)
 ESTIMATORS = ("ste", "lsq", "pact")
+#: Estimators whose step (LSQ, LSQ+) or clipping level (PACT) is a learned parameter.
+LEARNED_ESTIMATORS = ("lsq", "pact")
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse")
 SCHEMES = ("uniform", "log2", "ptf", "nf4")
 #: Schemes a layer's weight (kernel) may use; "nf4" is weight-only.
@@ -84,10 +88,19 @@ class QuantSpec:
     signed: signed integer range ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
     symmetric: zero point fixed at 0 (else affine, with a zero point).
     granularity: "tensor" (one scale), "channel" (one per index of ``axis``) or "group"
-      (one per ``group_size`` consecutive elements along the contraction axis, per
-      channel: the input axis of a Dense/Conv kernel, the last axis of an activation,
-      axis 0 of a bare array given to :func:`jaxq.quantize`).
-    axis: the kept channel axis for "channel" and "group".
+      (one per ``group_size`` consecutive elements of the grouped axis and per index of
+      ``axis``; when ``axis`` is the grouped axis itself, a group's scale is shared by
+      every other index). The grouped axis is the contraction axis, which the context
+      fixes: ``group_axis`` (default 0) of a bare array given to :func:`jaxq.quantize` /
+      :func:`jaxq.quantizer.fake_quantize`; in :func:`jaxq.quantize_params` and the Flax
+      layers, the rows of a kernel's ``(K, N)`` view (contracted axes flattened, so a
+      Conv group is ``group_size`` input channels at one ``(kh, kw)``: the result of
+      ``jaxq.quantize(w.reshape(K, N), spec)``; an embedding groups its last axis) and
+      the feature (last) axis of a layer's activation.
+    axis: the kept channel axis for "channel" and "group". What each context accepts
+      (anything else is a ValueError that says so): a bare array, any axis; a layer's
+      weight (params tree or Flax layer), an output axis of its kernel (default -1); a
+      layer's activation, -1 (its input features).
     group_size: elements per group; required for, and only allowed with, "group".
     rounding: "nearest" (half to even) or "stochastic" (``floor(x / s + u)``, u uniform,
       from a PRNG key). Without a key, :func:`jaxq.quantize`,
@@ -232,12 +245,11 @@ class Rule:
                        "for activations")
     if self.lora is not None and not isinstance(self.lora, LoRA):
       raise ValueError(f"Rule.lora must be a jaxq.LoRA or None; got {self.lora!r}")
-    from jaxq.act.adaptive import SampleBits  # pylint: disable=import-outside-toplevel
     c = self.act_compress
     if c is not None and not isinstance(c, SampleBits) and (
-        not _is_int(c) or c not in (1, 2, 4, 8)):
-      raise ValueError(f"Rule.act_compress must be None, one of 1, 2, 4, 8, or a "
-                       f"jaxq.act.SampleBits; got {c!r}")
+        not _is_int(c) or c not in PACK_BITS):
+      raise ValueError(f"Rule.act_compress must be None, one of "
+                       f"{', '.join(map(str, PACK_BITS))}, or a jaxq.act.SampleBits; got {c!r}")
     _check_ptq_fields(self)
 
   def matches(self, path: str) -> bool:
@@ -307,6 +319,27 @@ def _check_ptq_fields(rule: Rule) -> None:
         "Rule.smooth with Rule.act needs a uniform 'ste' activation spec that is dynamic "
         "or calibrated 'minmax' (its range is rescaled exactly by 1/s at convert); got "
         f"scheme={a.scheme!r}, estimator={a.estimator!r}, calibration={a.calibration!r}")
+
+
+def check_spec(spec, schemes: tuple[str, ...] | None = None, where: str = "") -> QuantSpec:
+  """``spec`` if it is a :class:`QuantSpec` (TypeError otherwise) whose scheme is one of
+  ``schemes`` when given (ValueError naming them, and ``where``, otherwise)."""
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"spec must be a jaxq.QuantSpec; got {type(spec).__name__}")
+  if schemes is not None and spec.scheme not in schemes:
+    raise ValueError(f"{where}{': ' if where else ''}QuantSpec.scheme must be one of "
+                     f"{', '.join(map(repr, schemes))}; got {spec.scheme!r}")
+  return spec
+
+
+def learned_step(spec: QuantSpec | None, *, act: bool = False) -> bool:
+  """Whether ``spec``'s step is a learned parameter (LSQ, LSQ+, PACT on a uniform grid).
+
+  ``dynamic`` is an activation option (``act=True``): a dynamic activation spec has no
+  learned step; on a weight spec the flag has no effect.
+  """
+  return (spec is not None and spec.scheme == "uniform"
+          and spec.estimator in LEARNED_ESTIMATORS and not (act and spec.dynamic))
 
 
 def changes_contraction(rule: Rule) -> bool:

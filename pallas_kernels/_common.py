@@ -1,4 +1,9 @@
-"""Shared helpers for the Pallas kernels: validation, padding, block sizing, Triton params."""
+"""Shared helpers for the Pallas kernels: validation, padding, block sizing, Triton params,
+and the ``pallas_call`` and output tile of the matmul family.
+
+``pallas_kernels`` imports nothing from ``jaxq`` (the kernels stand alone), so its width
+check :func:`check_bits` mirrors ``jaxq.bitpack.check_pack_bits`` rather than calling it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jax.experimental import pallas as pl
 
 try:  # Triton compiler params select Pallas' Triton backend on GPU (the default is Mosaic GPU).
   from jax.experimental.pallas import triton as plt
@@ -125,3 +132,50 @@ def matmul_blocks(m: int, n: int, k: int, interpret: bool, k_min: int = 32):
   if m <= 64:
     return max(16, next_pow2(m)), 64, max(k_min, min(next_pow2(k), 256)), 4, 4
   return 128, 128, max(k_min, min(next_pow2(k), 64)), 8, 3
+
+
+def store_tile(o_ref, acc, refs, has_bias: bool, activation, out_dtype):
+  """Writes one int32 accumulator tile: raw when ``refs`` is empty (``out_dtype=int32``),
+  else :func:`epilogue` with ``refs = (a_scale, b_scale[, bias])``."""
+  if not refs:
+    o_ref[...] = acc
+    return
+  bias = refs[2][...] if has_bias else None
+  o_ref[...] = epilogue(acc, refs[0][...], refs[1][...], bias, activation, out_dtype)
+
+
+def matmul_call(kernel, a, b, row_vecs, col_vecs, out_dtype, *, m, n, bm, bn, bk, warps,
+                stages, interpret, name, b_like=(), **kernel_kw):
+  """The ``pallas_call`` of the matmul family, on a ``(M / bm, N / bn)`` grid.
+
+  ``a: [Mp, Kp]`` and ``b: [Kb, Np]`` are already padded to block multiples; ``b_like``
+  (``[R, Np]`` each, e.g. per-group scales) are blocked like ``b``'s columns; ``row_vecs``
+  (``[M]`` each) and ``col_vecs`` (``[N]`` each, None entries dropped) are padded here.
+  The kernel receives ``(a_ref, b_ref, *b_like_refs, *row_refs, *col_refs, o_ref)`` and
+  ``nk = Kp // bk``, ``bk``, ``out_dtype`` and ``kernel_kw``; ``a``/``b`` blocks span the
+  whole K extent and the kernel loops over it in ``bk`` slices. Returns ``out[:m, :n]``.
+  """
+  mp, kp = a.shape
+  kb, np_ = b.shape
+  col_vecs = [v for v in col_vecs if v is not None]
+  args = [a, b, *b_like]
+  in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+              pl.BlockSpec((kb, bn), lambda i, j: (0, j))]
+  in_specs += [pl.BlockSpec((v.shape[0], bn), lambda i, j: (0, j)) for v in b_like]
+  for v in row_vecs:
+    args.append(pad_axis(v.astype(jnp.float32), 0, mp))
+    in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
+  for v in col_vecs:
+    args.append(pad_axis(v.astype(jnp.float32), 0, np_))
+    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+  out = pl.pallas_call(
+      functools.partial(kernel, nk=kp // bk, bk=bk, out_dtype=out_dtype, **kernel_kw),
+      grid=(mp // bm, np_ // bn),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      interpret=interpret,
+      compiler_params=triton_params(num_warps=warps, num_stages=stages),
+      name=name,
+  )(*args)
+  return out[:m, :n]

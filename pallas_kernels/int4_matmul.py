@@ -25,12 +25,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    MATMUL_DIMS, check_dtype, check_rank, epilogue, matmul_blocks, pad_axis, round_up)
-from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref, matmul_call
+    MATMUL_DIMS, check_dtype, check_rank, matmul_blocks, matmul_call, pad_axis, round_up,
+    store_tile)
+from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref
 
 
 def pack_int4(w):
   """Pack ``int[K, N]`` values in [-8, 7] (K even) into ``uint8[K/2, N]`` (low nibble = even k).
+
+  The bit order of ``jaxq.bitpack.pack_bits(w, 4, axis=0)``, done here so that the kernels
+  need nothing from jaxq; packed along K, which a matmul tile streams.
 
   Values outside [-8, 7] are rejected when concrete; under tracing they wrap modulo 16.
   """
@@ -65,27 +69,29 @@ def int4_matmul_ref(a_q, b_packed, a_scale, b_scale, bias=None, out_dtype=jnp.fl
                          activation=activation)
 
 
+def int4_slices(a_ref, b_ref, i, bk):
+  """K slice ``i`` (``bk`` unpacked rows) of a packed-int4 matmul, inside a kernel:
+  ``(a_even, a_odd, w_low, w_high)``, the even and odd K columns of ``a`` and the int8
+  weights of the low and high nibbles (rows ``2r`` and ``2r + 1``) of ``b``'s bytes."""
+  hk = bk // 2
+  k0 = pl.multiple_of(i * bk, bk)
+  a_even = a_ref[:, pl.ds(k0, hk, stride=2)]
+  a_odd = a_ref[:, pl.ds(k0 + 1, hk, stride=2)]
+  p = b_ref[pl.ds(pl.multiple_of(i * hk, hk), hk), :].astype(jnp.int32)
+  return a_even, a_odd, ((p << 28) >> 28).astype(jnp.int8), ((p << 24) >> 28).astype(jnp.int8)
+
+
 def _kernel(a_ref, b_ref, *refs, nk, bk, has_bias, activation, out_dtype):
   o_ref = refs[-1]
   bm, bn = o_ref.shape
-  hk = bk // 2
 
   def body(i, acc):
-    k0 = pl.multiple_of(i * bk, bk)
-    a_even = a_ref[:, pl.ds(k0, hk, stride=2)]
-    a_odd = a_ref[:, pl.ds(k0 + 1, hk, stride=2)]
-    p = b_ref[pl.ds(pl.multiple_of(i * hk, hk), hk), :].astype(jnp.int32)
-    w_low = ((p << 28) >> 28).astype(jnp.int8)
-    w_high = ((p << 24) >> 28).astype(jnp.int8)
+    a_even, a_odd, w_low, w_high = int4_slices(a_ref, b_ref, i, bk)
     acc = acc + lax.dot_general(a_even, w_low, MATMUL_DIMS, preferred_element_type=jnp.int32)
     return acc + lax.dot_general(a_odd, w_high, MATMUL_DIMS, preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
-  if len(refs) == 1:  # raw int32 accumulator
-    o_ref[...] = acc
-    return
-  bias = refs[2][...] if has_bias else None
-  o_ref[...] = epilogue(acc, refs[0][...], refs[1][...], bias, activation, out_dtype)
+  store_tile(o_ref, acc, refs[:-1], has_bias, activation, out_dtype)
 
 
 @functools.partial(

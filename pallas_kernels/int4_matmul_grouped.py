@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
     MATMUL_DIMS, apply_activation, check_activation, check_dtype, check_out_dtype, check_rank,
-    matmul_blocks, pad_axis, round_up, triton_params)
-from pallas_kernels.int4_matmul import unpack_int4
+    matmul_blocks, matmul_call, pad_axis, round_up)
+from pallas_kernels.int4_matmul import int4_slices, unpack_int4
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -81,22 +81,15 @@ def int4_matmul_grouped_ref(a, b_packed, b_scale, a_scale=None, bias=None,
   return apply_activation(y, activation).astype(out_dtype)
 
 
-def _kernel(a_ref, b_ref, bs_ref, *refs, nk, group, int_a, has_bias, activation,
-            out_dtype):
+def _kernel(a_ref, b_ref, bs_ref, *refs, nk, bk, int_a, has_bias, activation, out_dtype):
   o_ref = refs[-1]
   bm, bn = o_ref.shape
-  hg = group // 2
 
   def body(i, acc):
-    k0 = pl.multiple_of(i * group, group)
-    a_even = a_ref[:, pl.ds(k0, hg, stride=2)]
-    a_odd = a_ref[:, pl.ds(k0 + 1, hg, stride=2)]
-    p = b_ref[pl.ds(pl.multiple_of(i * hg, hg), hg), :].astype(jnp.int32)
-    w_low, w_high = (p << 28) >> 28, (p << 24) >> 28
+    a_even, a_odd, w_low, w_high = int4_slices(a_ref, b_ref, i, bk)
     if int_a:
-      part = (lax.dot_general(a_even, w_low.astype(jnp.int8), MATMUL_DIMS,
-                              preferred_element_type=jnp.int32)
-              + lax.dot_general(a_odd, w_high.astype(jnp.int8), MATMUL_DIMS,
+      part = (lax.dot_general(a_even, w_low, MATMUL_DIMS, preferred_element_type=jnp.int32)
+              + lax.dot_general(a_odd, w_high, MATMUL_DIMS,
                                 preferred_element_type=jnp.int32)).astype(jnp.float32)
     else:
       part = (lax.dot_general(a_even, w_low.astype(a_even.dtype), MATMUL_DIMS,
@@ -136,27 +129,9 @@ def int4_matmul_grouped(a, b_packed, b_scale, a_scale=None, bias=None,
   bm, bn, _, warps, stages = matmul_blocks(m, n, k, interpret)
   bm, bn = block_m or bm, block_n or bn
   mp, np_ = round_up(m, bm), round_up(n, bn)
-  args = [pad_axis(a, 0, mp), pad_axis(b_packed.astype(jnp.uint8), 1, np_),
-          pad_axis(b_scale.astype(jnp.float32), 1, np_)]
-  in_specs = [pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-              pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
-              pl.BlockSpec((k // group_size, bn), lambda i, j: (0, j))]
-  if a_scale is not None:
-    args.append(pad_axis(a_scale.astype(jnp.float32), 0, mp))
-    in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
-  if bias is not None:
-    args.append(pad_axis(bias.astype(jnp.float32), 0, np_))
-    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
-  out = pl.pallas_call(
-      functools.partial(_kernel, nk=k // group_size, group=group_size,
-                        int_a=a_scale is not None, has_bias=bias is not None,
-                        activation=activation, out_dtype=out_dtype),
-      grid=(mp // bm, np_ // bn),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      interpret=interpret,
-      compiler_params=triton_params(num_warps=warps, num_stages=stages),
-      name="int4_matmul_grouped",
-  )(*args)
-  return out[:m, :n]
+  return matmul_call(
+      _kernel, pad_axis(a, 0, mp), pad_axis(b_packed.astype(jnp.uint8), 1, np_),
+      [] if a_scale is None else [a_scale], [bias], out_dtype, m=m, n=n, bm=bm, bn=bn,
+      bk=group_size, warps=warps, stages=stages, interpret=interpret,
+      name="int4_matmul_grouped", b_like=[pad_axis(b_scale.astype(jnp.float32), 1, np_)],
+      int_a=a_scale is not None, has_bias=bias is not None, activation=activation)

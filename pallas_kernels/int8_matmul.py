@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
     MATMUL_DIMS, check_activation, check_dtype, check_out_dtype, check_rank, epilogue,
-    matmul_blocks, pad_axis, round_up, triton_params)
+    matmul_blocks, matmul_call, pad_axis, round_up, store_tile)
 
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32)
 
@@ -83,46 +83,7 @@ def _kernel(a_ref, b_ref, *refs, nk, bk, has_bias, activation, out_dtype):
     return acc + lax.dot_general(a, b, MATMUL_DIMS, preferred_element_type=jnp.int32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
-  if len(refs) == 1:  # raw int32 accumulator
-    o_ref[...] = acc
-    return
-  as_ref, bs_ref = refs[0], refs[1]
-  bias = refs[2][...] if has_bias else None
-  o_ref[...] = epilogue(acc, as_ref[...], bs_ref[...], bias, activation, out_dtype)
-
-
-def matmul_call(kernel, a, b, row_vecs, col_vecs, out_dtype, *, m, n, bm, bn, bk, warps,
-                stages, interpret, name, **kernel_kw):
-  """Shared pallas_call of the matmul family.
-
-  ``a: [Mp, Kp]`` and ``b: [Kb, Np]`` are already padded to block multiples; ``row_vecs``
-  (``[M]`` each) and ``col_vecs`` (``[N]`` each, None entries dropped) are padded here. The
-  kernel receives ``(a_ref, b_ref, *row_refs, *col_refs, o_ref)``; ``a``/``b`` blocks span the
-  whole K extent and the kernel loops over it in ``bk`` slices.
-  """
-  mp, kp = a.shape
-  kb, np_ = b.shape
-  col_vecs = [v for v in col_vecs if v is not None]
-  args = [a, b]
-  in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-              pl.BlockSpec((kb, bn), lambda i, j: (0, j))]
-  for v in row_vecs:
-    args.append(pad_axis(v.astype(jnp.float32), 0, mp))
-    in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
-  for v in col_vecs:
-    args.append(pad_axis(v.astype(jnp.float32), 0, np_))
-    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
-  out = pl.pallas_call(
-      functools.partial(kernel, nk=kp // bk, bk=bk, out_dtype=out_dtype, **kernel_kw),
-      grid=(mp // bm, np_ // bn),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      interpret=interpret,
-      compiler_params=triton_params(num_warps=warps, num_stages=stages),
-      name=name,
-  )(*args)
-  return out[:m, :n]
+  store_tile(o_ref, acc, refs[:-1], has_bias, activation, out_dtype)
 
 
 @functools.partial(

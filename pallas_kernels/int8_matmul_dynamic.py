@@ -21,8 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    MATMUL_DIMS, TINY, check_dtype, epilogue, matmul_blocks, pad_axis, round_half_even, round_up)
-from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref, matmul_call
+    MATMUL_DIMS, TINY, check_dtype, epilogue, matmul_blocks, matmul_call, pad_axis,
+    round_half_even, round_up)
+from pallas_kernels.int8_matmul import check_matmul_args, int8_matmul_ref
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -10,11 +10,12 @@ contributes (ActNN, Chen et al. 2021, sec. 4; GACT, Liu et al. 2022, sec. 4)
 
 and the allocation minimises ``sum_l V_l(b_l)`` subject to the memory budget
 ``sum_l b_l n_l <= avg_bits * sum_l n_l`` (``n_l``: compressed elements of layer ``l``).
-:func:`calc_precision` solves it greedily as ActNN does; :class:`AdaptiveBits` keeps a
+:func:`~jaxq.allocation.calc_precision` solves it greedily as ActNN does; :class:`AdaptiveBits` keeps a
 running estimate of ``C_l`` from the ``probe`` gradients of
 :func:`~jaxq.act.compressed_vjp` and re-allocates every ``interval`` steps.
 
-Per-sample widths (ActNN's per-sample bits) are :class:`SampleBits`: a static number of
+Per-sample widths (ActNN's per-sample bits) are :class:`~jaxq.sample_bits.SampleBits`
+(re-exported here): a static number of
 samples per width, the samples ranked inside the step by ``G_n R_n``, their gradient
 estimates (``sample_weight``, e.g. :func:`~jaxq.act.samples.output_grad_sqnorm`) times
 :func:`~jaxq.act.samples.sample_sensitivity`.
@@ -64,99 +65,21 @@ example indices; ``qmodel`` with ``Rule(layers, act_compress=widths)``, jitted p
 
 from __future__ import annotations
 
-import dataclasses
-import heapq
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.act.pack import VALID_BITS, check_bits
+from jaxq.allocation import calc_precision, check_choices
+from jaxq.bitpack import check_pack_bits
+from jaxq.sample_bits import SampleBits, has_sample_bits
+
+__all__ = ["AdaptiveBits", "PROBE_SIZE", "SampleBits", "calc_precision", "has_sample_bits",
+           "sensitivity_from_gradients", "sensitivity_from_probe"]
 
 #: Length of the ``probe`` vector of :func:`~jaxq.act.compressed_vjp`.
 PROBE_SIZE = 3
-
-
-def _check_choices(choices) -> tuple[int, ...]:
-  try:
-    out = tuple(sorted({check_bits(int(c), "choices") for c in choices}))
-  except TypeError:
-    raise TypeError(f"choices must be a sequence of bit widths in {VALID_BITS}, "
-                    f"got {choices!r}") from None
-  if not out:
-    raise ValueError(f"choices must not be empty; allowed widths are {VALID_BITS}")
-  return out
-
-
-def calc_precision(sensitivity, sizes, avg_bits: float,
-                   choices: Sequence[int] = (1, 2, 4, 8)) -> np.ndarray:
-  """Bits per entry minimising ``sum_i sensitivity_i / (2^b_i - 1)^2`` under a budget.
-
-  Greedy, as ActNN's ``calc_precision`` (Chen et al. 2021): start every entry at the
-  widest choice; repeatedly lower (to the next narrower choice) the entry whose variance
-  increase per bit of memory saved is smallest until ``sum(b * sizes) <= avg_bits *
-  sum(sizes)``; then spend any leftover budget raising entries by the same ratio.
-
-  Args:
-    sensitivity: ``C_i >= 0`` per entry (layer, or layer-and-sample).
-    sizes: elements ``n_i > 0`` stored per entry.
-    avg_bits: average bits per element allowed, ``min(choices) <= avg_bits``.
-    choices: allowed widths (subset of 1, 2, 4, 8).
-
-  Returns:
-    ``int32[len(sizes)]`` bit widths.
-  """
-  choices = _check_choices(choices)
-  c = np.asarray(sensitivity, np.float64).reshape(-1)
-  n = np.asarray(sizes, np.float64).reshape(-1)
-  if c.shape != n.shape:
-    raise ValueError(f"sensitivity and sizes must have the same length, got {c.size} "
-                     f"and {n.size}")
-  if np.any(~np.isfinite(c)) or np.any(c < 0):
-    raise ValueError("sensitivity must be finite and >= 0")
-  if np.any(n <= 0):
-    raise ValueError("sizes must be > 0")
-  if not np.isfinite(avg_bits) or avg_bits < choices[0]:
-    raise ValueError(f"avg_bits must be >= min(choices) = {choices[0]}, got {avg_bits}")
-  var = lambda i, k: c[i] / (2.0**choices[k] - 1) ** 2  # noqa: E731
-  level = np.full(c.size, len(choices) - 1)
-  budget = avg_bits * n.sum() * (1 + 1e-12)
-  used = n.sum() * choices[-1]
-
-  def down_cost(i):
-    k = level[i]
-    return (var(i, k - 1) - var(i, k)) / ((choices[k] - choices[k - 1]) * n[i])
-
-  heap = [(down_cost(i), i) for i in range(c.size) if level[i] > 0]
-  heapq.heapify(heap)
-  while used > budget and heap:
-    _, i = heapq.heappop(heap)
-    k = level[i]
-    used -= (choices[k] - choices[k - 1]) * n[i]
-    level[i] = k - 1
-    if level[i] > 0:
-      heapq.heappush(heap, (down_cost(i), i))
-  # Leftover budget (a step may overshoot): raise the best gains that still fit.
-  improved = True
-  while improved:
-    improved = False
-    best = None
-    for i in range(c.size):
-      k = level[i]
-      if k + 1 < len(choices):
-        extra = (choices[k + 1] - choices[k]) * n[i]
-        if used + extra <= budget:
-          gain = (var(i, k) - var(i, k + 1)) / extra
-          if gain > 0 and (best is None or gain > best[0]):
-            best = (gain, i, extra)
-    if best is not None:
-      _, i, extra = best
-      level[i] += 1
-      used += extra
-      improved = True
-  return np.asarray([choices[k] for k in level], np.int32)
 
 
 def sensitivity_from_probe(probe_grad) -> tuple[float, float]:
@@ -184,7 +107,7 @@ def sensitivity_from_gradients(grads, reference, bits: int) -> jax.Array:
   probe's analytic model it sees every residual inside the layer and the gradient each
   really feeds (attention maps, normalised values, ...). Jittable.
   """
-  bits = check_bits(bits)
+  bits = check_pack_bits(bits)
   g, r = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(reference)
   if len(g) != len(r) or not g:
     raise ValueError(f"grads and reference must be pytrees with the same (non-zero) "
@@ -231,7 +154,7 @@ class AdaptiveBits:
     self.names = tuple(names)
     if not self.names:
       raise ValueError("names must not be empty")
-    self.choices = _check_choices(choices)
+    self.choices = check_choices(choices)
     if avg_bits < self.choices[0]:
       raise ValueError(f"avg_bits must be >= min(choices) = {self.choices[0]}, got {avg_bits}")
     if not isinstance(interval, (int, np.integer)) or interval < 1:
@@ -241,7 +164,7 @@ class AdaptiveBits:
     self.avg_bits, self.interval, self.momentum = float(avg_bits), int(interval), momentum
     if init_bits is None:
       init_bits = max(c for c in self.choices if c <= avg_bits)
-    init_bits = check_bits(init_bits, "init_bits")
+    init_bits = check_pack_bits(init_bits, "init_bits")
     self.bits: dict = {n: init_bits for n in self.names}
     self.sensitivity: dict = {}
     self.sizes: dict = {}
@@ -288,123 +211,3 @@ class AdaptiveBits:
                           [self.sizes[n] for n in self.names], self.avg_bits, self.choices)
     self.bits = {n: int(b) for n, b in zip(self.names, bits)}
     return self.bits
-
-
-# ----------------------------------------------------------------------- per-sample widths
-@dataclasses.dataclass(frozen=True)
-class SampleBits:
-  """Per-sample bit widths (ActNN's per-sample ``calc_precision``) with static shapes.
-
-  ActNN gives sample ``n`` of layer ``l`` its own width from ``C_{l,n} = G_l R_{l,n}``,
-  ``R_{l,n} = sum_g S range_g^2`` over the sample's groups and ``G_l`` the layer's
-  gradient-norm estimate. In JAX the *number* of samples at each width must be static, so
-  ``fractions`` fixes it: for a batch of ``B`` samples, ``floor(f_b B)`` samples get ``b``
-  bits for every width but the narrowest, which takes the rest (so ``sum_b n_b b <=
-  avg_bits * B`` always holds). The *assignment* is dynamic, inside the step: the samples
-  of each residual are ranked by ``G_n R_{l,n}`` and the most sensitive get the widest
-  codes. ``R_{l,n}`` is :func:`~jaxq.act.samples.sample_sensitivity`; ``G_n``, the sample's gradient-norm
-  estimate, is the ``sample_weight`` passed to the compressed function (ActNN keeps it
-  per training example from the example's previous visit; :func:`~jaxq.act.samples.output_grad_sqnorm`
-  computes it from the model's outputs); without it samples are ranked by ``R_{l,n}``
-  alone. ``G_n`` is what makes per-sample widths pay off: late in training most samples
-  are fitted and their gradients nearly vanish, so their residuals can take 1 bit and the
-  few samples that carry the gradient 4 or 8. Each width's samples are gathered into one
-  :class:`~jaxq.act.pack.CompressedArray`, stored with the permutation; decompression
-  scatters them back (:class:`~jaxq.act.samples.SampleCompressed`). Rounding stays stochastic and the
-  ranking depends on the residual alone, so the gradient stays unbiased.
-
-  Per-sample widths apply to the residuals that feed only weight gradients (a Dense or
-  Conv layer's input, read by ``dW = x^T dy`` alone; ``Residual.weight_only`` of
-  :func:`~jaxq.act.compressed_residuals`), ActNN's setting. The others (attention
-  probabilities, normalised values, activation-function derivatives) scale the cotangent
-  passed to the layers below, so their rounding noise compounds along the backward pass,
-  and 1-bit codes there wreck the gradient however the samples are ranked (see the module
-  docstring); they, and residuals without ``batch_size`` rows on their leading axis
-  (weight-sized intermediates, flattened tokens, ...), are stored per tensor at
-  ``fallback`` bits.
-
-  Attributes:
-    fractions: ``{bits: fraction of the samples}`` (or pairs), fractions summing to 1,
-      e.g. ``{4: 0.25, 2: 0.25, 1: 0.5}`` (an average of 2 bits). Stored as pairs sorted
-      by decreasing width.
-    fallback: width of residuals without a batch axis; default: the widest valid width
-      ``<= avg_bits``.
-    batch_size: leading-axis size that marks a per-sample residual; default (None): the
-      leading size of the first argument listed in ``compress_args`` (the activation
-      input); with neither, every residual is stored per tensor at ``fallback`` bits.
-  """
-
-  fractions: Any
-  fallback: int | None = None
-  batch_size: int | None = None
-
-  def __post_init__(self):
-    fr = self.fractions
-    items = fr.items() if isinstance(fr, Mapping) else fr
-    try:
-      pairs = [(check_bits(int(b), "SampleBits.fractions width"), float(f)) for b, f in items]
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"SampleBits.fractions must map widths in {VALID_BITS} to fractions "
-                       f"in [0, 1] summing to 1, got {fr!r} ({e})") from None
-    if not pairs or len({b for b, _ in pairs}) != len(pairs) or any(
-        not 0.0 <= f <= 1.0 for _, f in pairs) or abs(sum(f for _, f in pairs) - 1) > 1e-6:
-      raise ValueError(f"SampleBits.fractions must map distinct widths in {VALID_BITS} to "
-                       f"fractions in [0, 1] summing to 1, got {fr!r}")
-    object.__setattr__(self, "fractions", tuple(sorted(pairs, reverse=True)))
-    if self.fallback is None:
-      object.__setattr__(self, "fallback", max(b for b in VALID_BITS
-                                               if b <= self.avg_bits + 1e-9))
-    object.__setattr__(self, "fallback", check_bits(self.fallback, "SampleBits.fallback"))
-    if self.batch_size is not None and (
-        isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer))
-        or self.batch_size < 1):
-      raise ValueError(f"SampleBits.batch_size must be None or a positive int, got "
-                       f"{self.batch_size!r}")
-
-  @property
-  def avg_bits(self) -> float:
-    """``sum_b f_b b``: the average width of per-sample residuals."""
-    return float(sum(b * f for b, f in self.fractions))
-
-  @property
-  def widths(self) -> tuple[int, ...]:
-    """Every width this allocation can store (for ``group_size`` validation)."""
-    return tuple(sorted({b for b, _ in self.fractions} | {self.fallback}))
-
-  def counts(self, batch: int) -> tuple[tuple[int, int], ...]:
-    """``((bits, n_bits), ...)`` for a batch of ``batch`` samples, widest first; zero
-    counts dropped. ``sum n_b b <= avg_bits * batch``."""
-    *wide, (narrow, _) = self.fractions
-    out = [(b, int(np.floor(f * batch + 1e-9))) for b, f in wide]
-    out.append((narrow, batch - sum(n for _, n in out)))
-    return tuple((b, n) for b, n in out if n > 0)
-
-  @classmethod
-  def from_sensitivity(cls, sensitivity, avg_bits: float,
-                       choices: Sequence[int] = (1, 2, 4, 8), **kwargs) -> SampleBits:
-    """Fractions from a measured per-sample sensitivity profile: the widths
-    :func:`calc_precision` gives those samples under ``avg_bits``.
-
-    The profile may be :func:`~jaxq.act.samples.sample_sensitivity` of one residual on a calibration batch,
-    or the gradient-norm estimates ``G_n`` of the whole training set (ActNN keeps them per
-    example): while they are alike this gives one width, and once most samples are
-    fitted, mixed widths. With ``batch_size`` (passed on to the constructor) the fractions
-    are whole samples of that batch (``SampleBits.counts``), so profiles that differ
-    a little give equal ``SampleBits`` and reuse a compiled step.
-    """
-    s = np.asarray(sensitivity, np.float64).reshape(-1)
-    bits = calc_precision(s, np.ones_like(s), avg_bits, choices)
-    # The fallback follows the budget, not the realised average (which may fall below a
-    # width: 1.98 bits would otherwise put every non-per-sample residual at 1 bit).
-    kwargs.setdefault("fallback", max(b for b in VALID_BITS if b <= avg_bits + 1e-9))
-    widths, n = np.unique(bits, return_counts=True)
-    out = cls({int(b): float(k) / s.size for b, k in zip(widths, n)}, **kwargs)
-    if out.batch_size is None:
-      return out
-    return cls({b: k / out.batch_size for b, k in out.counts(out.batch_size)}, **kwargs)
-
-
-def has_sample_bits(bits) -> bool:
-  """Whether a ``bits`` argument of :func:`~jaxq.act.compressed_vjp` (a width, a
-  :class:`SampleBits` or a per-residual tuple) stores some residual per sample."""
-  return any(isinstance(b, SampleBits) for b in (bits if isinstance(bits, tuple) else (bits,)))

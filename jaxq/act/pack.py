@@ -38,15 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import kernels
+from jaxq.bitpack import PACK_BITS, check_pack_bits
 from jaxq.numerics import hash_uniform
 
-VALID_BITS = (1, 2, 4, 8)
-
-def check_bits(bits: Any, name: str = "bits") -> int:
-  """Validates a packing width: one of 1, 2, 4, 8 (widths that divide a byte)."""
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in VALID_BITS:
-    raise ValueError(f"{name} must be one of {VALID_BITS}, got {bits!r}")
-  return int(bits)
+# The one packing-width check of jaxq, under the names this package has always used.
+VALID_BITS = PACK_BITS
+check_bits = check_pack_bits
 
 
 def check_group_size(group_size: Any, bits: int, name: str = "group_size") -> int:

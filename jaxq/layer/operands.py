@@ -26,7 +26,7 @@ from jaxq import calibration
 from jaxq import quantizer
 from jaxq.layer.views import Contraction
 from jaxq.params import check_weight_axis
-from jaxq.spec import WEIGHT_SCHEMES, QuantSpec
+from jaxq.spec import WEIGHT_SCHEMES, QuantSpec, learned_step
 
 __all__ = [
     "weight_view_spec", "act_view_spec", "is_learned", "is_observed",
@@ -47,7 +47,6 @@ ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA = ("jaxq_act_scale", "jaxq_act_zero_point",
 #: ``(scale, zero_point, alpha)`` names of the learned weight / activation steps.
 WEIGHT_NAMES = (WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_ALPHA)
 ACT_NAMES = (ACT_SCALE, ACT_ZERO_POINT, ACT_ALPHA)
-_LEARNED_ESTIMATORS = ("lsq", "pact")
 _ONE_SHOT_CALIBRATIONS = ("percentile", "mse")
 
 # --------------------------------------------------------------------------------------
@@ -73,6 +72,10 @@ def weight_view_spec(spec: QuantSpec, path: str, kernel_shape: Sequence[int],
 
 def act_view_spec(spec: QuantSpec, path: str, k: int) -> QuantSpec:
   """``spec`` as it applies to the ``(M, K)`` activation view (``k`` input features)."""
+  if spec.granularity == "group" and spec.axis != -1:
+    raise ValueError(f"layer '{path}': an activation 'group' spec groups the input "
+                     f"features (axis=-1), shared by all rows (per row: dynamic=True); got "
+                     f"axis={spec.axis}")
   if spec.granularity == "group" and k % spec.group_size:
     raise ValueError(f"layer '{path}': activation group_size={spec.group_size} does not "
                      f"divide the number of input features {k}")
@@ -92,14 +95,8 @@ def act_view_spec(spec: QuantSpec, path: str, k: int) -> QuantSpec:
   return spec if spec.granularity == "tensor" else spec.replace(axis=-1)
 
 
-def is_learned(spec: QuantSpec | None, *, act: bool) -> bool:
-  """Whether ``spec``'s step is a learned parameter (LSQ, LSQ+, PACT on a uniform grid).
-
-  ``dynamic`` is an activation option: a dynamic activation spec has no learned step; on
-  a weight spec the flag has no effect.
-  """
-  return (spec is not None and spec.scheme == "uniform"
-          and spec.estimator in _LEARNED_ESTIMATORS and not (act and spec.dynamic))
+# The one learned-step predicate is jaxq.spec.learned_step; this name is the layer's.
+is_learned = learned_step
 
 
 def is_observed(spec: QuantSpec | None) -> bool:
