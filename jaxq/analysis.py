@@ -43,6 +43,7 @@ from jaxq.flax import nnx_serve
 from jaxq.flax import ptq
 from jaxq.flax.linen import layer_paths, quantize_model
 from jaxq.layer.operands import ACT_STATS
+from jaxq.params import check_rules
 from jaxq.spec import QuantSpec, Rule, match_rule
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "sensitivity", "Allocation",
@@ -147,7 +148,7 @@ def _kernel_size(params, path: str) -> int:
 def _check_rules(rules) -> tuple[Rule, ...]:
   if rules is None:
     rules = (Rule(".*", weight=QuantSpec(8), act=QuantSpec(8, granularity="tensor")),)
-  return (rules,) if isinstance(rules, Rule) else tuple(rules)
+  return check_rules(rules)
 
 
 def _with_bits(rules: tuple[Rule, ...], b: int | None) -> tuple[Rule, ...]:

@@ -40,6 +40,7 @@ from flax import traverse_util
 from flax.linen import attention as nn_attention
 
 from jaxq import quantizer
+from jaxq.flax.linen_layer import QUANT_STATS
 from jaxq.flax.paths import module_path
 from jaxq.layer.fqvit import (NUM_FACTORS, PTF_FACTOR_EXP, PTF_SCALE, PTF_STATS,
                               PTF_ZERO_POINT, log2_attention, ptf_observer_init,
@@ -50,7 +51,6 @@ __all__ = ["interceptor", "log2_attention_fn", "ptf_observer_init", "ptf_observe
            "ptf_observer_qparams", "convert_params", "PTF_STATS", "PTF_SCALE",
            "PTF_ZERO_POINT", "PTF_FACTOR_EXP", "NUM_FACTORS"]
 
-QUANT_STATS = "quant_stats"
 _CALIBRATE = ("calibrate", "ptq_calibrate")
 _SERVE = ("ptq_serve",)
 _SIM = ("ptq_sim",)

@@ -22,7 +22,7 @@ from jaxq import quantizer
 from jaxq.layer.operands import WEIGHT_ALPHA, WEIGHT_SCALE, WEIGHT_ZERO_POINT
 from jaxq.params import looks_stacked, output_axes, per_layer
 from jaxq.qarray import QArray, quantize_with
-from jaxq.spec import QuantSpec
+from jaxq.spec import QuantSpec, learned_step
 
 __all__ = ["SCALE_FORMATS", "check_axes", "convert_kernel", "infer_contract",
            "kernel_stack", "learned_kernel", "quantize_kernel",
@@ -183,7 +183,7 @@ def served_kernel(w, spec: QuantSpec, contract, learned: dict, *, compact: bool 
   """The QArray that serving stores for one layer's kernel ``w``: from the step learned
   in QAT when ``spec`` learns one and ``learned`` ({variable name: value}) holds it, else
   from ``spec.calibration`` (:func:`quantize_kernel`)."""
-  if spec.estimator in ("lsq", "pact") and learned:
+  if learned_step(spec) and learned:
     return learned_kernel(w, spec, contract, learned)
   return quantize_kernel(w, spec, contract, compact=compact)
 
