@@ -181,18 +181,28 @@ def step_memory(variant, batch, bits=None) -> int:
   t = time.perf_counter()
   mem = step.lower(params, opt, x, y, jax.random.key(1)).compile().memory_analysis()
   COMPILE_S.setdefault((variant, batch), time.perf_counter() - t)
-  return int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
+  total = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
+  print(f"  {variant} batch {batch}: {total / 2**20:.1f} MB, trace + compile "
+        f"{COMPILE_S[(variant, batch)]:.1f} s", flush=True)
+  return total
 
 
 def largest_batch(variant, budget, start) -> int:
-  """Largest batch (multiple of 8) whose :func:`step_memory` is at most ``budget``."""
-  lo, hi = start, start
-  while step_memory(variant, hi) <= budget:
-    lo, hi = hi, hi * 2
-  while hi - lo > 8:
-    mid = (lo + hi) // 16 * 8
-    lo, hi = (mid, hi) if step_memory(variant, mid) <= budget else (lo, mid)
-  return lo
+  """Largest batch (multiple of 8) whose :func:`step_memory` is at most ``budget``.
+
+  Step memory is affine in the batch up to XLA's layout choices: extrapolated from
+  ``start`` and ``2 * start``, then checked in steps of 8 from the prediction (about 4
+  compilations instead of a bisection's 8-9)."""
+  m0, m1 = step_memory(variant, start), step_memory(variant, 2 * start)
+  b = max(8, int(start + (budget - m0) * start / max(m1 - m0, 1)) // 8 * 8)
+  if step_memory(variant, b) <= budget:
+    while step_memory(variant, b + 8) <= budget:
+      b += 8
+    return b
+  b -= 8
+  while b > 8 and step_memory(variant, b) > budget:
+    b -= 8
+  return b
 
 
 def step_seconds(variant, batch, steps) -> float:

@@ -23,7 +23,8 @@ elements than its exits.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend.core import Literal
 
-from jaxq.act.interpret import bind_equation
+from jaxq.act.interpret import bind_equation, zero_after
 
 #: ``mul`` / ``div``: one operand (``div``: the numerator) depends on the cotangent, the
 #: other on residuals alone; sums of two cotangent values; sign changes and copies.
@@ -48,11 +49,19 @@ class Folded:
   ``jaxpr``: ClosedJaxpr over (stored compressed residuals, kept residuals, cotangents),
   the stored compressed residuals being the original ones listed in ``keep`` followed by
   one ``J`` per exit; ``jacobians``: ClosedJaxpr from (original compressed residuals, kept
-  residuals) to those ``J``, evaluated in the forward pass.
+  residuals) to those ``J``, evaluated in the forward pass (None: nothing folded). ``build(anchored)`` builds
+  ``jaxpr``; without the ordering dependencies of recomputed residuals (``anchored=False``,
+  :meth:`plain`) for the analyses of :mod:`jaxq.act.flow`, which would read them as
+  (exactly zero) non-linear dependencies.
   """
   jaxpr: Any
   keep: tuple[int, ...]
   jacobians: Any
+  build: Callable[[bool], Any]
+
+  def plain(self):
+    """``jaxpr`` without ordering dependencies (same values)."""
+    return self.build(False)
 
   def stored(self, compressed: Sequence[Any], kept: Sequence[Any]) -> list:
     """The compressed residuals to store, from the original ones (forward pass)."""
@@ -61,7 +70,7 @@ class Folded:
 
   @property
   def n_folded(self) -> int:
-    return len(self.jacobians.jaxpr.outvars)
+    return 0 if self.jacobians is None else len(self.jacobians.jaxpr.outvars)
 
 
 def _same(a, b) -> bool:
@@ -96,9 +105,10 @@ def _roots(jaxpr, ct_vars: set) -> dict:
   return root
 
 
-def _live(jaxpr, folded: dict) -> set:
-  """Variables the backward pass reads when the regions in ``folded`` (region equation
-  index -> entry, for exits: var -> entry) are replaced by ``exit = entry * J``."""
+def _live(jaxpr, folded: tuple, recipe_of: dict) -> set:
+  """Variables the backward pass reads when the regions in ``folded`` (exit -> entry,
+  region equation indices) are replaced by ``exit = entry * J`` and residuals with a
+  recipe (``recipe_of``: input -> (recipe, source inputs)) are recomputed."""
   exits, region_eqns = folded
   need = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
   for i in range(len(jaxpr.eqns) - 1, -1, -1):
@@ -110,24 +120,66 @@ def _live(jaxpr, folded: dict) -> set:
       need.update(exits[v] for v in hit if v in exits)
       continue
     need.update(v for v in eqn.invars if not isinstance(v, Literal))
+  need.update(s for v, (_, srcs) in recipe_of.items() if v in need for s in srcs)
   return need
 
 
-def fold(closed, n_compressed: int, n_kept: int) -> Folded:
+#: Calls inlined before the analysis when their body holds only these primitives: JAX
+#: transposes ``jax.nn.silu`` & co. into a ``jit`` of the derivative's products.
+_INLINED = frozenset({"pjit", "jit", "closed_call"})
+_ELEMENTWISE = _SCALE | _SUM | _UNARY | {"convert_element_type", "broadcast_in_dim"}
+
+
+def _inlinable(eqn) -> bool:
+  body = eqn.params.get("jaxpr")
+  return (eqn.primitive.name in _INLINED and hasattr(body, "jaxpr")
+          and all(e.primitive.name in _ELEMENTWISE or _inlinable(e) for e in body.jaxpr.eqns))
+
+
+def _eval_inlined(jaxpr, consts, args) -> list:
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    if _inlinable(eqn):
+      body = eqn.params["jaxpr"]
+      outs = _eval_inlined(body.jaxpr, body.consts, ins)
+    else:
+      outs = bind_equation(eqn, ins)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def inline_elementwise_calls(closed):
+  """``closed`` with its elementwise-only calls (:data:`_INLINED`) inlined."""
+  if not any(_inlinable(e) for e in closed.jaxpr.eqns):
+    return closed
+  return jax.make_jaxpr(lambda *a: _eval_inlined(closed.jaxpr, closed.consts, a))(
+      *[_spec(v) for v in closed.jaxpr.invars])
+
+
+def fold(closed, n_compressed: int, n_kept: int, recipes: dict | None = None) -> Folded:
   """Folds the profitable diagonal regions of ``closed`` (a ClosedJaxpr over the
-  compressed residuals, kept residuals and cotangents; module docstring)."""
+  compressed residuals, kept residuals and cotangents; module docstring). ``recipes``
+  (:func:`jaxq.act.recompute.recipes`): compressed residuals recomputed right before
+  their first use instead of stored."""
+  closed = inline_elementwise_calls(closed)
   jaxpr = closed.jaxpr
   n_res = n_compressed + n_kept
   comp = jaxpr.invars[:n_compressed]
+  recipe_of = {comp[j]: (r, tuple(jaxpr.invars[p] for p in pos))
+               for j, (r, pos) in (recipes or {}).items()}
   root = _roots(jaxpr, set(jaxpr.invars[n_res:]))
   members: dict[Any, list[int]] = {}
   for i, eqn in enumerate(jaxpr.eqns):
-    if eqn.outvars[0] in root:
+    if eqn.outvars and eqn.outvars[0] in root:
       members.setdefault(root[eqn.outvars[0]], []).append(i)
   exits: dict[Any, Any] = {}
   region_eqns: set[int] = set()
   size = lambda v: int(np.prod(v.aval.shape, dtype=np.int64))  # noqa: E731
-  live = _live(jaxpr, (exits, region_eqns))
+  live = _live(jaxpr, (exits, region_eqns), recipe_of)
+  stored = lambda live: {v for v in comp if v in live and v not in recipe_of}  # noqa: E731
   for entry, idx in members.items():
     inside = set(idx)
     outs = {jaxpr.eqns[i].outvars[0] for i in idx}
@@ -135,15 +187,16 @@ def fold(closed, n_compressed: int, n_kept: int) -> Folded:
                     for v in e.invars if not isinstance(v, Literal) and v in outs}
     ex = [v for v in outs if v in used_outside or v in jaxpr.outvars]
     trial = (exits | {v: entry for v in ex}, region_eqns | inside)
-    now = _live(jaxpr, trial)
-    freed = sum(size(v) for v in comp if v in live and v not in now)
+    now = _live(jaxpr, trial, recipe_of)
+    freed = sum(size(v) for v in stored(live) - stored(now))
     if freed > sum(size(v) for v in ex):
       exits, region_eqns, live = trial[0], trial[1], now
-  keep = tuple(j for j, v in enumerate(comp) if v in live)
+  keep = tuple(j for j, v in enumerate(comp) if v in stored(live))
   exit_vars = [v for i in sorted(region_eqns) for v in jaxpr.eqns[i].outvars if v in exits]
-  return Folded(_folded_jaxpr(closed, n_compressed, n_kept, keep, exits, region_eqns,
-                              exit_vars),
-                keep, _jacobian_jaxpr(closed, n_res, exits, exit_vars))
+  build = functools.partial(_folded_jaxpr, closed, n_compressed, n_kept, keep, exits,
+                            region_eqns, exit_vars, recipe_of)
+  jacobians = _jacobian_jaxpr(closed, n_res, exits, exit_vars) if exit_vars else None
+  return Folded(build(True), keep, jacobians, build)
 
 
 def _spec(v):
@@ -159,17 +212,30 @@ def _run(jaxpr, env: dict, skip: set[int], need: set) -> None:
     env.update(zip(eqn.outvars, bind_equation(eqn, [read(v) for v in eqn.invars])))
 
 
-def _folded_jaxpr(closed, n_comp, n_kept, keep, exits, region_eqns, exit_vars):
+def _folded_jaxpr(closed, n_comp, n_kept, keep, exits, region_eqns, exit_vars, recipe_of,
+                  anchored: bool):
   jaxpr = closed.jaxpr
-  need = _live(jaxpr, (exits, region_eqns))
+  need = _live(jaxpr, (exits, region_eqns), recipe_of)
   comp, rest = jaxpr.invars[:n_comp], jaxpr.invars[n_comp:]
+  residual_vars = set(jaxpr.invars[:n_comp + n_kept])
 
   def f(stored, kept, cts):
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip([comp[j] for j in keep], stored[:len(keep)]))
     env.update(zip(rest, list(kept) + list(cts)))
     jac = dict(zip(exit_vars, stored[len(keep):]))
+    pending = {v: rs for v, rs in recipe_of.items() if v in need}
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+
+    def recompute(v, anchor):
+      recipe, srcs = pending.pop(v)
+      vals = [env[s] for s in srcs]
+      if anchor is not None:  # computed after an operand of its first use (interpret.after)
+        dep = zero_after(anchor)
+        vals = [x - dep.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                for x in vals]
+      env[v] = recipe.evaluate(vals)
+
     for i, eqn in enumerate(jaxpr.eqns):
       if i in region_eqns:
         for v in eqn.outvars:
@@ -178,7 +244,17 @@ def _folded_jaxpr(closed, n_comp, n_kept, keep, exits, region_eqns, exit_vars):
         continue
       if not any(v in need for v in eqn.outvars):
         continue
+      ins = [v for v in eqn.invars if not isinstance(v, Literal)]
+      if any(v in pending for v in ins):
+        anchors = [env[v] for v in ins if v not in residual_vars and v in env
+                   and jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.shape]
+        anchor = anchors[0] if anchored and anchors else None
+        for v in ins:
+          if v in pending:
+            recompute(v, anchor)
       env.update(zip(eqn.outvars, bind_equation(eqn, [read(v) for v in eqn.invars])))
+    for v in list(pending):  # passed through to the outputs
+      recompute(v, None)
     return [read(v) for v in jaxpr.outvars]
 
   stored = [_spec(comp[j]) for j in keep] + [_spec(v) for v in exit_vars]

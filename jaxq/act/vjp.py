@@ -29,7 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxq import numerics
-from jaxq.act import flow, fold, pack
+from jaxq.act import flow, fold, pack, recompute
 from jaxq.act.adaptive import SampleBits, has_sample_bits
 from jaxq.act.samples import SampleCompressed, compress_samples, decompress_samples
 from jaxq.act.interpret import eval_lazily
@@ -246,7 +246,7 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
     specs = bits if isinstance(bits, tuple) else (bits,) * len(to_store)
     w_only = [False] * len(to_store)
     if batch is not None and has_sample_bits(bits):
-      w_only = weight_only(back.jaxpr.jaxpr, len(to_store), region.weight_outputs())
+      w_only = weight_only(back.plain().jaxpr, len(to_store), region.weight_outputs())
     compressed = [
         _compress_leaf(r, b, group_size,
                        None if seed is None else numerics.derive_seed(seed, j), batch,
@@ -285,16 +285,20 @@ def _cotangent_specs(outs) -> list:
 
 def _backward(plan: Forward, ct_specs) -> fold.Folded:
   """fn's backward pass over (stored compressed residuals, kept residuals, cotangents),
-  its elementwise derivative factors folded (:mod:`jaxq.act.fold`)."""
+  its elementwise derivative factors folded (:mod:`jaxq.act.fold`) and residuals that
+  are cheap affine functions of others recomputed (:mod:`jaxq.act.recompute`)."""
   closed = backward_jaxpr(plan, ct_specs)
-  return fold.fold(closed, len(plan.stored(True)), len(plan.stored(False)))
+  comp, kept = plan.stored(True), plan.stored(False)
+  return fold.fold(closed, len(comp), len(kept),
+                   recompute.recipes(plan.jaxpr, plan.n_out, comp, kept, closed))
 
 
 def _refold(plan: Forward, back: fold.Folded, ct_leaves) -> fold.Folded:
   """The backward pass for cotangents other than those planned in the forward pass; it
   must read the same stored residuals."""
   new = _backward(plan, _cotangent_specs(ct_leaves))
-  if new.keep != back.keep or new.jacobians.out_avals != back.jacobians.out_avals:
+  avals = lambda b: b.jaxpr.in_avals[:len(b.keep) + b.n_folded]  # noqa: E731
+  if new.keep != back.keep or avals(new) != avals(back):
     raise RuntimeError("jaxq.act.compressed_vjp: the backward pass for cotangents "
                        f"{_cotangent_specs(ct_leaves)} reads other residuals than the one "
                        "planned in the forward pass")
@@ -326,7 +330,7 @@ def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
     region = _Region.of(fn, a, compress_args)
     plan = region.trace(region.leaves, group_size)
     back = _backward(plan, _cotangent_specs(plan.jaxpr.out_avals[:plan.n_out]))
-    cell.extend(describe(back.jaxpr, len(back.keep) + back.n_folded,
+    cell.extend(describe(back.plain(), len(back.keep) + back.n_folded,
                          region.weight_outputs()))
     return 0
 
