@@ -21,6 +21,10 @@ float step's at ``--batch``, and times a step at that batch per example against 
 
     python benchmarks/bench_act_memory.py [--steps 10] [--batch 64] [--depth 6]
     python benchmarks/bench_act_memory.py --fit [--depth 12] [--variants float jaxq-2]
+
+``--compile ROUNDS`` only traces and compiles the variants at ``--batch``, interleaved:
+
+    python benchmarks/bench_act_memory.py --compile 2 --variants float jaxq-2
 """
 
 from __future__ import annotations
@@ -245,6 +249,33 @@ def fit(variants, batch, steps):
           f"{cv / c:8.2f}")
 
 
+def compile_seconds(variants, batch, rounds):
+  """Trace + compile seconds of the step at ``batch``, the variants interleaved for
+  ``rounds`` rounds after a warm-up compilation (minimum of each), with the number of
+  fusions in the compiled step."""
+  step_memory(variants[0], batch)  # warm-up: JAX's and XLA's first-use costs
+  best = {}
+  for _ in range(rounds):
+    for v in variants:
+      params = jax.eval_shape(lambda: init(jax.random.key(0), batch))
+      x = jax.ShapeDtypeStruct((batch, IMG, IMG, 3), jnp.float32)
+      y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+      tx = optax.adamw(1e-3)
+      opt = jax.eval_shape(tx.init, params)
+      t = time.perf_counter()
+      lowered = make_step(block_fns(v), tx).lower(params, opt, x, y, jax.random.key(1))
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+      t2 = time.perf_counter()
+      fusions = compiled.as_text().count("fusion(")
+      print(f"  {v}: lower {t1 - t:.1f} s, compile {t2 - t1:.1f} s, {fusions} fusions",
+            flush=True)
+      best[v] = min(best.get(v, np.inf), t2 - t)
+  for v in variants:
+    print(f"{v:10s} trace + compile {best[v]:7.1f} s  x {variants[0]} "
+          f"{best[v] / best[variants[0]]:.2f}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=10)
@@ -254,9 +285,14 @@ def main():
   ap.add_argument("--depth", type=int, default=6)
   ap.add_argument("--fit", action="store_true", help="largest batch at float's memory")
   ap.add_argument("--variants", nargs="+", default=["float", "jaxq-4", "jaxq-2", "remat"])
+  ap.add_argument("--compile", type=int, metavar="ROUNDS", default=0,
+                  help="only trace + compile --variants at --batch, interleaved")
   a = ap.parse_args()
   global DEPTH  # noqa: PLW0603 -- the model's depth, fixed for the whole process
   DEPTH = a.depth
+  if a.compile:
+    compile_seconds(a.variants, a.batch, a.compile)
+    return
   if a.fit:
     fit(a.variants, a.batch, a.steps)
     return
