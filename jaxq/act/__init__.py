@@ -16,6 +16,9 @@
 * :func:`residual_nbytes` -- bytes a function's VJP keeps for the backward pass.
 * :mod:`jaxq.act.residuals` / :mod:`jaxq.act.flow` -- which residuals are activations: a
   data-flow analysis of the VJP's jaxpr through calls, ``scan``, ``while`` and ``cond``.
+* :mod:`jaxq.act.fold` / :mod:`jaxq.act.recompute` -- fewer stored residuals: an
+  activation's derivative factors folded into one tensor, residuals that are cheap affine
+  functions of stored ones recomputed in the backward pass.
 """
 
 from jaxq.act import flow, linen, residuals

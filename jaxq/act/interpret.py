@@ -44,7 +44,7 @@ def after(c, x: jax.Array):
   return dataclasses.replace(c, lo=c.lo - dep, packed=c.packed | dep.astype(c.packed.dtype))
 
 
-def _bind(eqn, invals: list) -> list:
+def bind_equation(eqn, invals: list) -> list:
   """``eqn`` applied to ``invals`` exactly as ``jax.core.eval_jaxpr`` applies it (its bind
   parameters from ``get_bind_params``, in the equation's context). The one place in jaxq
   that binds jaxpr equations itself: JAX has no public per-equation evaluator."""
@@ -99,7 +99,7 @@ def eval_lazily(closed, compressed: Sequence[Any], kept: Sequence[Any],
         else:
           c = compressed[pending.pop(v)]
           env[v] = decompress(c if anchor is None else after(c, anchor))
-    env.update(zip(eqn.outvars, _bind(eqn, [read(v) for v in eqn.invars])))
+    env.update(zip(eqn.outvars, bind_equation(eqn, [read(v) for v in eqn.invars])))
   for v, j in pending.items():  # residuals only passed through to the outputs
     env[v] = decompress(compressed[j])
   return [read(v) for v in jaxpr.outvars]

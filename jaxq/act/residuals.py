@@ -211,11 +211,12 @@ def weight_only(bwd_jaxpr, n_compressed: int, weight_outputs: Sequence[bool]) ->
           for j in range(n_compressed)]
 
 
-def describe(fwd: Forward, bwd_closed, weight_outputs: Sequence[bool]) -> list[Residual]:
-  """:class:`Residual` of each compressed residual of ``fwd`` (in order)."""
+def describe(bwd_closed, n_compressed: int,
+             weight_outputs: Sequence[bool]) -> list[Residual]:
+  """:class:`Residual` of each of the first ``n_compressed`` inputs of the backward pass
+  ``bwd_closed`` (the compressed residuals, in order)."""
   jaxpr = bwd_closed.jaxpr
-  avals = fwd.residual_avals()
-  comp = [avals[k] for k in fwd.stored(True)]
+  comp = [v.aval for v in jaxpr.invars[:n_compressed]]
   w_only = weight_only(jaxpr, len(comp), weight_outputs)
   n_in = len(jaxpr.invars)
   out = []

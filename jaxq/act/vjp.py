@@ -29,7 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxq import numerics
-from jaxq.act import flow, pack
+from jaxq.act import flow, fold, pack, recompute
 from jaxq.act.adaptive import SampleBits, has_sample_bits
 from jaxq.act.samples import SampleCompressed, compress_samples, decompress_samples
 from jaxq.act.interpret import eval_lazily
@@ -233,25 +233,25 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
   def fwd(leaves, seed, probe, weight):
     del probe
     plan = region.trace(leaves, group_size)
-    cell["plan"] = plan
     out_leaves, res = run_forward(plan, leaves)
-    comp_idx, kept_idx = plan.stored(True), plan.stored(False)
-    if isinstance(bits, tuple) and len(bits) != len(comp_idx):
+    kept = [res[k] for k in plan.stored(False)]
+    cell["ct"] = _cotangent_specs(out_leaves)
+    back = _backward(plan, cell["ct"])
+    cell["plan"], cell["back"] = plan, back
+    to_store = back.stored([res[k] for k in plan.stored(True)], kept)
+    if isinstance(bits, tuple) and len(bits) != len(to_store):
       raise ValueError(
-          f"bits has {len(bits)} entries but the function has {len(comp_idx)} compressed "
-          f"residuals, shapes {[tuple(res[k].shape) for k in comp_idx]}")
-    specs = bits if isinstance(bits, tuple) else (bits,) * len(comp_idx)
-    w_only = [False] * len(comp_idx)
+          f"bits has {len(bits)} entries but the function has {len(to_store)} compressed "
+          f"residuals, shapes {[tuple(r.shape) for r in to_store]}")
+    specs = bits if isinstance(bits, tuple) else (bits,) * len(to_store)
+    w_only = [False] * len(to_store)
     if batch is not None and has_sample_bits(bits):
-      ct = [jnp.zeros(o.shape, o.dtype) for o in out_leaves]
-      w_only = weight_only(backward_jaxpr(plan, ct).jaxpr, len(comp_idx),
-                           region.weight_outputs())
+      w_only = weight_only(back.plain().jaxpr, len(to_store), region.weight_outputs())
     compressed = [
-        _compress_leaf(res[k], b, group_size,
+        _compress_leaf(r, b, group_size,
                        None if seed is None else numerics.derive_seed(seed, j), batch,
                        weight, wo)
-        for j, (k, b, wo) in enumerate(zip(comp_idx, specs, w_only))]
-    kept = [res[k] for k in kept_idx]
+        for j, (r, b, wo) in enumerate(zip(to_store, specs, w_only))]
     # fn's output depends (by an exact - (+0)) on the packed residuals: the next layer then
     # starts only once these are packed, and the float residuals die here.
     if compressed:
@@ -264,15 +264,45 @@ def _call(region: _Region, bits, group_size, seed, probe, batch, weight):
 
   def bwd(res, ct):
     compressed, kept = res
-    plan = cell["plan"]
     ct_leaves = jax.tree_util.tree_leaves(ct)
-    closed = backward_jaxpr(plan, ct_leaves)
-    arg_cts = eval_lazily(closed, compressed, kept, ct_leaves, _decompress)
+    back = cell["back"]
+    if _cotangent_specs(ct_leaves) != cell["ct"]:
+      back = _refold(cell["plan"], back, ct_leaves)
+    arg_cts = eval_lazily(back.jaxpr, compressed, kept, ct_leaves, _decompress)
     probe_ct = None if probe is None else _stats(compressed, ct_leaves)
     return tuple(arg_cts), None, probe_ct, None
 
   run.defvjp(fwd, bwd)
   return run(tuple(region.leaves), seed, probe, weight)
+
+
+def _cotangent_specs(outs) -> list:
+  """The cotangents JAX passes for outputs ``outs`` (float0 for non-float ones)."""
+  return [jax.ShapeDtypeStruct(tuple(o.shape),
+                               o.dtype if is_float(o) or o.dtype == jax.dtypes.float0
+                               else jax.dtypes.float0) for o in outs]
+
+
+def _backward(plan: Forward, ct_specs) -> fold.Folded:
+  """fn's backward pass over (stored compressed residuals, kept residuals, cotangents),
+  its elementwise derivative factors folded (:mod:`jaxq.act.fold`) and residuals that
+  are cheap affine functions of others recomputed (:mod:`jaxq.act.recompute`)."""
+  closed = backward_jaxpr(plan, ct_specs)
+  comp, kept = plan.stored(True), plan.stored(False)
+  return fold.fold(closed, len(comp), len(kept),
+                   recompute.recipes(plan.jaxpr, plan.n_out, comp, kept, closed))
+
+
+def _refold(plan: Forward, back: fold.Folded, ct_leaves) -> fold.Folded:
+  """The backward pass for cotangents other than those planned in the forward pass; it
+  must read the same stored residuals."""
+  new = _backward(plan, _cotangent_specs(ct_leaves))
+  avals = lambda b: b.jaxpr.in_avals[:len(b.keep) + b.n_folded]  # noqa: E731
+  if new.keep != back.keep or avals(new) != avals(back):
+    raise RuntimeError("jaxq.act.compressed_vjp: the backward pass for cotangents "
+                       f"{_cotangent_specs(ct_leaves)} reads other residuals than the one "
+                       "planned in the forward pass")
+  return new
 
 
 def _stats(compressed, ct_leaves) -> jax.Array:
@@ -299,9 +329,9 @@ def compressed_residuals(fn: Callable[..., Any], *args, group_size: int = 256,
   def f(*a):
     region = _Region.of(fn, a, compress_args)
     plan = region.trace(region.leaves, group_size)
-    out_leaves = jax.tree_util.tree_leaves(jax.eval_shape(region.fn_flat, *region.leaves))
-    ct = [jnp.zeros(o.shape, o.dtype) for o in out_leaves]
-    cell.extend(describe(plan, backward_jaxpr(plan, ct), region.weight_outputs()))
+    back = _backward(plan, _cotangent_specs(plan.jaxpr.out_avals[:plan.n_out]))
+    cell.extend(describe(back.plain(), len(back.keep) + back.n_folded,
+                         region.weight_outputs()))
     return 0
 
   jax.eval_shape(f, *args)
