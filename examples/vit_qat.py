@@ -139,9 +139,10 @@ def train(model, variables, data, tx, steps, args, name, first_step=0):
   Returns (variables, result row, history)."""
   x_train, y_train, x_test, y_test = data
 
-  def train_step(params, stats, opt_state, x, y):
-    def loss_fn(params):
-      logits, stats_update = model.apply({"params": params, **stats}, x, mutable=list(stats))
+  def train_step(params, stats, opt_state, x, y, key):
+    def loss_fn(params):  # "jaxq" rngs: stochastic rounding of compressed activations
+      logits, stats_update = model.apply({"params": params, **stats}, x, mutable=list(stats),
+                                         rngs={"jaxq": key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats_update
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -149,9 +150,9 @@ def train(model, variables, data, tx, steps, args, name, first_step=0):
 
   params = jax.tree.map(jnp.copy, variables["params"])  # the step donates its inputs
   stats = {k: v for k, v in variables.items() if k != "params"}
-  opt_state, batch = tx.init(params), args.batch_size
+  opt_state, batch, key = tx.init(params), args.batch_size, jax.random.key(args.seed)
   step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
-      params, stats, opt_state, x_train[:batch], y_train[:batch]).compile()
+      params, stats, opt_state, x_train[:batch], y_train[:batch], key).compile()
   memory = step_fn.memory_analysis()  # XLA's plan for one step: what it must hold
   test_accuracy = jax.jit(lambda v: accuracy(model.apply(v, x_test), y_test))
   rng = np.random.default_rng(args.seed)
@@ -164,7 +165,8 @@ def train(model, variables, data, tx, steps, args, name, first_step=0):
     idx = order[step % steps_per_epoch * batch:][:batch]
     t0 = time.perf_counter()
     params, stats, opt_state, loss = step_fn(params, stats, opt_state,
-                                             shift(x_train[idx], rng), y_train[idx])
+                                             shift(x_train[idx], rng), y_train[idx],
+                                             jax.random.fold_in(key, step))
     losses.append(float(loss))
     seconds += time.perf_counter() - t0
     if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
