@@ -43,16 +43,13 @@ def test_quick_start_runs():
     scale = np.abs(w).max(axis=0) / 127
     np.testing.assert_allclose(jaxq.dequantize(kernel), np.round(w / scale) * scale,
                                rtol=1e-6, atol=1e-7)
-  # The served model computes the calibrated quantized model (to float32 rounding) ...
+  # The printed max |served - float| is that of W8A8: logits of size ~1 moved by 8-bit
+  # steps of ~1/100, but not by nothing (a float fallback would print 0).
   x = ns["x"]
-  simulated = ns["qmodel"].apply(ns["variables"], x)
-  np.testing.assert_allclose(ns["serving_model"].apply(ns["serving_vars"], x), simulated,
-                             rtol=1e-5, atol=1e-5)
-  # ... and the printed max |served - float| is that of W8A8: logits of size ~1 moved
-  # by 8-bit steps of ~1/100, but not by nothing.
+  served_out = ns["serving_model"].apply(ns["serving_vars"], x)
   float_out = ns["model"].apply({"params": params}, x)
   printed = float(out.strip().splitlines()[-1])
-  assert printed == pytest.approx(float(jnp.abs(simulated - float_out).max()), rel=1e-3)
+  assert printed == pytest.approx(float(jnp.abs(served_out - float_out).max()), rel=1e-4)
   assert 1e-4 < printed < 0.05
   assert _report_rows(out, "Dense") == [
       ["layers_0", "Dense", "0", "8/8", "4,096", "1,281"],
