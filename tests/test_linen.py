@@ -233,17 +233,32 @@ def test_errors_name_the_layer(mlp):
     quantize_model(m, [Rule()], int8="yes")
 
 
-def test_group_specs_run(mlp):
+def _np_group_fake_quant(x: np.ndarray, bits: int, group_size: int, axis: int) -> np.ndarray:
+  """Symmetric signed fake quantization in float64, one scale per ``group_size``
+  consecutive elements along ``axis``: ``s = max|x_g| / qmax``, round half to even."""
+  qmax = 2 ** (bits - 1) - 1
+  x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+  g = x.reshape(x.shape[:-1] + (-1, group_size))
+  s = np.maximum(np.abs(g).max(-1, keepdims=True) / qmax, np.finfo(np.float32).eps)
+  q = np.clip(np.round(g / s), -qmax - 1, qmax) * s
+  return np.moveaxis(q.reshape(x.shape), -1, axis)
+
+
+def test_group_specs_match_numpy_reference(mlp):
   m, v, x = mlp
   q = quantize_model(m, [Rule(".*", weight=QuantSpec(bits=4, granularity="group",
                                                       group_size=4),
                               act=QuantSpec(bits=4, granularity="group", group_size=4,
                                             dynamic=True))])
-  y = q.apply(v, x)
-  w = v["params"]["Dense_0"]["kernel"]
-  wq = quantizer.fake_quantize(w, QuantSpec(bits=4, granularity="group", group_size=4),
-                               group_axis=0)
-  assert wq.shape == w.shape and np.isfinite(np.asarray(y)).all()
+  # Weights: groups of 4 input rows per output column; activations: groups of 4
+  # features per row, ranges from the current tensor.
+  p = jax.tree.map(np.asarray, v["params"])
+  h = np.asarray(x, np.float64)
+  for name in ("Dense_0", "Dense_1"):
+    w = _np_group_fake_quant(p[name]["kernel"], 4, 4, axis=0)
+    h = _np_group_fake_quant(h, 4, 4, axis=1) @ w + p[name]["bias"]
+    h = np.maximum(h, 0) if name == "Dense_0" else h
+  np.testing.assert_allclose(q.apply(v, x), h, rtol=1e-5, atol=1e-5)
 
 
 class Block(nn.Module):

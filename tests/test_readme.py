@@ -6,7 +6,11 @@ import os
 import re
 
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
+
+import jaxq
 
 
 def _snippet(heading: str) -> str:
@@ -32,9 +36,21 @@ def _report_rows(out: str, kind: str) -> list[list[str]]:
 
 def test_quick_start_runs():
   ns, out = _run(_snippet("## Quick start"))
-  assert ns["serving_vars"]["params"]
-  # Served W8A8 output vs float: logits of size ~1, 8-bit steps of ~1/100.
-  assert float(out.strip().splitlines()[-1]) < 0.05
+  params, served = ns["params"], ns["serving_vars"]["params"]
+  for layer in ("layers_0", "layers_2"):  # int8 kernels, one scale per output channel
+    kernel, w = served[layer]["kernel"], np.asarray(params[layer]["kernel"], np.float64)
+    assert isinstance(kernel, jaxq.QArray) and kernel.values.dtype == jnp.int8
+    scale = np.abs(w).max(axis=0) / 127
+    np.testing.assert_allclose(jaxq.dequantize(kernel), np.round(w / scale) * scale,
+                               rtol=1e-6, atol=1e-7)
+  # The printed max |served - float| is that of W8A8: logits of size ~1 moved by 8-bit
+  # steps of ~1/100, but not by nothing (a float fallback would print 0).
+  x = ns["x"]
+  served_out = ns["serving_model"].apply(ns["serving_vars"], x)
+  float_out = ns["model"].apply({"params": params}, x)
+  printed = float(out.strip().splitlines()[-1])
+  assert printed == pytest.approx(float(jnp.abs(served_out - float_out).max()), rel=1e-4)
+  assert 1e-4 < printed < 0.05
   assert _report_rows(out, "Dense") == [
       ["layers_0", "Dense", "0", "8/8", "4,096", "1,281"],
       ["layers_2", "Dense", "0", "8/8", "2,560", "681"]]

@@ -1,85 +1,26 @@
-"""examples/vit_qat.py at tiny sizes: the whole program (a few steps), its outputs, the
-checkpoint round trip, and its data loaders and argument errors."""
+"""benchmarks/vit_experiments.py (the ViT experiment harness): its mode grammar, data
+loaders, fine-tuning initialisation and argument errors, without training (the training
+path is the showcase's, run by tests/test_examples.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "vit_qat.py")
-_spec = importlib.util.spec_from_file_location("vit_qat", _PATH)
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "vit_experiments.py")
+_spec = importlib.util.spec_from_file_location("vit_experiments", _PATH)
 vit_qat = importlib.util.module_from_spec(_spec)
-sys.modules["vit_qat"] = vit_qat  # dataclasses look their module up while it executes
+sys.modules["vit_experiments"] = vit_qat  # dataclasses look their module up
 _spec.loader.exec_module(vit_qat)
 
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--mlp-ratio", "2", "--steps", "3",
         "--batch-size", "32", "--eval-batch-size", "128", "--calibration-batches", "2",
         "--quiet"]
-MODES = ["fp32", "w4a4", "ptq-w8a8"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("vit_qat")
-  results = vit_qat.main(["--modes", ",".join(MODES), "--out", str(out)] + TINY)
-  return out, results
-
-
-def test_outputs(run):
-  out, results = run
-  with open(out / "results.json") as f:
-    written = json.load(f)
-  assert list(written) == MODES
-  for mode, row in written.items():
-    assert row == pytest.approx(results[mode])
-    assert set(row) == {"test_accuracy", "test_loss", "served_accuracy", "served_loss",
-                        "train_seconds", "steps", "peak_memory_bytes", "serving_bytes",
-                        "checkpoint"}, mode
-    assert 0.0 <= row["test_accuracy"] <= 100.0 and 0.0 <= row["served_accuracy"] <= 100.0
-    assert row["train_seconds"] > 0
-  assert written["fp32"]["steps"] == written["w4a4"]["steps"] == 3
-  assert written["ptq-w8a8"]["steps"] == 0 and written["ptq-w8a8"]["peak_memory_bytes"] is None
-  assert written["fp32"]["peak_memory_bytes"] > 0
-  # fp32 serves its float params; w4a4 (4-bit inner layers) and int8 PTQ are smaller.
-  fp32_bytes = written["fp32"]["serving_bytes"]
-  assert written["w4a4"]["serving_bytes"] < written["ptq-w8a8"]["serving_bytes"] < fp32_bytes
-  with open(out / "curves.png", "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_eval_only_reload_matches_reported_accuracy(run):
-  out, results = run
-  for mode in MODES:
-    got = vit_qat.main(["--eval-only", "--checkpoint", str(out / "checkpoints" / mode),
-                        "--quiet"])
-    assert got["mode"] == mode
-    assert got["test_accuracy"] == results[mode]["test_accuracy"]
-    np.testing.assert_allclose(got["test_loss"], results[mode]["test_loss"], rtol=1e-6)
-
-
-def test_quantized_checkpoint_holds_quantizer_state(run):
-  out, _ = run
-  model, variables, meta = vit_qat.load_checkpoint(str(out / "checkpoints" / "w4a4"))
-  assert meta["mode"] == "w4a4"
-  assert "quant_stats" in variables  # EMA observers of the 8-bit edge layers
-  names = {k for path in _paths(variables["params"]) for k in path}
-  assert "jaxq_weight_scale" in names and "jaxq_act_scale" in names  # LSQ steps
-  del model
-
-
-def _paths(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _paths(v, prefix + (k,))
-  else:
-    yield prefix
 
 
 def test_cifar10_missing_files_error(tmp_path):
@@ -182,43 +123,11 @@ def test_fine_tune_starts_from_the_float_variables():
   assert scales and all(np.all(np.isfinite(got[p])) and np.all(got[p] > 0) for p in scales)
 
 
-def test_act_bits_auto_allocates_per_block_widths_within_budget(tmp_path):
-  results = vit_qat.main(TINY + ["--modes", "fp32", "--act-bits", "auto", "--depth", "3",
-                                 "--dropout", "0.1", "--act-interval", "2",
-                                 "--out", str(tmp_path)])
-  history = results["fp32+actauto"]["act_bits"]
-  assert [h["step"] for h in history] == [0, 2]  # --steps 3, measured every 2 steps
-  for h in history:
-    assert set(h["bits"]) == {f"block_{i}" for i in range(3)}
-    # Identical blocks: the average is within --act-avg-bits (default 3), and the widths
-    # from --act-choices (default 2, 4, 8).
-    assert sum(h["bits"].values()) <= 3 * 3 and set(h["bits"].values()) <= {2, 4, 8}
-    assert all(np.isfinite(c) and c >= 0 for c in h["sensitivity"].values())
-
-
 def test_mesh_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="needs 2 devices"):
     vit_qat.main(["--mesh", "data=2", "--out", str(tmp_path)] + TINY)
   with pytest.raises(ValueError, match="mesh entry"):
     vit_qat.main(["--mesh", "data=two", "--out", str(tmp_path)] + TINY)
-
-
-def test_mesh_training_matches_one_device(tmp_path):
-  """W8A8 on a 4x2 (data, model) mesh of simulated CPU devices: same loss as one device."""
-  script = f"""
-import json, sys
-sys.path.insert(0, {os.path.dirname(os.path.abspath(vit_qat.__file__))!r})
-import vit_qat
-argv = {TINY!r} + ["--modes", "w8a8", "--batch-size", "16"]
-one = vit_qat.main(argv + ["--out", {str(tmp_path / "one")!r}])
-mesh = vit_qat.main(argv + ["--out", {str(tmp_path / "mesh")!r}, "--mesh", "data=4,model=2"])
-print("RESULT", json.dumps([one["w8a8"]["test_loss"], mesh["w8a8"]["test_loss"]]))
-"""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                       text=True, timeout=600, check=True).stdout
-  one, mesh = json.loads(out.split("RESULT", 1)[1])
-  assert abs(mesh - one) <= 2e-3 * abs(one), (one, mesh)
 
 
 @pytest.mark.parametrize("argv, match", [
