@@ -317,30 +317,34 @@ def test_transforms_scan_remat_vmap_jit_grad():
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
 
 
-def _act_compress_grad_error(act_compress, batch: int, weight=None):
+def _act_compress_grad_errors(act_compress, batch: int, weights=(None,)):
   """TinyViT with block_0 under ``Rule(act_compress=...)``: checks the forward pass is
-  bitwise the float one; returns the relative error of the parameter gradient (per-sample
-  gradient estimates ``weight`` given through ``jaxq.act.linen.sample_weights``)."""
+  bitwise the float one; returns the relative error of the parameter gradient for each of
+  ``weights`` (per-sample gradient estimates given through
+  ``jaxq.act.linen.sample_weights``; None: none given). One compiled gradient per kind."""
   m = TinyViT(depth=1)
   x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 1))
   v = m.init(jax.random.key(0), x)
   q = quantize_model(m, [Rule("block_0", weight=None, act_compress=act_compress)])
   np.testing.assert_array_equal(jax.jit(q.apply)(v, x), jax.jit(m.apply)(v, x))  # exact
 
-  def loss(model, p):
+  def loss(model, p, weight):
     with contextlib.ExitStack() as stack:
       if weight is not None:
         stack.enter_context(act.linen.sample_weights(weight))
       return jnp.sum(model.apply({"params": p}, x, rngs={"jaxq": jax.random.key(3)}) ** 2)
 
-  g_ref = jax.jit(jax.grad(lambda p: loss(m, p)))(v["params"])
-  g = jax.jit(jax.grad(lambda p: loss(q, p)))(v["params"])
-  a, b = (np.concatenate([np.ravel(t) for t in jax.tree.leaves(t)]) for t in (g, g_ref))
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
+  flat = lambda g: np.concatenate([np.ravel(t) for t in jax.tree.leaves(g)])
+  b = flat(jax.jit(jax.grad(lambda p: loss(m, p, None)))(v["params"]))
+  grad_plain = jax.jit(jax.grad(lambda p: loss(q, p, None)))
+  grad_weighted = jax.jit(jax.grad(lambda p, w: loss(q, p, w)))
+  return [np.linalg.norm(flat(grad_plain(v["params"]) if w is None else
+                              grad_weighted(v["params"], w)) - b) / np.linalg.norm(b)
+          for w in weights]
 
 
 def test_act_compress_rule():
-  assert _act_compress_grad_error(8, batch=2) < 0.05
+  assert _act_compress_grad_errors(8, batch=2)[0] < 0.05
   m = TinyViT(depth=1)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   v = m.init(jax.random.key(0), x)
@@ -354,14 +358,14 @@ def test_act_compress_rule():
 
 
 def test_act_compress_rule_takes_per_sample_widths():
-  assert 0 < _act_compress_grad_error(act.SampleBits({8: 0.5, 4: 0.5}), batch=4) < 0.1
+  assert 0 < _act_compress_grad_errors(act.SampleBits({8: 0.5, 4: 0.5}), batch=4)[0] < 0.1
   # gradient estimates from a sample_weights block reach the rule's regions: equal
   # weights keep the range ranking, others change which sample gets 8 bits
-  sb = act.SampleBits({8: 0.25, 1: 0.75})
-  base = _act_compress_grad_error(sb, batch=4)
-  assert _act_compress_grad_error(sb, batch=4, weight=jnp.ones(4)) == base
-  assert len({_act_compress_grad_error(sb, batch=4, weight=jax.nn.one_hot(i, 4))
-              for i in range(4)} - {base}) >= 3
+  base, ones, *one_hot = _act_compress_grad_errors(
+      act.SampleBits({8: 0.25, 1: 0.75}), batch=4,
+      weights=[None, jnp.ones(4)] + [jax.nn.one_hot(i, 4) for i in range(4)])
+  assert ones == base
+  assert len(set(one_hot) - {base}) >= 3
   for bad in (3, True, "2"):
     with pytest.raises(ValueError, match="Rule.act_compress must be None, one of 1, 2, 4, 8"):
       Rule("block_0", act_compress=bad)
