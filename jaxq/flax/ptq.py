@@ -61,6 +61,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from jaxq import calibration
+from jaxq import gptq
 from jaxq.flax import fqvit
 from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
@@ -70,6 +71,7 @@ from jaxq.flax.ptq_modes import (ACT_SCALE, ACT_ZERO_POINT, CALIBRATE_MODE, KERN
                                  KERNEL_RANK, RECORD, SELECT, SERVE_MODE, SIM_MODE,
                                  uncalibrated_message)
 from jaxq.layer import operands
+from jaxq.layer import smooth_ptq
 from jaxq.layer.serve import static_act
 from jaxq.params import check_rule_fields, per_layer, tree_get
 from jaxq.qarray import QArray
@@ -89,7 +91,7 @@ def _check_qmodel(qmodel, where: str) -> QuantizedModel:
   if not isinstance(qmodel, QuantizedModel):
     raise TypeError("qmodel must be a jaxq QuantizedModel (from jaxq.quantize_model); got "
                     f"{type(qmodel).__name__}")
-  check_rule_fields(qmodel.rules, where, lora=False, smooth=False, gptq=False)
+  check_rule_fields(qmodel.rules, where, lora=False, smooth=True, gptq=True)
   return qmodel
 
 
@@ -139,14 +141,17 @@ def _check_observers(qmodel: QuantizedModel, stats, recorded) -> None:
     elif not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
       empty.append(path)
   if missing:
-    raise ValueError(
-        f"calibration reached layer(s) {', '.join(repr(p) for p in missing)} but their "
-        f"activation observers ('{QUANT_STATS}' variables) did not come back: the layers "
-        "run inside a lifted transform (nn.vmap, nn.scan, nn.remat, ...) whose "
-        f"variable_axes do not include '{QUANT_STATS}'; add it, e.g. "
-        f"variable_axes={{'params': 0, '{QUANT_STATS}': 0}} (or broadcast it)")
+    raise ValueError(_lost_message(missing, "activation observers"))
   if empty:
     raise ValueError(_no_finite(empty))
+
+
+def _lost_message(paths, what: str) -> str:
+  return (f"calibration reached layer(s) {', '.join(repr(p) for p in paths)} but their "
+          f"{what} ('{QUANT_STATS}' variables) did not come back: the layers "
+          "run inside a lifted transform (nn.vmap, nn.scan, nn.remat, ...) whose "
+          f"variable_axes do not include '{QUANT_STATS}'; add it, e.g. "
+          f"variable_axes={{'params': 0, '{QUANT_STATS}': 0}} (or broadcast it)")
 
 
 def _no_finite(paths) -> str:
@@ -207,6 +212,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
       finally:
         RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      stats = _initial_calibrations(qmodel.rules, stats, ())
       if not reset:
         stats = _merge(stats, _unfreeze(variables.get(QUANT_STATS, {})))
     stats = step(others, stats, args, arrays, static)
@@ -225,7 +231,35 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     lead = tuple(np.shape(kernel))[:max(np.ndim(kernel) - rank, 0)]
     node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
     node[KERNEL_RANK] = jnp.full(lead, rank, jnp.int32)
+    rule = match_rule(qmodel.rules, path)
+    if smooth_ptq.calibration_needs(rule):
+      if smooth_ptq.CALIB not in node:
+        raise ValueError(_lost_message([path], smooth_ptq.CALIB))
+      node[smooth_ptq.SMOOTH] = smooth_ptq.record_smoothing(
+          kernel, axes, rule, node[smooth_ptq.CALIB], len(lead), path)
+      if node[smooth_ptq.SMOOTH] is None:
+        del node[smooth_ptq.SMOOTH]
   return {**others, QUANT_STATS: _merge(old, stats)}
+
+
+def _initial_calibrations(rules, tree: dict, keys: tuple[str, ...]) -> dict:
+  """``tree`` (zeros shaped like the calibration state) with every ``jaxq_calib`` entry
+  set to the empty :class:`~jaxq.layer.calib.LayerCalibration` of its layer's rule."""
+  out = {}
+  for k, v in tree.items():
+    if k == smooth_ptq.CALIB:
+      rule = match_rule(rules, "/".join(keys))
+      if v.stats is not None:
+        lead, kk = v.stats.lo.shape[:-1], v.stats.lo.shape[-1]
+      else:
+        lead, kk = v.hessian.xtx.shape[:-2], v.hessian.xtx.shape[-1]
+      res = {} if v.tokens is None else {"reservoir": v.tokens.rows.shape[-2]}
+      out[k] = smooth_ptq.initial_calibration(rule, kk, tuple(lead), **res)
+    elif isinstance(v, Mapping):
+      out[k] = _initial_calibrations(rules, v, keys + (k,))
+    else:
+      out[k] = v
+  return out
 
 
 # --------------------------------------------------------------------------------------
@@ -234,7 +268,8 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
 
 
 def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
-            compact_scales: bool = False) -> tuple[ServingModel, dict]:
+            compact_scales: bool = False,
+            gptq_damping: float = gptq.DEFAULT_DAMPING) -> tuple[ServingModel, dict]:
   """Converts a (calibrated) quantized model for serving: ``(serving_model, serving_vars)``.
 
   Every kernel of a layer that a rule with a weight spec matches becomes a
@@ -277,6 +312,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     rule = match_rule(qmodel.rules, path)
     if rule is None or (rule.weight is None and rule.act is None):
       continue
+    needs = smooth_ptq.calibration_needs(rule)
+    if needs and lp not in recorded:
+      smooth_ptq.check_calibrated(rule, None, None, path)  # raises, naming the layer
     if recorded and lp not in recorded:
       if static_act(rule.act):
         uncalibrated.append(path)
@@ -289,6 +327,17 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     bias, stack = meta.unbox(node.get("bias")), 0
     if kernel is not None and not isinstance(kernel, QArray):
       stack = kernel_stack(path, kernel, ranks.get(lp), bias)
+    cal = s = None
+    if needs and kernel is not None and not isinstance(kernel, QArray):
+      cal = tree_get(stats, lp + (smooth_ptq.CALIB,))
+      s = tree_get(stats, lp + (smooth_ptq.SMOOTH,))
+      smooth_ptq.check_calibrated(rule, cal, s, path)
+      kernel = smooth_ptq.convert_kernel(kernel, recorded[lp], rule, cal, s, stack,
+                                         damping=gptq_damping, path=path)
+      if isinstance(kernel, QArray) or rule.weight is None:
+        flat[lp + ("kernel",)] = kernel
+      if s is not None:
+        flat[lp + (smooth_ptq.SMOOTH,)] = s
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
       learned = {n: node[n] for n in operands.WEIGHT_NAMES if n in node}
       flat[lp + ("kernel",)] = convert_kernel(path, rule.weight, kernel, bias,
@@ -297,7 +346,11 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     for n in operands.WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
-    if static_act(aspec) and aspec.estimator == "ste":
+    if s is not None and static_act(aspec):
+      act = smooth_ptq.act_qparams(cal, s, aspec, stack, path)
+      flat[lp + (ACT_SCALE,)] = act["scale"]
+      flat[lp + (ACT_ZERO_POINT,)] = act["zero_point"]
+    elif static_act(aspec) and aspec.estimator == "ste":
       st = tree_get(stats, lp + (operands.ACT_STATS,))
       if st is None:
         raise ValueError(uncalibrated_message(path))

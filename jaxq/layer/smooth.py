@@ -158,7 +158,8 @@ def smoothed_act_qparams(state: LayerCalibration | None, s: jax.Array, act: Quan
   the min-max range of ``x_k / s_k`` is ``[lo_k / s_k, hi_k / s_k]`` (``s > 0``), so
   the per-channel calibration range gives it exactly, at the spec's granularity."""
   stats = _need(state, "stats", "Rule.smooth with a static activation", path)
-  if int(stats.channels.count) == 0:
+  count = stats.channels.count
+  if not isinstance(count, jax.core.Tracer) and int(count) == 0:
     raise ValueError(f"layer '{path}': calibration saw no token of this layer")
   lo, hi = stats_range(stats)
   s = jnp.asarray(s, jnp.float32)
