@@ -78,5 +78,5 @@ class NnxBlock(nnx.Module):
 
 def cosines(y, ref) -> np.ndarray:
   """Per-token cosine of ``y`` and ``ref`` (float64)."""
-  y, ref = (np.asarray(a, np.float64).reshape(-1, D) for a in (y, ref))
+  y, ref = (np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1]) for a in (y, ref))
   return np.sum(y * ref, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)
