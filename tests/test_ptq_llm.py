@@ -195,3 +195,24 @@ def test_scanned_layers_smoothed_one_layer_at_a_time():
   np.testing.assert_allclose(_apply(qm.clone(mode=ptq.SIM_MODE), cv, x), y, rtol=1e-6,
                              atol=1e-6)
   assert cosines(y, _apply(model, v, x)).min() > 0.99
+
+
+def test_qat_trains_through_the_recorded_smoothing_linen_equals_nnx(w8a8):
+  """QAT of a smoothed rule: quant(x / s) @ quant(s W) with the s calibrate recorded (a
+  constant: "quant_stats" / QuantStats, not a trained param); Linen and NNX agree."""
+  params, calib, test, _ = w8a8
+  rule = Rule(weight=W8, act=A8, smooth=0.5)
+  qm = jaxq.quantize_model(LinenBlock(), rule)
+  cv = jaxq.calibrate(qm, {"params": params}, calib[:2])
+  assert SMOOTH not in cv["params"]["q"] and SMOOTH in cv["quant_stats"]["q"]
+  x = test[:2]
+  loss, grads = jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(qm.apply({**cv, "params": p}, x) ** 2)))(cv["params"])
+  nq = jaxq.nnx.quantize_model(NnxBlock(params), rule)
+  jaxq.nnx.calibrate(nq, calib[:2])
+  nloss, ngrads = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2)))(nq)
+  np.testing.assert_allclose(nloss, loss, rtol=1e-5)
+  for name in LAYERS:
+    g = grads[name]["kernel"]
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+    np.testing.assert_allclose(ngrads[name]["kernel"].get_value(), g, rtol=1e-4, atol=1e-4)

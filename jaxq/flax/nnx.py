@@ -103,7 +103,8 @@ RULES = "jaxq_rules"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
                                           RNGS, MODE, ACT_COMPRESS, PTF_STATS,
-                                          lora_layer.LORA_A, lora_layer.LORA_B, CALIB, SMOOTH)
+                                          lora_layer.LORA_A, lora_layer.LORA_B, CALIB,
+                                          SMOOTH)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 

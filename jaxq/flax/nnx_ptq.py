@@ -15,6 +15,11 @@ a static (non-dynamic) activation spec is updated with the layer's input, whatev
 spec's calibration: a "minmax" spec, which keeps no observer in QAT, gets one here
 (created before the first batch). Everything is as Linen's ``"ptq_calibrate"`` mode does
 it, so a Linen model and its NNX twin calibrated on the same batches hold the same ranges.
+A layer whose rule smooths or GPTQ-rounds (Contract 7, :mod:`jaxq.layer.smooth_ptq`)
+also accumulates its :class:`~jaxq.layer.calib.LayerCalibration` (attribute
+``jaxq_calib``, a ``QuantStats``) in the same pass; its scaling ``s`` is then chosen and
+stored as ``jaxq_smooth`` (``QuantStats``), which QAT, :func:`jaxq.nnx.convert` and the
+simulation use.
 
 The model runs as at inference: a view with ``deterministic=True`` and
 ``use_running_average=True`` (``nnx.view``: BatchNorm uses its running statistics,

@@ -14,6 +14,11 @@ learned in QAT (LSQ, LSQ+, PACT: ``alpha / qmax``); observers and learned weight
 dropped. Stacked layers (``nnx.vmap``) are converted one layer at a time, their QArrays
 carrying the stacking axes on every leaf, so that ``nnx.scan`` slices them.
 
+A layer whose rule smooths or GPTQ-rounds (:mod:`jaxq.layer.smooth_ptq`) stores ``s W``
+(GPTQ-rounded from its calibration Hessian, damping ``gptq_damping``), keeps
+``jaxq_smooth`` and gets the exact activation range of ``x / s``; its ``jaxq_calib`` is
+dropped. Serving divides its input by ``s`` where it quantizes it.
+
 Each converted layer becomes a serving subclass (``ServingLinear``, ...) in the mode
 ``"serve"``: for the duration of a call its ``kernel`` attribute is a zero placeholder of
 the kernel's shape and dtype (what the layer's own code reads; dead code under ``jit``)
@@ -209,6 +214,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
     compact_scales: as :func:`jaxq.flax.ptq.convert`'s: float16 (5..8 bits) / float8
       (<= 4 bits) symmetric weight scales, rounded up; default float32 scales, with which
       the served weights equal the QAT weights.
+    gptq_damping: GPTQ's damping (fraction of the Hessian's mean diagonal), as
+      :func:`jaxq.flax.ptq.convert`'s.
 
   Returns:
     The serving model: ``serving(*args, **kwargs)`` as the original model;
@@ -217,7 +224,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
   Raises:
     ValueError: a static activation spec that was never calibrated (or whose observer saw
       no finite value) or a learned step never initialised, naming the layer; a kernel
-      the weight spec does not fit; a model converted already.
+      the weight spec does not fit; a model converted already; a smooth / GPTQ layer
+      whose statistics calibrate did not record.
   """
   layers = list(quantized_modules(qmodel))
   if not layers:
@@ -248,7 +256,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
       learned = {n: _get(layer, n) for n in WEIGHT_NAMES if _get(layer, n) is not None}
       kernel = convert_kernel(path, rule.weight, kernel, None, contract, learned, stack,
                               compact_scales)
-    layer.kernel = nnx.Param(kernel)
+    if kernel is not layer.kernel.get_value():
+      layer.kernel = nnx.Param(kernel)
     _drop(layer, WEIGHT_NAMES + (ACT_ALPHA, ACT_STATS, ACT_INITIALIZED, SELECT,
                                  smooth_ptq.CALIB))
     if act is not None:

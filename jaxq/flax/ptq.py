@@ -36,6 +36,16 @@ one layer's, so that the lifted transform slices them like the float kernel. Wit
 calibration the stacking axes are read off a bias ``(L, out)`` that the kernel does not
 end in.
 
+Smoothing and GPTQ (``Rule.smooth``, ``QuantSpec(rounding="gptq")``; Contract 7,
+:mod:`jaxq.layer.smooth_ptq`, state in :mod:`jaxq.flax.ptq_smooth`): :func:`calibrate`
+also accumulates, in the same jitted pass, each such layer's per-channel statistics, the
+Hessian of its inputs and (``smooth="auto"``) a token reservoir
+(``quant_stats/jaxq_calib``), then chooses and records its scaling ``s``
+(``quant_stats/jaxq_smooth``, used by QAT and the ``"ptq_sim"`` mode). :func:`convert`
+stores ``s W`` (GPTQ-rounded from the Hessian of ``x / s`` for a "gptq" weight spec,
+damping ``gptq_damping``), ``params/jaxq_smooth`` and the exact activation range of
+``x / s``; serving divides the input by ``s`` where it quantizes it.
+
 The serving model (:class:`ServingModel`) runs the original model code. A matched
 ``nn.Dense`` / ``nn.DenseGeneral`` with an 8-bit weight and an 8-bit signed activation
 spec (static per-tensor, or ``dynamic=True`` per token) computes its matmul with
@@ -71,8 +81,9 @@ from jaxq.flax.ptq_modes import (ACT_SCALE, ACT_ZERO_POINT, CALIBRATE_MODE, KERN
                                  KERNEL_RANK, RECORD, SELECT, SERVE_MODE, SIM_MODE,
                                  uncalibrated_message)
 from jaxq.layer import operands
-from jaxq.layer import smooth_ptq
+from jaxq.flax import ptq_smooth
 from jaxq.layer.serve import static_act
+from jaxq.layer.smooth_ptq import calibration_needs, check_calibrated
 from jaxq.params import check_rule_fields, per_layer, tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import match_rule
@@ -179,9 +190,10 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
   Returns:
     ``variables`` with "quant_stats" holding, per matched layer, the activation observer
     ``jaxq_act`` (every ``QuantSpec.calibration``: min-max, EMA, percentile, MSE search),
-    the kernel's contraction axes ``jaxq_kernel_axes``, and for LayerNorms with a PTF rule
-    the ``jaxq_ptf`` observer. One compiled step serves all batches of one shape, and
-    later calls with the same model and shapes.
+    the kernel's contraction axes ``jaxq_kernel_axes``, for LayerNorms with a PTF rule
+    the ``jaxq_ptf`` observer, and for smooth / GPTQ rules ``jaxq_calib`` (statistics,
+    Hessian, token reservoir) and the chosen scaling ``jaxq_smooth``. One compiled step
+    serves all batches of one shape, and later calls with the same model and shapes.
 
   Raises:
     ValueError: no non-empty batch; an observer that saw no finite value (naming the
@@ -212,7 +224,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
       finally:
         RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      stats = _initial_calibrations(qmodel.rules, stats, ())
+      stats = ptq_smooth.initial_calibrations(qmodel.rules, stats)
       if not reset:
         stats = _merge(stats, _unfreeze(variables.get(QUANT_STATS, {})))
     stats = step(others, stats, args, arrays, static)
@@ -232,34 +244,10 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
     node[KERNEL_RANK] = jnp.full(lead, rank, jnp.int32)
     rule = match_rule(qmodel.rules, path)
-    if smooth_ptq.calibration_needs(rule):
-      if smooth_ptq.CALIB not in node:
-        raise ValueError(_lost_message([path], smooth_ptq.CALIB))
-      node[smooth_ptq.SMOOTH] = smooth_ptq.record_smoothing(
-          kernel, axes, rule, node[smooth_ptq.CALIB], len(lead), path)
-      if node[smooth_ptq.SMOOTH] is None:
-        del node[smooth_ptq.SMOOTH]
+    if calibration_needs(rule) and not ptq_smooth.record(node, rule, path, kernel, axes,
+                                                         len(lead)):
+      raise ValueError(_lost_message([path], "smoothing / GPTQ statistics"))
   return {**others, QUANT_STATS: _merge(old, stats)}
-
-
-def _initial_calibrations(rules, tree: dict, keys: tuple[str, ...]) -> dict:
-  """``tree`` (zeros shaped like the calibration state) with every ``jaxq_calib`` entry
-  set to the empty :class:`~jaxq.layer.calib.LayerCalibration` of its layer's rule."""
-  out = {}
-  for k, v in tree.items():
-    if k == smooth_ptq.CALIB:
-      rule = match_rule(rules, "/".join(keys))
-      if v.stats is not None:
-        lead, kk = v.stats.lo.shape[:-1], v.stats.lo.shape[-1]
-      else:
-        lead, kk = v.hessian.xtx.shape[:-2], v.hessian.xtx.shape[-1]
-      res = {} if v.tokens is None else {"reservoir": v.tokens.rows.shape[-2]}
-      out[k] = smooth_ptq.initial_calibration(rule, kk, tuple(lead), **res)
-    elif isinstance(v, Mapping):
-      out[k] = _initial_calibrations(rules, v, keys + (k,))
-    else:
-      out[k] = v
-  return out
 
 
 # --------------------------------------------------------------------------------------
@@ -286,9 +274,16 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
   float8 e4m3b11 (<= 4 bits), rounded up (:func:`quantize_kernel`): smaller, at the
   cost measured in benchmarks/RESULTS.md ("Compact weight scales").
 
+  Smooth / GPTQ layers (module docstring) are converted from the ``jaxq_calib`` and
+  ``jaxq_smooth`` that :func:`calibrate` recorded; ``gptq_damping`` is GPTQ's damping, a
+  fraction of the Hessian's mean diagonal (the paper's 1% by default). A GPTQ layer
+  that saw fewer calibration tokens than its input width warns (``UserWarning`` naming
+  it): GPTQ then measured worse than round-to-nearest (benchmarks/RESULTS.md).
+
   Raises:
     ValueError: a layer with a static activation spec that calibration never reached or
-      whose observer saw no finite value (naming the layers). Layers without static
+      whose observer saw no finite value (naming the layers); a smooth / GPTQ layer
+      whose statistics calibrate did not record (naming it). Layers without static
       activations that calibration did not reach are quantized with the layout inferred
       from their kernel and bias shapes, with a ``UserWarning`` naming them.
   """
@@ -312,9 +307,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     rule = match_rule(qmodel.rules, path)
     if rule is None or (rule.weight is None and rule.act is None):
       continue
-    needs = smooth_ptq.calibration_needs(rule)
+    needs = calibration_needs(rule)
     if needs and lp not in recorded:
-      smooth_ptq.check_calibrated(rule, None, None, path)  # raises, naming the layer
+      check_calibrated(rule, None, None, path)  # raises, naming the layer
     if recorded and lp not in recorded:
       if static_act(rule.act):
         uncalibrated.append(path)
@@ -327,17 +322,10 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     bias, stack = meta.unbox(node.get("bias")), 0
     if kernel is not None and not isinstance(kernel, QArray):
       stack = kernel_stack(path, kernel, ranks.get(lp), bias)
-    cal = s = None
-    if needs and kernel is not None and not isinstance(kernel, QArray):
-      cal = tree_get(stats, lp + (smooth_ptq.CALIB,))
-      s = tree_get(stats, lp + (smooth_ptq.SMOOTH,))
-      smooth_ptq.check_calibrated(rule, cal, s, path)
-      kernel = smooth_ptq.convert_kernel(kernel, recorded[lp], rule, cal, s, stack,
-                                         damping=gptq_damping, path=path)
-      if isinstance(kernel, QArray) or rule.weight is None:
-        flat[lp + ("kernel",)] = kernel
-      if s is not None:
-        flat[lp + (smooth_ptq.SMOOTH,)] = s
+    smoothed = needs and kernel is not None and not isinstance(kernel, QArray)
+    if smoothed:  # kernel: s W (GPTQ-rounded: stored); jaxq_smooth and act scales stored
+      kernel = ptq_smooth.convert_layer(flat, lp, rule, stats, kernel, recorded[lp],
+                                        stack, gptq_damping)
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
       learned = {n: node[n] for n in operands.WEIGHT_NAMES if n in node}
       flat[lp + ("kernel",)] = convert_kernel(path, rule.weight, kernel, bias,
@@ -346,11 +334,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     for n in operands.WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
-    if s is not None and static_act(aspec):
-      act = smooth_ptq.act_qparams(cal, s, aspec, stack, path)
-      flat[lp + (ACT_SCALE,)] = act["scale"]
-      flat[lp + (ACT_ZERO_POINT,)] = act["zero_point"]
-    elif static_act(aspec) and aspec.estimator == "ste":
+    # A smoothed layer's activation scales (of x / s) were stored by convert_layer.
+    if (static_act(aspec) and aspec.estimator == "ste"
+        and not (smoothed and rule.smooth is not None)):
       st = tree_get(stats, lp + (operands.ACT_STATS,))
       if st is None:
         raise ValueError(uncalibrated_message(path))

@@ -9,8 +9,10 @@ QArray) and ``s``; the activation is divided by ``s`` in the same elementwise pa
 quantizes it (:func:`smoothed_input`; a static per-tensor activation scale ``a`` then
 acts as the per-input-channel scale ``s * a``), so the integer matmul is unchanged.
 
-``convert`` decides per layer, from the :class:`jaxq.layer.calib.LayerCalibration` that
-``calibrate`` filled:
+Per layer, from the :class:`jaxq.layer.calib.LayerCalibration` that ``calibrate``
+filled (the scaling is chosen when the calibration pass ends and recorded, so that QAT,
+serving and the PTQ simulation share it; GPTQ runs at ``convert``;
+:mod:`jaxq.layer.smooth_ptq`):
 
 * ``Rule.smooth = alpha``: SmoothQuant's ``s_k = max|x_k|^alpha / max|W_k|^(1-alpha)``
   with an activation spec, AWQ's ``s_k = mean|x_k|^alpha`` (normalised) for a

@@ -42,15 +42,16 @@ import numpy as np
 from jaxq import gptq
 from jaxq.layer.calib import (DEFAULT_RESERVOIR, LayerCalibration, calibration_init,
                               calibration_needs)
+from jaxq.layer.operands import ACT_SCALE, ACT_ZERO_POINT
 from jaxq.layer.smooth import (choose_smoothing, gptq_kernel, smooth_kernel,
                                smoothed_act_qparams, smoothed_contraction)
 from jaxq.layer.views import Contraction, kernel_matrix
 from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec, Rule
 
-__all__ = ["CALIB", "SMOOTH", "calibration_needs", "initial_calibration",
-           "record_smoothing", "qat_operands", "convert_kernel", "act_qparams",
-           "check_calibrated", "check_simulable", "is_gptq", "missing_message"]
+__all__ = ["CALIB", "SMOOTH", "ACT_SCALE", "ACT_ZERO_POINT", "calibration_needs",
+           "initial_calibration", "record_smoothing", "qat_operands", "convert_kernel",
+           "act_qparams", "check_calibrated", "check_simulable", "is_gptq", "missing_message"]
 
 #: Variable of a layer's calibration state (:class:`~jaxq.layer.calib.LayerCalibration`).
 CALIB = "jaxq_calib"
@@ -140,7 +141,8 @@ def qat_operands(op: Contraction, rule: Rule, s: jax.Array | None, path: str
     raise ValueError(
         f"layer '{path}': Rule.smooth={rule.smooth!r} trains with the scaling s that "
         f"jaxq.calibrate (jaxq.nnx.calibrate) records ('{SMOOTH}'), and none is recorded "
-        "for this layer: calibrate the quantized model on a few batches before training")
+        "for this layer: calibrate the quantized model on a few batches before training "
+        "(create its variables with the float model's init)")
   return smoothed_contraction(op, s, path)
 
 
