@@ -194,10 +194,12 @@ def view_qarray_to_kernel(q2: QArray, kernel_shape, contract) -> QArray:
   else:
     qshape, ga = (1,) * len(shape), 0
   scale = jnp.reshape(q2.scale, qshape)
-  zp = jnp.reshape(q2.zero_point, qshape)
+  zp = None if spec.symmetric else jnp.reshape(q2.zero_point, qshape)
   w = jnp.reshape(dequantize(q2).astype(jnp.float32), shape)
   q = quantize_with(w, spec, scale, zp, group_axis=ga)
-  return QArray(q.values, q.scale, q.zero_point, spec=spec, shape=shape, dtype=q2.dtype,
+  # A symmetric spec's zero point is 0: one scalar, as jaxq.flax.kernel_qarray stores it.
+  zp = jnp.zeros((), q.zero_point.dtype) if spec.symmetric else q.zero_point
+  return QArray(q.values, q.scale, zp, spec=spec, shape=shape, dtype=q2.dtype,
                 group_axis=ga)
 
 
