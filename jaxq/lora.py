@@ -138,8 +138,12 @@ def freeze_kernel(path: str, rule: Rule, kernel, bias, contract: Sequence[int],
                         stack, compact_scales)
 
 
-def _layers(params: Mapping, rules):
-  """``(keys, node, rule)`` of every params node holding an adapter."""
+def _layers(params: Mapping, rules, where: str):
+  """``{keys: (node, rule)}`` of every params node holding an adapter; ValueError when
+  there is none (``where`` names the caller)."""
+  if not any(r.lora is not None for r in rules):
+    raise ValueError(f"{where}: no rule has lora=jaxq.LoRA(...), so the model has no LoRA "
+                     "layer to freeze or merge")
   flat = {}
 
   def walk(node, keys):
@@ -160,6 +164,9 @@ def _layers(params: Mapping, rules):
       walk(v, keys + (str(k),))
 
   walk(params, ())
+  if not flat:
+    raise ValueError(f"{where}: the variables hold no LoRA adapter ('lora_a' / 'lora_b'); "
+                     "initialise the quantized model first (or they were merged already)")
   return flat
 
 
@@ -218,7 +225,7 @@ def freeze(qmodel, variables: Mapping, *, contract: Mapping[str, Sequence[int]] 
 
   def fn(params):
     out = _copy(params)
-    for keys, (node, rule) in _layers(params, rules).items():
+    for keys, (node, rule) in _layers(params, rules, "jaxq.lora.freeze").items():
       path = "/".join(keys)
       if rule.weight is None or isinstance(meta.unbox(node["kernel"]), QArray):
         continue
@@ -242,7 +249,7 @@ def merge(qmodel, variables: Mapping, *, contract: Mapping[str, Sequence[int]] |
 
   def fn(params):
     out = _copy(params)
-    for keys, (node, rule) in _layers(params, rules).items():
+    for keys, (node, rule) in _layers(params, rules, "jaxq.lora.merge").items():
       path = "/".join(keys)
       kernel, _, axes, stack = _layer_view(path, node, rule, contract)
       merged = per_layer(lambda w, a, b: merge_kernel(w, a, b, rule.lora, axes), stack)(

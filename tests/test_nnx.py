@@ -63,7 +63,7 @@ class TinyCNN(nnx.Module):
 
 
 class Mixed(nnx.Module):
-  """One of each supported layer type (and an Embed, which is not supported)."""
+  """One of each supported layer type (and a ConvTranspose, which is not supported)."""
 
   def __init__(self, *, rngs):
     self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
@@ -71,6 +71,7 @@ class Mixed(nnx.Module):
     self.einsum = nnx.Einsum("...hd,hdo->...o", (2, 3, 5), (5,), rngs=rngs)
     self.layers = nnx.List([nnx.Linear(5, 5, rngs=rngs) for _ in range(2)])
     self.embed = nnx.Embed(7, 5, rngs=rngs)
+    self.deconv = nnx.ConvTranspose(2, 2, (3, 3), rngs=rngs)
 
   def __call__(self, x):
     x = self.general(self.conv(x))
@@ -163,9 +164,11 @@ def test_first_matching_rule_wins_and_inplace():
 
 def test_errors():
   model = _new(Mixed)
-  with pytest.raises(ValueError, match="only layers jaxq cannot quantize.*'embed' \\(Embed\\)"):
-    jnnx.quantize_model(model, Rule("embed"))
-  jnnx.quantize_model(model, Rule(".*"))  # Embed matched alongside supported layers: float
+  with pytest.raises(ValueError,
+                     match="only layers jaxq cannot quantize.*'deconv' \\(ConvTranspose\\)"):
+    jnnx.quantize_model(model, Rule("deconv"))
+  # ConvTranspose matched alongside supported layers: float
+  jnnx.quantize_model(model, Rule(".*"))
   with pytest.raises(ValueError, match="group_size=4 does not divide"):
     jnnx.quantize_model(model, Rule("layers/0", weight=QuantSpec(granularity="group",
                                                                  group_size=4)))

@@ -52,6 +52,10 @@ otherwise. ``Rule(act_compress=bits)`` runs the whole computation of each matche
 stream; inside a compressed module, nested ``act_compress`` rules are ignored (the
 outermost matched module is compressed) while weight/activation quantization applies.
 
+Embeddings: a matched ``nn.Embed`` (a rule with a weight spec) looks up, and ``attend``s
+over, its fake-quantized table; a rule's ``act`` spec applies to attend's query
+(:mod:`jaxq.flax.embed_linen`, :mod:`jaxq.layer.embed`).
+
 LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched layer gets
 ``lora_a`` (random, from the "params" rng) / ``lora_b`` (zeros) in its "params" and
 computes ``base(x) + (alpha / rank) dropout(x) A B`` with the base kernel frozen
@@ -118,6 +122,7 @@ __all__ = [
 #: Names jaxq may add to a layer's "params" (learned steps) or "quant_stats" collection.
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS,)
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+LORA_LAYERS = "nn.Dense, nn.DenseGeneral, nn.Conv and nn.Einsum"
 
 
 # --------------------------------------------------------------------------------------
@@ -203,10 +208,15 @@ def register_mode(name: str, handler: Callable[[LayerCall, Contraction], jax.Arr
 # --------------------------------------------------------------------------------------
 
 
+def _own_params(module) -> list:
+  """The parameters ``module`` holds itself (not those of its submodules)."""
+  own = module.variables.get("params", {})
+  return [v for v in own.values() if not isinstance(v, Mapping)]
+
+
 def _owns_weights(module) -> bool:
   """Whether ``module`` holds a parameter of rank >= 2 itself (not in a submodule)."""
-  own = module.variables.get("params", {})
-  return any(not isinstance(v, Mapping) and jnp.ndim(v) >= 2 for v in own.values())
+  return any(jnp.ndim(v) >= 2 for v in _own_params(module))
 
 
 def call_path(root: tuple[str, ...], context) -> str | None:
@@ -214,7 +224,10 @@ def call_path(root: tuple[str, ...], context) -> str | None:
   (relative to ``root``, the wrapper's path); None for other calls, the wrapper itself
   and modules outside it."""
   m = context.module
-  if context.method_name != "__call__" or m.scope is None or isinstance(m, QuantizedModel):
+  # nn.Embed's attend is its second use of the table (jaxq.flax.embed_linen).
+  method_ok = context.method_name == "__call__" or (
+      context.method_name == "attend" and isinstance(m, nn.Embed))
+  if not method_ok or m.scope is None or isinstance(m, QuantizedModel):
     return None
   path_t = module_path(m)
   if path_t[:len(root)] != root:
@@ -230,6 +243,9 @@ class _Interceptor:
     self.compressing: list[str] = []
     #: Indices of the rules that matched a module call (the others are reported unused).
     self.used: set[int] = set()
+    #: LoRA rules that adapted a layer / matched modules with parameters they cannot adapt.
+    self.adapted: set[int] = set()
+    self.unadaptable: dict[int, list[str]] = {}
     self._match = functools.lru_cache(maxsize=None)(lambda p: rule_index(self.rules, p))
 
   def __call__(self, next_fun, args, kwargs, context):
@@ -241,7 +257,12 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     self.used.add(index)
     m, rule = context.module, self.rules[index]
-    if rule.act_compress is not None and self.mode == "qat" and not self.compressing:
+    if isinstance(m, nn.Embed) and changes_contraction(rule):
+      from jaxq.flax.embed_linen import run_embed  # pylint: disable=import-outside-toplevel
+      call = LayerCall(m, path, rule, self.mode, self.int8)
+      return run_embed(call, context.method_name, MODES[self.mode], next_fun, args, kwargs)
+    if (rule.act_compress is not None and self.mode == "qat" and not self.compressing
+        and context.method_name == "__call__"):
       from jaxq.act.linen import compressed_call  # pylint: disable=import-outside-toplevel
       key = m.make_rng(RNG_STREAM) if m.has_rng(RNG_STREAM) else None
       self.compressing.append(path)
@@ -250,13 +271,17 @@ class _Interceptor:
       finally:
         self.compressing.pop()
     if isinstance(m, LAYER_TYPES) and changes_contraction(rule):
+      if rule.lora is not None:
+        self.adapted.add(index)
       call = LayerCall(m, path, rule, self.mode, self.int8)
       return run_layer(call, MODES[self.mode], next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if rule.lora is not None and _owns_weights(m):
       raise ValueError(
           f"rule {rule.path!r} gives layer '{path}' ({type(m).__name__}) a LoRA adapter; "
-          "jaxq adapts nn.Dense, nn.DenseGeneral, nn.Conv and nn.Einsum only")
+          f"jaxq adapts {LORA_LAYERS} only")
+    if rule.lora is not None and _own_params(m):
+      self.unadaptable.setdefault(index, []).append(f"'{path}' ({type(m).__name__})")
     return out
 
 
@@ -293,7 +318,8 @@ class QuantizedModel(nn.Module):
     """The layer interceptor, inside FQ-ViT's LayerNorm / attention interceptor."""
     root = module_path(self)
     fq = fqvit.interceptor(self.rules, self.mode, root=root)
-    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES, QuantizedModel)
+    qparams = qarray_param_interceptor(root, self.rules, LAYER_TYPES + (nn.Embed,),
+                                       QuantizedModel)
     icpt = self._interceptor()
     with nn.intercept_methods(qparams), nn.intercept_methods(fq), nn.intercept_methods(icpt):
       yield icpt
@@ -303,6 +329,7 @@ class QuantizedModel(nn.Module):
       out = self.model(*args, **kwargs)
     # Every trace runs this: warned from one place, each distinct message shows once.
     warn_unused_rules(self.rules, icpt.used, type(self.model).__name__, stacklevel=0)
+    lora_layer.check_lora_matches(self.rules, icpt.adapted, icpt.unadaptable, LORA_LAYERS)
     return out
 
   def call_method(self, method: str, *args, **kwargs):

@@ -120,7 +120,11 @@ def layer_param(module, name, init_fn):
         f"layer '{'/'.join(module_path(module))}' needs the quantizer parameter '{name}', "
         "which the given params lack (a float checkpoint?): add it with "
         "jaxq.flax.init_quant_params(qmodel, variables, *example_args)")
-  return module.variable("params", name, init_fn).value
+  # get / put rather than `variable`: a setup-style layer (nn.Embed) reads its jaxq
+  # state in a method that is not @compact, where `variable` may not create it.
+  if not module.has_variable("params", name):
+    module.put_variable("params", name, init_fn())
+  return module.get_variable("params", name)
 
 
 def _learned_kwargs(module, spec, v, group_axis, names) -> dict[str, jax.Array]:
@@ -145,12 +149,15 @@ def act_observer(call: LayerCall, spec: QuantSpec, x2: jax.Array, always_update:
         f"layer '{call.path}': activation calibration={spec.calibration!r} keeps its "
         f"range in the '{QUANT_STATS}' collection, which the given variables lack: use "
         f"variables from qmodel.init(...) or apply(..., mutable=['{QUANT_STATS}'])")
-  var = m.variable(QUANT_STATS, ACT_STATS, calibration.observer_init, spec,
-                   act_stat_shape(spec, x2.shape[1]))
+  if m.has_variable(QUANT_STATS, ACT_STATS):
+    state = m.get_variable(QUANT_STATS, ACT_STATS)
+  else:
+    state = calibration.observer_init(spec, act_stat_shape(spec, x2.shape[1]))
   if mutable or always_update:
     view, axes = observer_view(x2, spec, 1)
-    var.value = calibration.observer_update(var.value, view, spec, axes)
-  return var.value
+    state = calibration.observer_update(state, view, spec, axes)
+    m.put_variable(QUANT_STATS, ACT_STATS, state)
+  return state
 
 
 def act_kwargs(call: LayerCall, spec: QuantSpec, x2: jax.Array):

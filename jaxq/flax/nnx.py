@@ -18,6 +18,8 @@ reserved ``jaxq_*`` variables, and a float checkpoint restores into it.
   :mod:`jaxq.layer.views` (as :mod:`jaxq.flax.linen`). Its quantizer state (learned
   steps as ``nnx.Param``, observers as :class:`QuantStats`) is described in
   :mod:`jaxq.flax.nnx_state`.
+* ``nnx.Embed`` with a ``weight`` spec: its table fake-quantized for the lookup and
+  ``attend`` (the ``act`` spec applies to attend's query; :mod:`jaxq.flax.nnx_embed`).
 * ``nnx.LayerNorm`` with ``act.scheme="ptf"`` and ``nnx.MultiHeadAttention`` with
   ``act.scheme="log2"``: FQ-ViT's quantizers (:mod:`jaxq.flax.nnx_fqvit`).
 * any module with ``act_compress``: its whole computation runs with compressed
@@ -47,7 +49,8 @@ LoRA (``Rule(lora=jaxq.LoRA(rank, alpha, dropout))``, Contract 8): a matched lay
 the adapters); it computes ``base(x) + (alpha / rank) dropout(x) A B``
 (:func:`jaxq.layer.qat.lora_qat_contraction`), the rule's weight and activation specs
 on the base path, dropout from the ``"dropout"`` stream of the layer's ``nnx.Rngs`` in
-training mode.
+training mode. ``jaxq.nnx.lora_freeze`` / ``lora_merge`` (:mod:`jaxq.flax.nnx_lora_freeze`)
+make the base a QArray / fold the adapters into a float layer.
 
 Works with ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``, ``nnx.Optimizer`` and any
 optax transformation (the float master weights and the learned steps are ``nnx.Param``).
@@ -72,7 +75,7 @@ from jaxq import calibration
 from jaxq.flax.nnx_compress import ACT_COMPRESS, compress_module
 from jaxq.flax.nnx_fqvit import PTF_STATS, fqvit_kind, quantize_fqvit_layer
 from jaxq.flax.nnx_classes import node_subclass, set_class
-from jaxq.flax.nnx_lora import LoRABase, add_lora
+from jaxq.flax.nnx_lora import LoRABase, add_lora, frozen_stand_in, lora_call
 from jaxq.flax.nnx_layout import kernel_rank, layer_kind, layer_layout
 from jaxq.flax.nnx_state import (ACT_INITIALIZED, ACT_UNOBSERVED, RNGS, QuantStats,
                                  act_kwargs, mode_methods, next_key, note_mode,
@@ -82,7 +85,7 @@ from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  act_stat_shape, act_view_spec, is_learned, is_observed,
                                  state_names, weight_view_spec)
 from jaxq.layer import lora as lora_layer
-from jaxq.layer.qat import lora_qat_contraction, qat_contraction
+from jaxq.layer.qat import qat_contraction
 from jaxq.layer.smooth_ptq import CALIB, SMOOTH, qat_operands
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
@@ -106,6 +109,7 @@ RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNO
                                           lora_layer.LORA_A, lora_layer.LORA_B, CALIB,
                                           SMOOTH)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+LORA_LAYERS = "nnx.Linear, nnx.LinearGeneral, nnx.Conv and nnx.Einsum"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,18 +148,11 @@ def qat_handler(layer, op: Contraction) -> jax.Array:
   if cfg.rule.smooth is not None:  # quant(x / s) @ quant(s W), s recorded by calibrate
     s = getattr(layer, SMOOTH, None)
     op = qat_operands(op, cfg.rule, None if s is None else s.get_value(), cfg.path)
-  lora = cfg.rule.lora
-  if lora is None:
+  if cfg.rule.lora is None:
     return qat_contraction(op, cfg.path, cfg.rule.weight, cfg.rule.act, wkw, akw, key,
                            cfg.int8)
-  rngs = getattr(layer, RNGS)
-  dropout_key = None
-  if (lora.dropout > 0 and not layer.use_running_average and rngs is not None
-      and lora_layer.DROPOUT_STREAM in rngs):
-    dropout_key = rngs[lora_layer.DROPOUT_STREAM]()
-  return lora_qat_contraction(
-      op, cfg.path, cfg.rule, op.rhs, getattr(layer, lora_layer.LORA_A).get_value(),
-      getattr(layer, lora_layer.LORA_B).get_value(), wkw, akw, key, cfg.int8, dropout_key)
+  return lora_call(layer, op, cfg.path, cfg.rule, cfg.int8, getattr(layer, RNGS),
+                   not layer.use_running_average, wkw, akw, key)
 
 
 #: ``{mode: handler(layer, op) -> result}``: what a quantized layer's contraction does,
@@ -195,7 +192,7 @@ def _hooks(layer, calls: list) -> dict[str, Callable]:
 def _quantized_call(layer, base_call, args, kwargs):
   calls: list[str] = []
   hooks = _hooks(layer, calls)
-  with patched(layer, **hooks):
+  with patched(layer, **hooks, **frozen_stand_in(layer)):
     out = base_call(layer, *args, **kwargs)
   if not calls:
     cfg: LayerConfig = getattr(layer, CONFIG)
@@ -337,7 +334,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
 
   Raises:
     ValueError: for a rule that matches only layers jaxq cannot quantize (e.g.
-      ``nnx.Embed``, ``nnx.ConvTranspose``, a custom module with its own kernel), for a
+      ``nnx.ConvTranspose``, a custom module with its own kernel), for a
       matched layer it cannot quantize as configured (LinearGeneral with ``batch_axis``,
       an Einsum without a constructor ``einsum_str``, a group size that does not divide
       the contracted axis, log2 attention with a custom ``attention_fn``), or an
@@ -360,6 +357,8 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   used: set[int] = set()
   matched: set[int] = set()  # rules that matched any module (the others warn)
   unsupported: dict[int, list[str]] = {}
+  adapted: set[int] = set()  # rules that matched a layer jaxq quantizes or adapts
+  unadaptable: dict[int, list[str]] = {}  # modules with parameters but no kernel
   todo, fq, compress = [], [], {}
   for path_t, module in nnx.iter_modules(model):
     path = "/".join(str(p) for p in path_t)
@@ -375,26 +374,32 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
     if kind is not None:
       used.add(i)
       fq.append((module, path, rule, kind))
-    elif isinstance(module, LAYER_TYPES):
+    elif isinstance(module, LAYER_TYPES + (nnx.Embed,)):
       used.add(i)
       if changes_contraction(rule):
         todo.append((module, path, rule))
+      adapted.add(i)
     elif _has_own_kernel(module):
       if rule.lora is not None:
-        raise ValueError(
-            f"rule {rule.path!r} gives layer '{path}' ({type(module).__name__}) a LoRA "
-            "adapter; jaxq adapts nnx.Linear, nnx.LinearGeneral, nnx.Conv and nnx.Einsum "
-            "only")
+        raise ValueError(f"rule {rule.path!r} gives layer '{path}' ({type(module).__name__})"
+                         f" a LoRA adapter; jaxq adapts {LORA_LAYERS} only")
       unsupported.setdefault(i, []).append(f"'{path}' ({type(module).__name__})")
+    elif any(isinstance(v, nnx.Param) for v in vars(module).values()):
+      unadaptable.setdefault(i, []).append(f"'{path}' ({type(module).__name__})")
   for i, layers in unsupported.items():
     if i not in used:
       raise ValueError(
           f"rule {rules[i].path!r} matches only layers jaxq cannot quantize: "
           f"{', '.join(layers)}; supported layers are nnx.Linear, nnx.LinearGeneral, "
-          "nnx.Conv and nnx.Einsum (and their subclasses)")
+          "nnx.Conv, nnx.Einsum and nnx.Embed (and their subclasses)")
   warn_unused_rules(rules, matched, type(model).__name__)
+  lora_layer.check_lora_matches(rules, adapted, unadaptable, LORA_LAYERS)
   for module, path, rule in todo:
-    _quantize_layer(module, path, rule, rngs, int8)
+    if isinstance(module, nnx.Embed):
+      from jaxq.flax.nnx_embed import quantize_embed  # pylint: disable=import-outside-toplevel
+      quantize_embed(module, path, rule, rngs, int8)
+    else:
+      _quantize_layer(module, path, rule, rngs, int8)
   for module, path, rule, kind in fq:
     quantize_fqvit_layer(module, path, rule, kind)
   # The outermost matched module is compressed; act_compress rules inside it are ignored.

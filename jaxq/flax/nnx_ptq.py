@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq import calibration
+from jaxq.flax import nnx_embed
 from jaxq.flax.nnx_fqvit import PTF_STATS
 from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, RULES, LayerConfig, QuantStats,
                            kernel_layout, register_mode)
@@ -148,7 +149,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     ValueError: no non-empty batch; a layer the batches reached whose observer saw no
       finite value (naming the layers). ``qmodel`` is then left as it was.
   """
-  if not list(quantized_modules(qmodel)):
+  if not list(quantized_modules(qmodel)) and not any(nnx_embed.quantized_embeds(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
   check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.calibrate", lora=False,
@@ -167,6 +168,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
               QuantStats(smooth_ptq.initial_calibration(cfg.rule, k, lead)))
   ptf = [m for _, m in nnx.iter_modules(work) if PTF_STATS in vars(m)]
   if reset:
+    nnx_embed.reset_observers(work)  # nnx.Embed attend observers
     for m in ptf:
       var = getattr(m, PTF_STATS)
       var.set_value(jax.tree_util.tree_map(jnp.zeros_like, var.get_value()))
@@ -215,6 +217,7 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
         getattr(target, name).set_value(value)
       elif value is not None:
         setattr(target, name, QuantStats(value))
+  nnx_embed.copy_observers(work, qmodel)
   for layer, target in zip(ptf, [m for _, m in nnx.iter_modules(qmodel)
                                  if PTF_STATS in vars(m)]):
     getattr(target, PTF_STATS).set_value(getattr(layer, PTF_STATS).get_value())

@@ -50,6 +50,7 @@ from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
                            kernel_layout, register_mode)
 from jaxq.flax.nnx_classes import node_subclass, set_class
+from jaxq.flax.nnx_embed import convert_embeds, quantized_embeds
 from jaxq.flax.nnx_fqvit import SIM_MODES, FqvitConfig, ptf_observer_qparams
 from jaxq.flax.nnx_ptq import inference_view, quantized_modules
 from jaxq.flax.batches import split_static_kwargs
@@ -228,7 +229,7 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
       whose statistics calibrate did not record.
   """
   layers = list(quantized_modules(qmodel))
-  if not layers:
+  if not layers and not any(quantized_embeds(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
   check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.convert", lora=False, smooth=True,
@@ -265,6 +266,7 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
       setattr(layer, ACT_ZERO_POINT, nnx.Param(act["zero_point"]))
     setattr(layer, MODE, SERVE_MODE)
     set_class(layer, serving_class(type(layer)))
+  convert_embeds(serving, act_qparams)  # nnx.Embed tables -> QArrays
   # FQ-ViT layers serve from their calibrated PTF observers and log2 codes.
   for _, layer in nnx.iter_modules(serving):
     fq = getattr(layer, CONFIG, None)
@@ -315,6 +317,8 @@ def simulator(qmodel: nnx.Module) -> tuple[list[str], dict[str, int], Callable]:
     sizes[path] = math.prod(shape)
     setattr(layer, SELECT, SimSelect(jnp.zeros(shape[:stack], jnp.float32)))
     setattr(layer, MODE, SIM_MODE)
+  for _, embed_layer, _ in quantized_embeds(sim):  # not analysed: float (calibration)
+    setattr(embed_layer, MODE, "calibrate")
   view = inference_view(sim)
   graphdef, _, rest = nnx.split(view, SimSelect, ...)
   flags = {path: getattr(layer, SELECT) for path, layer, _ in quantized_modules(view)}

@@ -72,7 +72,7 @@ from flax.core import meta
 
 from jaxq import calibration
 from jaxq import gptq
-from jaxq.flax import fqvit
+from jaxq.flax import embed_linen, fqvit
 from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
                                      quantize_kernel, round_up_scale)
@@ -265,8 +265,10 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
   float kernel is not kept; static activation ranges (from :func:`calibrate`, or learned
   LSQ/PACT steps) become ``jaxq_act_scale`` / ``jaxq_act_zero_point``; PTF LayerNorm
   statistics become ``jaxq_ptf_*`` (:mod:`jaxq.flax.fqvit`). "quant_stats" and learned
-  weight steps are dropped. ``serving_model.apply(serving_vars, *args, **kwargs)`` takes
-  the original model's arguments.
+  weight steps are dropped; a matched ``nn.Embed``'s table becomes a QArray with one
+  scale per row (or row and group; :mod:`jaxq.layer.embed`).
+  ``serving_model.apply(serving_vars, *args, **kwargs)`` takes the original model's
+  arguments.
 
   By default the served kernels dequantize to exactly the weights that QAT computes with
   the same spec (float32 scales), so the served model is the trained model.
@@ -360,6 +362,7 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
         "their kernels are quantized with the layout inferred from the kernel and bias "
         "shapes", UserWarning, stacklevel=2)
   flat.update(fqvit.convert_params(qmodel.rules, params, stats))
+  embed_linen.convert_tables(qmodel.rules, params, flat)  # nn.Embed tables -> QArrays
   serving = {k: v for k, v in variables.items() if k != QUANT_STATS}
   serving["params"] = traverse_util.unflatten_dict(flat)
   model = ServingModel(qmodel.model, qmodel.rules, mode=SERVE_MODE, int8="forward")

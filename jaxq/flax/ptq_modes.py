@@ -111,7 +111,9 @@ def _smoothing(call: LayerCall, collection: str) -> jax.Array | None:
 def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """Serving: the stored QArray kernel and activation scales."""
   m = call.module
-  qw = m.get_variable("params", "kernel") if m.has_variable("params", "kernel") else None
+  # The kernel, or an nn.Embed's table (attend: jaxq.flax.embed_linen).
+  qw = next((m.get_variable("params", n) for n in ("kernel", "embedding")
+             if m.has_variable("params", n)), None)
   if not isinstance(qw, QArray):
     qw = None
   act = None

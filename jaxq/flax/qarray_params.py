@@ -18,17 +18,20 @@ from jaxq.spec import changes_contraction, match_rule
 __all__ = ["qarray_param_interceptor"]
 
 
-_QUANTIZED_PARAMS = ("kernel",)
+_QUANTIZED_PARAMS = ("kernel", "embedding")
+#: The methods in which a handled layer reads its QArray parameter (nn.Embed reads its
+#: table in setup, and uses it in __call__ and attend).
+_HANDLED_METHODS = ("__call__", "setup", "attend")
 
 
 def qarray_param_interceptor(root: tuple[str, ...], rules, layer_types: tuple[type, ...],
                              wrapper: type):
   """Serves QArray parameters to the layers' own code.
 
-  A matched Dense/DenseGeneral/Conv/Einsum, whose contraction its handler computes from
-  the QArray (serving: :mod:`jaxq.layer.serve`; a LoRA layer's frozen base:
-  :mod:`jaxq.layer.lora`), receives a zero placeholder of the kernel's shape (dead code
-  under jit); any other module owning a QArray parameter receives its dequantized
+  A matched Dense/DenseGeneral/Conv/Einsum (or Embed, whose table it reads in setup),
+  whose contraction its handler computes from the QArray (serving:
+  :mod:`jaxq.layer.serve`; a LoRA layer's frozen base: :mod:`jaxq.layer.lora`), receives
+  a zero placeholder of the kernel's shape (dead code under jit); any other module owning a QArray parameter receives its dequantized
   value. ``root``: the wrapper's module path; ``rules`` are matched below it;
   ``layer_types``: the layers whose contraction a handler computes; modules of type
   ``wrapper`` (the quantized model itself) are passed through.
@@ -45,7 +48,7 @@ def qarray_param_interceptor(root: tuple[str, ...], rules, layer_types: tuple[ty
     path_t = module_path(m)
     rule = (match_rule(rules, "/".join(path_t[len(root):]))
             if path_t[:len(root)] == root else None)
-    handled = (context.method_name == "__call__" and isinstance(m, layer_types)
+    handled = (context.method_name in _HANDLED_METHODS and isinstance(m, layer_types)
                and rule is not None and changes_contraction(rule))
     orig = m.param
 

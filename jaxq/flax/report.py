@@ -3,10 +3,10 @@
 :func:`report` (Linen: ``jaxq.report(qmodel, variables, *args, **kwargs)``) and
 :func:`nnx_report` (NNX: ``jaxq.nnx.report(qmodel)``) return a :class:`QuantReport`:
 
-* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum (NNX: Linear/LinearGeneral/Conv/
-  Einsum) layer that a rule matches (first match wins), in call order (Linen) or graph
-  order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's class
-  name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
+* ``rows``: one dict per Dense/DenseGeneral/Conv/Einsum/Embed (NNX: Linear/LinearGeneral/
+  Conv/Einsum/Embed) layer that a rule matches (first match wins), in call order (Linen)
+  or graph order (NNX), with keys ``path`` (what the rules match), ``kind`` (the layer's
+  class name), ``rule`` (the index of the matching rule), that rule's ``weight``, ``act``,
   ``act_compress``, ``smooth`` and ``lora``, ``float_bytes`` (the stored kernel, all
   layers of a stack) and ``quant_bytes`` (the kernel as :func:`jaxq.convert` stores it
   with the default float32 scales: integer values, bit-packed for 1/2/4 bits, plus scales
@@ -38,12 +38,15 @@ from flax.core import meta
 
 from jaxq.flax import linen as qlinen
 from jaxq.flax import nnx as qnnx
-from jaxq.flax.kernel_qarray import convert_kernel
+from jaxq.layer import embed
+from jaxq.layer.lora import LORA_A
+from jaxq.lora import freeze_kernel
+from jaxq.qarray import QArray
 from jaxq.layer.operands import WEIGHT_NAMES
 from jaxq.layer.views import Contraction
 from jaxq.spec import Rule, rule_index
 
-__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "REPORT_MODE"]
+__all__ = ["QuantReport", "report", "nnx_report", "layer_row", "table_row", "REPORT_MODE"]
 
 REPORT_MODE = "report"
 
@@ -114,6 +117,10 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
       kernel contracts; only read with a weight spec.
     learned: the layer's learned weight steps (LSQ / PACT) by reserved name, or {}.
   """
+  if isinstance(kernel, QArray):  # a LoRA base frozen by jaxq.lora.freeze / lora_freeze
+    lead = jax.tree_util.tree_leaves(kernel)[0].shape[:layout[0]]
+    return _row(path, kind, index, rule, math.prod(lead + kernel.shape)
+                * jax.numpy.dtype(kernel.dtype).itemsize, _nbytes(kernel))
   kernel = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
   float_bytes = _nbytes(kernel)
   quant_bytes = float_bytes
@@ -121,14 +128,33 @@ def layer_row(path: str, kind: str, index: int, rule: Rule, kernel, layout, lear
     if layout is None:
       raise ValueError(f"jaxq report: the contraction of layer '{path}' was not seen")
     stack, contract = layout
-    qarray = jax.eval_shape(
-        lambda k, l: convert_kernel(path, rule.weight, k, None, contract, l, stack, False),
-        kernel, learned)
+    qarray = jax.eval_shape(  # NF4 as jaxq.lora.freeze stores it, uniform as convert
+        lambda k, l: freeze_kernel(path, rule, k, None, contract, stack, l), kernel, learned)
     quant_bytes = _nbytes(qarray)
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
+
+
+def _row(path, kind, index, rule, float_bytes, quant_bytes) -> dict[str, Any]:
   return {"path": path, "kind": kind, "rule": index, "weight": rule.weight,
           "act": rule.act, "act_compress": rule.act_compress,
           "smooth": getattr(rule, "smooth", None), "lora": getattr(rule, "lora", None),
           "float_bytes": float_bytes, "quant_bytes": quant_bytes}
+
+
+def table_row(path: str, kind: str, index: int, rule: Rule, variables) -> dict[str, Any]:
+  """The row of an Embed layer (``variables``: its own): its table as
+  :mod:`jaxq.layer.embed` serves it."""
+  table = variables.get(embed.TABLE)
+  if table is None:
+    raise ValueError(f"jaxq report: Embed layer '{path}' has no '{embed.TABLE}'")
+  spec = embed.table_rule(rule, path, table.shape).weight
+  table = jax.ShapeDtypeStruct(table.shape, table.dtype)
+  float_bytes = quant_bytes = _nbytes(table)
+  if spec is not None:
+    learned = embed.learned_state(spec, variables)
+    quant_bytes = _nbytes(jax.eval_shape(
+        lambda t, l: embed.quantize_table(t, spec, path, l), table, learned))
+  return _row(path, kind, index, rule, float_bytes, quant_bytes)
 
 
 def _unused(rules, used) -> tuple[int, ...]:
@@ -198,6 +224,10 @@ def report(qmodel: qlinen.QuantizedModel, variables, *args, **kwargs) -> QuantRe
     _LAYOUTS.value = None
   rows = []
   for path, (cls, index) in found.items():
+    if issubclass(cls, nn.Embed):
+      rows.append(table_row(path, cls.__name__, index, qmodel.rules[index],
+                            _node(params, path)))
+      continue
     if not issubclass(cls, qlinen.LAYER_TYPES):
       continue
     node = _node(params, path)
@@ -241,12 +271,19 @@ def nnx_report(qmodel: nnx.Module) -> QuantReport:
     if index is None:
       continue
     used.add(index)
+    if isinstance(module, nnx.Embed):
+      rows.append(table_row(path, "Embed", index, rules[index],
+                            {k: v.get_value() for k, v in vars(module).items()
+                             if isinstance(v, nnx.Variable)}))
+      continue
     if not isinstance(module, qnnx.LAYER_TYPES):
       continue
     rule = rules[index]
     layout = None
     if rule.weight is not None:
       stack, contract, _ = qnnx.kernel_layout(module, path)
+      if isinstance(module.kernel.get_value(), QArray):  # per-layer shape; adapters stacked
+        stack = getattr(module, LORA_A).get_value().ndim - 2
       layout = (stack, contract)
     learned = {n: getattr(module, n).get_value() for n in WEIGHT_NAMES
                if hasattr(module, n)}

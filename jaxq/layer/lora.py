@@ -36,20 +36,22 @@ key is given (training); without one it is off (evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxq.layer import nf4_base
 from jaxq.layer.views import Contraction, kernel_matrix
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import LoRA, QuantSpec
 
 __all__ = ["LORA_A", "LORA_B", "DROPOUT_STREAM", "kernel_view_shape", "lora_shapes",
            "init_lora", "check_lora_params", "frozen_base", "base_weight_spec",
-           "lora_contraction", "merge_kernel"]
+           "lora_contraction", "merge_kernel", "check_lora_matches"]
 
 #: Names of the adapter matrices in a layer's "params" (Linen) / attributes (NNX).
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -98,13 +100,16 @@ def frozen_base(op: Contraction, path: str, kernel: jax.Array | QArray | None = 
   """``op`` on the frozen base kernel: ``stop_gradient`` of ``kernel`` (default
   ``op.rhs``), dequantized in ``op.rhs``'s dtype when it is a :class:`QArray` (the
   frozen base after :func:`jaxq.lora.freeze`; ``op.rhs`` is then a placeholder of its
-  shape)."""
+  shape): by the op's ``compute``, blockwise, for a 2-D NF4 Dense kernel
+  (:mod:`jaxq.layer.nf4_base`: no float copy kept for the backward pass)."""
   if kernel is None:
     kernel = op.rhs
   if isinstance(kernel, QArray):
     if kernel.shape != tuple(op.rhs.shape):
       raise ValueError(f"layer '{path}': its frozen QArray kernel has shape "
                        f"{kernel.shape}; the layer expects {tuple(op.rhs.shape)}")
+    if nf4_base.applies(op, kernel):  # no float copy kept for the backward pass
+      return dataclasses.replace(op, compute=nf4_base.nf4_base_compute(op, kernel))
     kernel = dequantize(kernel).astype(op.rhs.dtype)
   return Contraction(op.kind, op.lhs, lax.stop_gradient(kernel), op.lhs_contract,
                      op.rhs_contract, op.compute, op.matmul_ok, op.out_shape)
@@ -177,3 +182,18 @@ def merge_kernel(kernel: jax.Array | QArray, a: jax.Array, b: jax.Array, lora: L
                      f"{tuple(w.shape)} contracted over {tuple(rhs_contract)} has the "
                      f"view {w2.shape}")
   return unview(w2.astype(jnp.float32) + lora.scaling * update).astype(w.dtype)
+
+
+def check_lora_matches(rules: Sequence, adapted: set[int],
+                       unadaptable: Mapping[int, Sequence[str]], layers: str) -> None:
+  """ValueError for a rule with ``lora`` that adapted no layer although it matched
+  modules owning parameters that are not an adaptable layer (e.g. a LayerNorm):
+  ``unadaptable`` maps a rule's index to those modules ("'path' (Class)"), ``adapted``
+  holds the indices of the rules that adapted a layer, ``layers`` names the adaptable
+  classes. (A module owning a kernel jaxq cannot adapt, e.g. an Embed, is an error
+  wherever it is matched; containers are not counted.)"""
+  for i, found in unadaptable.items():
+    if i not in adapted and rules[i].lora is not None:
+      raise ValueError(
+          f"rule {rules[i].path!r} has Rule.lora={rules[i].lora} but matches only modules "
+          f"jaxq cannot adapt: {', '.join(found)}; LoRA adapts {layers}")

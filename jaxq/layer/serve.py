@@ -92,6 +92,11 @@ def _grouped_weight(q: QArray, op: Contraction):
     g = _group_rows(k)
     return b_q, jnp.broadcast_to(b_scale[None, :], (k // g, b_q.shape[1])), g
   nc = len(op.rhs_contract)
+  if (q.ndim == 2 and tuple(a % 2 for a in op.rhs_contract) == (1,)
+      and q.group_axis % 2 == 1 and not s.group_size % 2):
+    # A kernel stored (N, K) with groups along K (an embedding table in Embed.attend).
+    b_scale = jnp.asarray(q.scale, jnp.float32).reshape(q.shape[0], -1).T
+    return q.int_values().T, b_scale, s.group_size
   if (tuple(a % q.ndim for a in op.rhs_contract) != tuple(range(nc))
       or q.group_axis % q.ndim != nc - 1 or s.group_size % 2):
     return None
