@@ -121,13 +121,15 @@ def check_rule_fields(rules: Sequence[Rule], where: str, *, lora: bool, smooth: 
     if r.smooth is not None and not smooth:
       raise ValueError(
           f"rules[{i}] (path {r.path!r}) has Rule.smooth={r.smooth!r}, which {where} "
-          "does not carry out yet (SmoothQuant / AWQ scaling exists at the layer level: "
-          "jaxq.layer.calib, jaxq.layer.smooth); use smooth=None")
+          "does not carry out (the scaling is chosen from calibration statistics: use "
+          "jaxq.quantize_model / jaxq.nnx.quantize_model, then calibrate and convert); "
+          "use smooth=None")
     if r.weight is not None and r.weight.rounding == "gptq" and not gptq:
       raise ValueError(
           f"rules[{i}] (path {r.path!r}): Rule.weight has rounding='gptq', which {where} "
-          "does not carry out yet (GPTQ exists at the layer level: jaxq.gptq, "
-          "jaxq.layer.calib.convert_weight); use rounding='nearest'")
+          "does not carry out (GPTQ needs the calibration Hessian: use "
+          "jaxq.quantize_model / jaxq.nnx.quantize_model, then calibrate and convert); "
+          "use rounding='nearest'")
 
 
 def params_rules(rules) -> tuple[Rule, ...]:

@@ -131,9 +131,9 @@ def test_bad_input_names_the_field_and_layer(base):
     jaxq.calibrate(qmodel, variables, [X])
   with pytest.raises(ValueError, match="Rule.lora.*jaxq.quantize_params"):
     jaxq.quantize_params(variables["params"], [jaxq.Rule(lora=jaxq.LoRA(2))])
-  with pytest.raises(ValueError, match="Rule.smooth.*jaxq.quantize_model"):
-    jaxq.quantize_model(model, [jaxq.Rule(act=jaxq.QuantSpec(granularity="tensor"),
-                                          smooth=0.5)])
+  with pytest.raises(ValueError, match="Rule.smooth.*jaxq.quantize_params"):
+    jaxq.quantize_params(variables["params"], [jaxq.Rule(
+        act=jaxq.QuantSpec(granularity="tensor"), smooth=0.5)])
   with pytest.raises(ValueError, match="LoRA.rank"):
     jaxq.LoRA(0)
   with pytest.raises(ValueError, match="'params' rng"):

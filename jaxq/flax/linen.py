@@ -107,6 +107,7 @@ from jaxq.layer import lora as lora_layer
 from jaxq.layer.int8 import INT8_MODES
 from jaxq.layer.operands import ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES, act_view_spec
 from jaxq.layer.qat import lora_qat_contraction, qat_contraction
+from jaxq.layer.smooth_ptq import SMOOTH, qat_operands
 from jaxq.layer.views import Contraction
 from jaxq.params import check_rule_fields, check_rules
 from jaxq.qarray import QArray
@@ -162,6 +163,11 @@ def qat_handler(call: LayerCall, op: Contraction) -> jax.Array:
   wkw = functools.partial(weight_kwargs, call)
   akw = functools.partial(act_kwargs, call)
   rule = call.rule
+  if rule.smooth is not None:  # quant(x / s) @ quant(s W), s recorded by jaxq.calibrate
+    m = call.module
+    s = (m.get_variable(QUANT_STATS, SMOOTH) if m.has_variable(QUANT_STATS, SMOOTH)
+         else None)
+    op = qat_operands(op, rule, s, call.path)
   if rule.lora is None:
     return qat_contraction(op, call.path, rule.weight, rule.act, wkw, akw, call.rng,
                            call.int8)
@@ -348,7 +354,7 @@ def quantize_model(model: nn.Module, rules: Rule | Sequence[Rule], *, int8: str 
   if int8 not in INT8_MODES:
     raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
   rules = check_rules(rules)
-  check_rule_fields(rules, "jaxq.quantize_model", lora=True, smooth=False, gptq=True)
+  check_rule_fields(rules, "jaxq.quantize_model", lora=True, smooth=True, gptq=True)
   return QuantizedModel(model, rules, mode=mode, int8=int8)
 
 

@@ -86,6 +86,7 @@ from jaxq.layer.operands import (ACT_NAMES, ACT_STATS, RNG_STREAM, WEIGHT_NAMES,
                                  state_names, weight_view_spec)
 from jaxq.layer import lora as lora_layer
 from jaxq.layer.qat import qat_contraction
+from jaxq.layer.smooth_ptq import CALIB, SMOOTH, qat_operands
 from jaxq.layer.views import (Contraction, conv_hook, dot_general_hook,
                               einsum_hook, kernel_matrix, patched, resolve_op)
 from jaxq.params import check_rule_fields, check_rules, init_weight_state
@@ -105,7 +106,8 @@ RULES = "jaxq_rules"
 #: Attribute names jaxq adds to a quantized layer (besides ``use_running_average``).
 RESERVED_NAMES = WEIGHT_NAMES + ACT_NAMES + (ACT_STATS, ACT_INITIALIZED, ACT_UNOBSERVED, CONFIG,
                                           RNGS, MODE, ACT_COMPRESS, PTF_STATS,
-                                          lora_layer.LORA_A, lora_layer.LORA_B)
+                                          lora_layer.LORA_A, lora_layer.LORA_B, CALIB,
+                                          SMOOTH)
 LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 LORA_LAYERS = "nnx.Linear, nnx.LinearGeneral, nnx.Conv and nnx.Einsum"
 
@@ -143,6 +145,9 @@ def qat_handler(layer, op: Contraction) -> jax.Array:
   wkw = functools.partial(weight_kwargs, layer)
   akw = functools.partial(act_kwargs, layer, cfg.path, training=not layer.use_running_average)
   key = lambda: next_key(layer)  # noqa: E731
+  if cfg.rule.smooth is not None:  # quant(x / s) @ quant(s W), s recorded by calibrate
+    s = getattr(layer, SMOOTH, None)
+    op = qat_operands(op, cfg.rule, None if s is None else s.get_value(), cfg.path)
   if cfg.rule.lora is None:
     return qat_contraction(op, cfg.path, cfg.rule.weight, cfg.rule.act, wkw, akw, key,
                            cfg.int8)
@@ -338,7 +343,7 @@ def quantize_model(model: nnx.Module, rules: Rule | Sequence[Rule], *,
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}")
   rules = check_rules(rules)
-  check_rule_fields(rules, "jaxq.nnx.quantize_model", lora=True, smooth=False, gptq=True)
+  check_rule_fields(rules, "jaxq.nnx.quantize_model", lora=True, smooth=True, gptq=True)
   if int8 not in INT8_MODES:
     raise ValueError(f"int8 must be one of {INT8_MODES}; got {int8!r}")
   if rngs is not None and (not isinstance(rngs, nnx.Rngs) or RNG_STREAM not in rngs):

@@ -15,6 +15,11 @@ a static (non-dynamic) activation spec is updated with the layer's input, whatev
 spec's calibration: a "minmax" spec, which keeps no observer in QAT, gets one here
 (created before the first batch). Everything is as Linen's ``"ptq_calibrate"`` mode does
 it, so a Linen model and its NNX twin calibrated on the same batches hold the same ranges.
+A layer whose rule smooths or GPTQ-rounds (Contract 7, :mod:`jaxq.layer.smooth_ptq`)
+also accumulates its :class:`~jaxq.layer.calib.LayerCalibration` (attribute
+``jaxq_calib``, a ``QuantStats``) in the same pass; its scaling ``s`` is then chosen and
+stored as ``jaxq_smooth`` (``QuantStats``), which QAT, :func:`jaxq.nnx.convert` and the
+simulation use.
 
 The model runs as at inference: a view with ``deterministic=True`` and
 ``use_running_average=True`` (``nnx.view``: BatchNorm uses its running statistics,
@@ -40,6 +45,8 @@ from jaxq.flax.nnx_fqvit import PTF_STATS
 from jaxq.flax.nnx import (CONFIG, LAYER_TYPES, MODE, RULES, LayerConfig, QuantStats,
                            kernel_layout, register_mode)
 from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
+from jaxq.layer import smooth_ptq
+from jaxq.layer.calib import calibration_update
 from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
 from jaxq.params import check_rule_fields
@@ -89,11 +96,14 @@ def calibrate_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
   reached = getattr(_REACHED, "paths", None)
   if reached is not None:
     reached.add(cfg.path)
+  x2, _ = op.lhs_matrix()
   if cfg.act is not None and not cfg.act.dynamic:
-    x2, _ = op.lhs_matrix()
     var = getattr(layer, ACT_STATS)
     view, axes = observer_view(x2, cfg.act, 1)
     var.set_value(calibration.observer_update(var.get_value(), view, cfg.act, axes))
+  if smooth_ptq.calibration_needs(cfg.rule):
+    var = getattr(layer, smooth_ptq.CALIB)
+    var.set_value(calibration_update(var.get_value(), x2))
   return op.compute(op.lhs, op.rhs)
 
 
@@ -143,13 +153,19 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
   check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.calibrate", lora=False,
-                    smooth=False, gptq=False)
+                    smooth=True, gptq=True)
   work = nnx.clone(qmodel)  # qmodel changes only when calibration succeeds
   layers = list(quantized_modules(work))
   for _, layer, cfg in layers:
     if cfg.act is not None and not cfg.act.dynamic and (
         reset or not isinstance(getattr(layer, ACT_STATS, None), QuantStats)):
       setattr(layer, ACT_STATS, QuantStats(_fresh_observer(layer, cfg)))
+    if smooth_ptq.calibration_needs(cfg.rule) and (
+        reset or not isinstance(getattr(layer, smooth_ptq.CALIB, None), QuantStats)):
+      stack, _, k = kernel_layout(layer)
+      lead = tuple(layer.kernel.get_value().shape[:stack])
+      setattr(layer, smooth_ptq.CALIB,
+              QuantStats(smooth_ptq.initial_calibration(cfg.rule, k, lead)))
   ptf = [m for _, m in nnx.iter_modules(work) if PTF_STATS in vars(m)]
   if reset:
     nnx_embed.reset_observers(work)  # nnx.Embed attend observers
@@ -186,12 +202,21 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
         f"{', '.join(repr(p) for p in empty)} (every batch was NaN/Inf there, in the "
         "whole tensor or some of its channels); calibrate on data that reaches them with "
         "finite values")
+  for path, layer, cfg in layers:
+    if cfg.path in reached and smooth_ptq.calibration_needs(cfg.rule):
+      stack, contract, _ = kernel_layout(layer)
+      s = smooth_ptq.record_smoothing(layer.kernel.get_value(), contract, cfg.rule,
+                                      getattr(layer, smooth_ptq.CALIB).get_value(), stack,
+                                      cfg.path)
+      if s is not None:
+        setattr(layer, smooth_ptq.SMOOTH, QuantStats(s))
   for (_, layer, _), (_, target, _) in zip(layers, quantized_modules(qmodel)):
-    value = getattr(layer, ACT_STATS).get_value() if hasattr(layer, ACT_STATS) else None
-    if isinstance(getattr(target, ACT_STATS, None), QuantStats):
-      getattr(target, ACT_STATS).set_value(value)
-    elif value is not None:
-      setattr(target, ACT_STATS, QuantStats(value))
+    for name in (ACT_STATS, smooth_ptq.CALIB, smooth_ptq.SMOOTH):
+      value = getattr(layer, name).get_value() if hasattr(layer, name) else None
+      if isinstance(getattr(target, name, None), QuantStats):
+        getattr(target, name).set_value(value)
+      elif value is not None:
+        setattr(target, name, QuantStats(value))
   nnx_embed.copy_observers(work, qmodel)
   for layer, target in zip(ptf, [m for _, m in nnx.iter_modules(qmodel)
                                  if PTF_STATS in vars(m)]):

@@ -14,6 +14,11 @@ learned in QAT (LSQ, LSQ+, PACT: ``alpha / qmax``); observers and learned weight
 dropped. Stacked layers (``nnx.vmap``) are converted one layer at a time, their QArrays
 carrying the stacking axes on every leaf, so that ``nnx.scan`` slices them.
 
+A layer whose rule smooths or GPTQ-rounds (:mod:`jaxq.layer.smooth_ptq`) stores ``s W``
+(GPTQ-rounded from its calibration Hessian, damping ``gptq_damping``), keeps
+``jaxq_smooth`` and gets the exact activation range of ``x / s``; its ``jaxq_calib`` is
+dropped. Serving divides its input by ``s`` where it quantizes it.
+
 Each converted layer becomes a serving subclass (``ServingLinear``, ...) in the mode
 ``"serve"``: for the duration of a call its ``kernel`` attribute is a zero placeholder of
 the kernel's shape and dtype (what the layer's own code reads; dead code under ``jit``)
@@ -31,6 +36,7 @@ compilation serves every one-layer-at-a-time choice.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq import calibration
+from jaxq import gptq
 from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
                            kernel_layout, register_mode)
@@ -49,6 +56,7 @@ from jaxq.flax.nnx_ptq import inference_view, quantized_modules
 from jaxq.flax.batches import split_static_kwargs
 from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
+from jaxq.layer import smooth_ptq
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
 from jaxq.layer.views import Contraction, patched
 from jaxq.params import check_rule_fields, per_layer
@@ -113,20 +121,40 @@ def serve_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
   act = None
   if static_act(cfg.rule.act):
     act = {"scale": _get(layer, ACT_SCALE), "zero_point": _get(layer, ACT_ZERO_POINT)}
-  return quantized_contraction(op, cfg.path, cfg.rule.act, qw, act)
+  return quantized_contraction(op, cfg.path, cfg.rule.act, qw, act,
+                               smooth=_smoothing(layer, cfg))
+
+
+def _smoothing(layer, cfg: LayerConfig) -> jax.Array | None:
+  """The layer's recorded smoothing scale (None without a smooth rule)."""
+  if cfg.rule.smooth is None:
+    return None
+  s = _get(layer, smooth_ptq.SMOOTH)
+  if s is None:
+    raise ValueError(smooth_ptq.missing_message(
+        cfg.path, cfg.rule, f"a smoothing scale ('{smooth_ptq.SMOOTH}')"))
+  return s
 
 
 def sim_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
   """Mode "sim": the serving numerics, the kernel quantized on the fly; with a
   :class:`SimSelect` flag, the float result where it is <= 0."""
   cfg: LayerConfig = getattr(layer, CONFIG)
+  smooth_ptq.check_simulable(cfg.rule, cfg.path)
+  s = _smoothing(layer, cfg)
+  w = jax.lax.stop_gradient(op.rhs)
+  if s is not None:
+    w = smooth_ptq.convert_kernel(w, op.rhs_contract, cfg.rule, None, s, path=cfg.path)
   qw = None
   if cfg.rule.weight is not None:
     learned = {n: _get(layer, n) for n in WEIGHT_NAMES if _get(layer, n) is not None}
-    qw = served_kernel(jax.lax.stop_gradient(op.rhs), cfg.rule.weight, op.rhs_contract,
-                       learned)
-  y = quantized_contraction(op, cfg.path, cfg.rule.act, qw,
-                            act_qparams(layer, cfg.path, cfg.rule.act, 0))
+    qw = served_kernel(w, cfg.rule.weight, op.rhs_contract, learned)
+  if s is not None and static_act(cfg.rule.act):
+    act = smooth_ptq.act_qparams(_calibration(layer, cfg), s, cfg.rule.act, path=cfg.path)
+  else:
+    act = act_qparams(layer, cfg.path, cfg.rule.act, 0)
+  sop = op if s is None else dataclasses.replace(op, rhs=w)
+  y = quantized_contraction(sop, cfg.path, cfg.rule.act, qw, act, smooth=s)
   select = _get(layer, SELECT)
   if select is not None:
     y = jnp.where(select > 0, y, op.compute(op.lhs, op.rhs))
@@ -162,13 +190,22 @@ def serving_class(cls: type) -> type:
                            "(QArray kernel).")
 
 
+def _calibration(layer, cfg: LayerConfig):
+  st = _get(layer, smooth_ptq.CALIB)
+  if st is None:
+    raise ValueError(smooth_ptq.missing_message(
+        cfg.path, cfg.rule, f"calibration statistics ('{smooth_ptq.CALIB}')"))
+  return st
+
+
 def _drop(layer, names) -> None:
   for n in names:
     if n in vars(layer):
       delattr(layer, n)
 
 
-def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
+def convert(qmodel: nnx.Module, *, compact_scales: bool = False,
+            gptq_damping: float = gptq.DEFAULT_DAMPING) -> nnx.Module:
   """A serving copy of a (calibrated) quantized NNX model; see the module docstring.
 
   Args:
@@ -178,6 +215,8 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
     compact_scales: as :func:`jaxq.flax.ptq.convert`'s: float16 (5..8 bits) / float8
       (<= 4 bits) symmetric weight scales, rounded up; default float32 scales, with which
       the served weights equal the QAT weights.
+    gptq_damping: GPTQ's damping (fraction of the Hessian's mean diagonal), as
+      :func:`jaxq.flax.ptq.convert`'s.
 
   Returns:
     The serving model: ``serving(*args, **kwargs)`` as the original model;
@@ -186,14 +225,15 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
   Raises:
     ValueError: a static activation spec that was never calibrated (or whose observer saw
       no finite value) or a learned step never initialised, naming the layer; a kernel
-      the weight spec does not fit; a model converted already.
+      the weight spec does not fit; a model converted already; a smooth / GPTQ layer
+      whose statistics calibrate did not record.
   """
   layers = list(quantized_modules(qmodel))
   if not layers and not any(quantized_embeds(qmodel)):
     raise ValueError("qmodel has no quantized layer: quantize it with "
                      "jaxq.nnx.quantize_model(model, rules) first")
-  check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.convert", lora=False, smooth=False,
-                    gptq=False)
+  check_rule_fields(getattr(qmodel, RULES, ()), "jaxq.nnx.convert", lora=False, smooth=True,
+                    gptq=True)
   served = [p for p, layer, _ in layers if isinstance(layer.kernel.get_value(), QArray)]
   if served:
     raise ValueError(f"layer(s) {', '.join(repr(p) for p in served)} hold QArray kernels "
@@ -202,13 +242,25 @@ def convert(qmodel: nnx.Module, *, compact_scales: bool = False) -> nnx.Module:
   for _, layer, cfg in list(quantized_modules(serving)):
     rule, path = cfg.rule, cfg.path
     stack, contract, _ = kernel_layout(layer)
-    act = act_qparams(layer, path, rule.act, stack)
-    if rule.weight is not None:
+    kernel = layer.kernel.get_value()
+    if smooth_ptq.calibration_needs(rule):
+      cal, s = _get(layer, smooth_ptq.CALIB), _get(layer, smooth_ptq.SMOOTH)
+      smooth_ptq.check_calibrated(rule, cal, s, path)
+      kernel = smooth_ptq.convert_kernel(kernel, contract, rule, cal, s, stack,
+                                         damping=gptq_damping, path=path)
+      act = (smooth_ptq.act_qparams(cal, s, rule.act, stack, path)
+             if s is not None and static_act(rule.act) else
+             act_qparams(layer, path, rule.act, stack))
+    else:
+      act = act_qparams(layer, path, rule.act, stack)
+    if rule.weight is not None and not isinstance(kernel, QArray):
       learned = {n: _get(layer, n) for n in WEIGHT_NAMES if _get(layer, n) is not None}
-      layer.kernel = nnx.Param(convert_kernel(path, rule.weight, layer.kernel.get_value(),
-                                              None, contract, learned, stack,
-                                              compact_scales))
-    _drop(layer, WEIGHT_NAMES + (ACT_ALPHA, ACT_STATS, ACT_INITIALIZED, SELECT))
+      kernel = convert_kernel(path, rule.weight, kernel, None, contract, learned, stack,
+                              compact_scales)
+    if kernel is not layer.kernel.get_value():
+      layer.kernel = nnx.Param(kernel)
+    _drop(layer, WEIGHT_NAMES + (ACT_ALPHA, ACT_STATS, ACT_INITIALIZED, SELECT,
+                                 smooth_ptq.CALIB))
     if act is not None:
       setattr(layer, ACT_SCALE, nnx.Param(act["scale"]))
       setattr(layer, ACT_ZERO_POINT, nnx.Param(act["zero_point"]))

@@ -36,6 +36,16 @@ one layer's, so that the lifted transform slices them like the float kernel. Wit
 calibration the stacking axes are read off a bias ``(L, out)`` that the kernel does not
 end in.
 
+Smoothing and GPTQ (``Rule.smooth``, ``QuantSpec(rounding="gptq")``; Contract 7,
+:mod:`jaxq.layer.smooth_ptq`, state in :mod:`jaxq.flax.ptq_smooth`): :func:`calibrate`
+also accumulates, in the same jitted pass, each such layer's per-channel statistics, the
+Hessian of its inputs and (``smooth="auto"``) a token reservoir
+(``quant_stats/jaxq_calib``), then chooses and records its scaling ``s``
+(``quant_stats/jaxq_smooth``, used by QAT and the ``"ptq_sim"`` mode). :func:`convert`
+stores ``s W`` (GPTQ-rounded from the Hessian of ``x / s`` for a "gptq" weight spec,
+damping ``gptq_damping``), ``params/jaxq_smooth`` and the exact activation range of
+``x / s``; serving divides the input by ``s`` where it quantizes it.
+
 The serving model (:class:`ServingModel`) runs the original model code. A matched
 ``nn.Dense`` / ``nn.DenseGeneral`` with an 8-bit weight and an 8-bit signed activation
 spec (static per-tensor, or ``dynamic=True`` per token) computes its matmul with
@@ -61,6 +71,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from jaxq import calibration
+from jaxq import gptq
 from jaxq.flax import embed_linen, fqvit
 from jaxq.flax.batches import is_empty_batch, normalize_batch, split_static_kwargs
 from jaxq.flax.kernel_qarray import (SCALE_FORMATS, convert_kernel, kernel_stack,
@@ -70,7 +81,9 @@ from jaxq.flax.ptq_modes import (ACT_SCALE, ACT_ZERO_POINT, CALIBRATE_MODE, KERN
                                  KERNEL_RANK, RECORD, SELECT, SERVE_MODE, SIM_MODE,
                                  uncalibrated_message)
 from jaxq.layer import operands
+from jaxq.flax import ptq_smooth
 from jaxq.layer.serve import static_act
+from jaxq.layer.smooth_ptq import calibration_needs, check_calibrated
 from jaxq.params import check_rule_fields, per_layer, tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import match_rule
@@ -89,7 +102,7 @@ def _check_qmodel(qmodel, where: str) -> QuantizedModel:
   if not isinstance(qmodel, QuantizedModel):
     raise TypeError("qmodel must be a jaxq QuantizedModel (from jaxq.quantize_model); got "
                     f"{type(qmodel).__name__}")
-  check_rule_fields(qmodel.rules, where, lora=False, smooth=False, gptq=False)
+  check_rule_fields(qmodel.rules, where, lora=False, smooth=True, gptq=True)
   return qmodel
 
 
@@ -139,14 +152,17 @@ def _check_observers(qmodel: QuantizedModel, stats, recorded) -> None:
     elif not bool(jnp.all(jnp.asarray(st["n"]) > 0)):
       empty.append(path)
   if missing:
-    raise ValueError(
-        f"calibration reached layer(s) {', '.join(repr(p) for p in missing)} but their "
-        f"activation observers ('{QUANT_STATS}' variables) did not come back: the layers "
-        "run inside a lifted transform (nn.vmap, nn.scan, nn.remat, ...) whose "
-        f"variable_axes do not include '{QUANT_STATS}'; add it, e.g. "
-        f"variable_axes={{'params': 0, '{QUANT_STATS}': 0}} (or broadcast it)")
+    raise ValueError(_lost_message(missing, "activation observers"))
   if empty:
     raise ValueError(_no_finite(empty))
+
+
+def _lost_message(paths, what: str) -> str:
+  return (f"calibration reached layer(s) {', '.join(repr(p) for p in paths)} but their "
+          f"{what} ('{QUANT_STATS}' variables) did not come back: the layers "
+          "run inside a lifted transform (nn.vmap, nn.scan, nn.remat, ...) whose "
+          f"variable_axes do not include '{QUANT_STATS}'; add it, e.g. "
+          f"variable_axes={{'params': 0, '{QUANT_STATS}': 0}} (or broadcast it)")
 
 
 def _no_finite(paths) -> str:
@@ -174,9 +190,10 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
   Returns:
     ``variables`` with "quant_stats" holding, per matched layer, the activation observer
     ``jaxq_act`` (every ``QuantSpec.calibration``: min-max, EMA, percentile, MSE search),
-    the kernel's contraction axes ``jaxq_kernel_axes``, and for LayerNorms with a PTF rule
-    the ``jaxq_ptf`` observer. One compiled step serves all batches of one shape, and
-    later calls with the same model and shapes.
+    the kernel's contraction axes ``jaxq_kernel_axes``, for LayerNorms with a PTF rule
+    the ``jaxq_ptf`` observer, and for smooth / GPTQ rules ``jaxq_calib`` (statistics,
+    Hessian, token reservoir) and the chosen scaling ``jaxq_smooth``. One compiled step
+    serves all batches of one shape, and later calls with the same model and shapes.
 
   Raises:
     ValueError: no non-empty batch; an observer that saw no finite value (naming the
@@ -207,6 +224,7 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
       finally:
         RECORD.axes = None
       stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      stats = ptq_smooth.initial_calibrations(qmodel.rules, stats)
       if not reset:
         stats = _merge(stats, _unfreeze(variables.get(QUANT_STATS, {})))
     stats = step(others, stats, args, arrays, static)
@@ -225,6 +243,10 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
     lead = tuple(np.shape(kernel))[:max(np.ndim(kernel) - rank, 0)]
     node[KERNEL_AXES] = jnp.broadcast_to(jnp.asarray(axes, jnp.int32), lead + (len(axes),))
     node[KERNEL_RANK] = jnp.full(lead, rank, jnp.int32)
+    rule = match_rule(qmodel.rules, path)
+    if calibration_needs(rule) and not ptq_smooth.record(node, rule, path, kernel, axes,
+                                                         len(lead)):
+      raise ValueError(_lost_message([path], "smoothing / GPTQ statistics"))
   return {**others, QUANT_STATS: _merge(old, stats)}
 
 
@@ -234,7 +256,8 @@ def calibrate(qmodel: QuantizedModel, variables: Mapping[str, Any], batches: Ite
 
 
 def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
-            compact_scales: bool = False) -> tuple[ServingModel, dict]:
+            compact_scales: bool = False,
+            gptq_damping: float = gptq.DEFAULT_DAMPING) -> tuple[ServingModel, dict]:
   """Converts a (calibrated) quantized model for serving: ``(serving_model, serving_vars)``.
 
   Every kernel of a layer that a rule with a weight spec matches becomes a
@@ -253,9 +276,16 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
   float8 e4m3b11 (<= 4 bits), rounded up (:func:`quantize_kernel`): smaller, at the
   cost measured in benchmarks/RESULTS.md ("Compact weight scales").
 
+  Smooth / GPTQ layers (module docstring) are converted from the ``jaxq_calib`` and
+  ``jaxq_smooth`` that :func:`calibrate` recorded; ``gptq_damping`` is GPTQ's damping, a
+  fraction of the Hessian's mean diagonal (the paper's 1% by default). A GPTQ layer
+  that saw fewer calibration tokens than its input width warns (``UserWarning`` naming
+  it): GPTQ then measured worse than round-to-nearest (benchmarks/RESULTS.md).
+
   Raises:
     ValueError: a layer with a static activation spec that calibration never reached or
-      whose observer saw no finite value (naming the layers). Layers without static
+      whose observer saw no finite value (naming the layers); a smooth / GPTQ layer
+      whose statistics calibrate did not record (naming it). Layers without static
       activations that calibration did not reach are quantized with the layout inferred
       from their kernel and bias shapes, with a ``UserWarning`` naming them.
   """
@@ -279,6 +309,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     rule = match_rule(qmodel.rules, path)
     if rule is None or (rule.weight is None and rule.act is None):
       continue
+    needs = calibration_needs(rule)
+    if needs and lp not in recorded:
+      check_calibrated(rule, None, None, path)  # raises, naming the layer
     if recorded and lp not in recorded:
       if static_act(rule.act):
         uncalibrated.append(path)
@@ -291,6 +324,10 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     bias, stack = meta.unbox(node.get("bias")), 0
     if kernel is not None and not isinstance(kernel, QArray):
       stack = kernel_stack(path, kernel, ranks.get(lp), bias)
+    smoothed = needs and kernel is not None and not isinstance(kernel, QArray)
+    if smoothed:  # kernel: s W (GPTQ-rounded: stored); jaxq_smooth and act scales stored
+      kernel = ptq_smooth.convert_layer(flat, lp, rule, stats, kernel, recorded[lp],
+                                        stack, gptq_damping)
     if rule.weight is not None and kernel is not None and not isinstance(kernel, QArray):
       learned = {n: node[n] for n in operands.WEIGHT_NAMES if n in node}
       flat[lp + ("kernel",)] = convert_kernel(path, rule.weight, kernel, bias,
@@ -299,7 +336,9 @@ def convert(qmodel: QuantizedModel, variables: Mapping[str, Any], *,
     for n in operands.WEIGHT_NAMES:
       flat.pop(lp + (n,), None)
     aspec = rule.act
-    if static_act(aspec) and aspec.estimator == "ste":
+    # A smoothed layer's activation scales (of x / s) were stored by convert_layer.
+    if (static_act(aspec) and aspec.estimator == "ste"
+        and not (smoothed and rule.smooth is not None)):
       st = tree_get(stats, lp + (operands.ACT_STATS,))
       if st is None:
         raise ValueError(uncalibrated_message(path))

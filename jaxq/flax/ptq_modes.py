@@ -6,6 +6,7 @@ layer's contraction through :func:`jaxq.layer.serve.quantized_contraction`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import jax
@@ -16,6 +17,8 @@ from jaxq.flax import linen as qlinen
 from jaxq.flax.kernel_qarray import served_kernel
 from jaxq.flax.linen import QUANT_STATS, Contraction, LayerCall, register_mode
 from jaxq.layer import operands
+from jaxq.layer import smooth_ptq
+from jaxq.layer.calib import calibration_update
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
 from jaxq.qarray import QArray
 
@@ -58,6 +61,14 @@ def _act_qparams_from_stats(call: LayerCall, x2_k: int) -> dict | None:
   return {"scale": scale, "zero_point": zp}
 
 
+def _calibration(call: LayerCall):
+  """The layer's ``quant_stats/jaxq_calib`` (ValueError naming the layer if absent)."""
+  if not call.module.has_variable(QUANT_STATS, smooth_ptq.CALIB):
+    raise ValueError(smooth_ptq.missing_message(
+        call.path, call.rule, f"calibration statistics ('{QUANT_STATS}/{smooth_ptq.CALIB}')"))
+  return call.module.get_variable(QUANT_STATS, smooth_ptq.CALIB)
+
+
 def uncalibrated_message(path: str) -> str:
   return (f"layer '{path}': its activation spec has a static range, which needs "
           "calibration: run jaxq.calibrate(qmodel, variables, batches) first (or use "
@@ -70,11 +81,31 @@ def uncalibrated_message(path: str) -> str:
 
 
 def calibrate_handler(call: LayerCall, op: Contraction) -> jax.Array:
-  """Calibration: linen's observer update, plus the kernel's contraction axes recorded."""
+  """Calibration: linen's observer update, the kernel's contraction axes recorded, and
+  for a smooth / GPTQ rule its :class:`~jaxq.layer.calib.LayerCalibration`
+  (``quant_stats/jaxq_calib``) updated with the layer's input view."""
   rec = getattr(RECORD, "axes", None)
   if rec is not None:
     rec[call.path] = (tuple(int(a) % op.rhs.ndim for a in op.rhs_contract), op.rhs.ndim)
+  m = call.module
+  if smooth_ptq.calibration_needs(call.rule) and m.is_mutable_collection(QUANT_STATS):
+    x2, _ = op.lhs_matrix()
+    var = m.variable(QUANT_STATS, smooth_ptq.CALIB, smooth_ptq.initial_calibration,
+                     call.rule, x2.shape[1])
+    var.value = calibration_update(var.value, x2)
   return qlinen.calibrate_handler(call, op)
+
+
+def _smoothing(call: LayerCall, collection: str) -> jax.Array | None:
+  """The layer's recorded smoothing scale (None without a smooth rule); a ValueError
+  naming the layer when its rule smooths and none is stored in ``collection``."""
+  if call.rule.smooth is None:
+    return None
+  m = call.module
+  if not m.has_variable(collection, smooth_ptq.SMOOTH):
+    raise ValueError(smooth_ptq.missing_message(
+        call.path, call.rule, f"a smoothing scale ('{collection}/{smooth_ptq.SMOOTH}')"))
+  return m.get_variable(collection, smooth_ptq.SMOOTH)
 
 
 def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
@@ -98,7 +129,8 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
       zp = (m.get_variable("params", ACT_ZERO_POINT)
             if m.has_variable("params", ACT_ZERO_POINT) else jnp.zeros_like(scale))
       act = {"scale": scale, "zero_point": zp}
-  return quantized_contraction(op, call.path, call.rule.act, qw, act)
+  return quantized_contraction(op, call.path, call.rule.act, qw, act,
+                               smooth=_smoothing(call, "params"))
 
 
 def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
@@ -110,14 +142,22 @@ def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
   that it reaches the layers of ``nn.scan`` / ``nn.vmap`` stacks, stacked like them.
   """
   wspec = call.rule.weight
+  smooth_ptq.check_simulable(call.rule, call.path)
+  s = _smoothing(call, QUANT_STATS)
+  w = jax.lax.stop_gradient(op.rhs)
+  if s is not None:
+    w = smooth_ptq.convert_kernel(w, op.rhs_contract, call.rule, None, s, path=call.path)
   qw = None
   if wspec is not None:
-    w = jax.lax.stop_gradient(op.rhs)
     learned = {n: call.module.get_variable("params", n) for n in operands.WEIGHT_NAMES
                if call.module.has_variable("params", n)}
     qw = served_kernel(w, wspec, op.rhs_contract, learned)
-  act = _act_qparams_from_stats(call, op.lhs.shape[-1])
-  y = quantized_contraction(op, call.path, call.rule.act, qw, act)
+  if s is not None and static_act(call.rule.act):
+    act = smooth_ptq.act_qparams(_calibration(call), s, call.rule.act, path=call.path)
+  else:
+    act = _act_qparams_from_stats(call, op.lhs.shape[-1])
+  sop = op if s is None else dataclasses.replace(op, rhs=w)
+  y = quantized_contraction(sop, call.path, call.rule.act, qw, act, smooth=s)
   m = call.module
   if m.has_variable(QUANT_STATS, SELECT):
     on = m.get_variable(QUANT_STATS, SELECT)

@@ -9,8 +9,10 @@ QArray) and ``s``; the activation is divided by ``s`` in the same elementwise pa
 quantizes it (:func:`smoothed_input`; a static per-tensor activation scale ``a`` then
 acts as the per-input-channel scale ``s * a``), so the integer matmul is unchanged.
 
-``convert`` decides per layer, from the :class:`jaxq.layer.calib.LayerCalibration` that
-``calibrate`` filled:
+Per layer, from the :class:`jaxq.layer.calib.LayerCalibration` that ``calibrate``
+filled (the scaling is chosen when the calibration pass ends and recorded, so that QAT,
+serving and the PTQ simulation share it; GPTQ runs at ``convert``;
+:mod:`jaxq.layer.smooth_ptq`):
 
 * ``Rule.smooth = alpha``: SmoothQuant's ``s_k = max|x_k|^alpha / max|W_k|^(1-alpha)``
   with an activation spec, AWQ's ``s_k = mean|x_k|^alpha`` (normalised) for a
@@ -158,7 +160,8 @@ def smoothed_act_qparams(state: LayerCalibration | None, s: jax.Array, act: Quan
   the min-max range of ``x_k / s_k`` is ``[lo_k / s_k, hi_k / s_k]`` (``s > 0``), so
   the per-channel calibration range gives it exactly, at the spec's granularity."""
   stats = _need(state, "stats", "Rule.smooth with a static activation", path)
-  if int(stats.channels.count) == 0:
+  count = stats.channels.count
+  if not isinstance(count, jax.core.Tracer) and int(count) == 0:
     raise ValueError(f"layer '{path}': calibration saw no token of this layer")
   lo, hi = stats_range(stats)
   s = jnp.asarray(s, jnp.float32)
@@ -191,10 +194,12 @@ def view_qarray_to_kernel(q2: QArray, kernel_shape, contract) -> QArray:
   else:
     qshape, ga = (1,) * len(shape), 0
   scale = jnp.reshape(q2.scale, qshape)
-  zp = jnp.reshape(q2.zero_point, qshape)
+  zp = None if spec.symmetric else jnp.reshape(q2.zero_point, qshape)
   w = jnp.reshape(dequantize(q2).astype(jnp.float32), shape)
   q = quantize_with(w, spec, scale, zp, group_axis=ga)
-  return QArray(q.values, q.scale, q.zero_point, spec=spec, shape=shape, dtype=q2.dtype,
+  # A symmetric spec's zero point is 0: one scalar, as jaxq.flax.kernel_qarray stores it.
+  zp = jnp.zeros((), q.zero_point.dtype) if spec.symmetric else q.zero_point
+  return QArray(q.values, q.scale, zp, spec=spec, shape=shape, dtype=q2.dtype,
                 group_axis=ga)
 
 
