@@ -69,6 +69,24 @@ class NnxNet(nnx.Module):
     return self.head(self.block(self.embed(x)).mean(axis=1))
 
 
+class Stack(nnx.Module):
+  """NNX layer stack: three Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return nnx.Linear(8, 8, rngs=nnx.Rngs(params=key))
+
+    self.layers = make(jax.random.split(jax.random.key(0), 3))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, layer):
+      return nnx.relu(layer(h))
+
+    return body(x, self.layers)
+
+
 def data(seed=0, batch=4):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch, TOKENS, FEATURES)).astype(np.float32)

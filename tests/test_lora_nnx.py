@@ -15,6 +15,7 @@ from flax import nnx
 import jaxq
 from jaxq.flax.nnx_lora import LoRABase
 from jaxq.qarray import QArray
+from tests._twins import Stack
 
 NF4 = jaxq.QuantSpec(bits=4, scheme="nf4", granularity="group", group_size=16)
 W8 = jaxq.QuantSpec(8)
@@ -226,24 +227,6 @@ def test_unfrozen_merge_folds_into_the_float_base_as_linen():
                                                      lora=jaxq.LoRA(2)))
   jaxq.nnx.lora_merge(nq)
   assert type(nq.head) is nnx.Linear and not [n for n in vars(nq.head) if "jaxq" in n]
-
-
-class Stack(nnx.Module):
-  """Three Linear layers stacked by nnx.vmap, run by nnx.scan."""
-
-  def __init__(self):
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(key):
-      return nnx.Linear(8, 8, rngs=nnx.Rngs(params=key))
-
-    self.layers = make(jax.random.split(jax.random.key(0), 3))
-
-  def __call__(self, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def body(h, layer):
-      return nnx.relu(layer(h))
-
-    return body(x, self.layers)
 
 
 def test_stacked_layers_freeze_and_merge_per_layer():

@@ -14,6 +14,7 @@ from jaxq import checkpoint
 from jaxq import export as jexport
 from jaxq.qarray import QArray, dequantize
 from jaxq.spec import QuantSpec, Rule
+from tests._twins import Stack
 
 W8 = QuantSpec(8)
 A8 = QuantSpec(8, granularity="tensor")
@@ -178,24 +179,6 @@ def test_checkpoint_and_export_roundtrip(tmp_path):
 
   exp = jexport.load_serving(jexport.export_serving(sm, state, x).serialize())
   np.testing.assert_array_equal(exp.call(jexport.serving_state(sm), x), want)
-
-
-class Stack(nnx.Module):
-  """Three Linear layers stacked by nnx.vmap, run by nnx.scan."""
-
-  def __init__(self):
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(key):
-      return nnx.Linear(8, 8, rngs=nnx.Rngs(params=key))
-
-    self.layers = make(jax.random.split(jax.random.key(0), 3))
-
-  def __call__(self, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def body(h, layer):
-      return nnx.relu(layer(h))
-
-    return body(x, self.layers)
 
 
 def test_stacked_layers_serve_what_qat_evaluates():
