@@ -216,3 +216,27 @@ def test_qat_trains_through_the_recorded_smoothing_linen_equals_nnx(w8a8):
     g = grads[name]["kernel"]
     assert np.all(np.isfinite(g)) and np.any(g != 0)
     np.testing.assert_allclose(ngrads[name]["kernel"].get_value(), g, rtol=1e-4, atol=1e-4)
+
+
+def test_sensitivity_with_smooth_auto_linen_equals_nnx_and_fresh_calibration(w8a8):
+  """jaxq.analysis calibrates once for all widths and chooses s anew per width (the
+  "auto" search depends on the weight spec): each row equals a sensitivity run
+  calibrated with the rules at that width; NNX (which copies jaxq_calib, not only the
+  observers) gives Linen's rows."""
+  params, calib, _, _ = w8a8
+  rules = [Rule("q", weight=W8, act=A8, smooth="auto")]
+  batches = calib[:1]
+  linen = jaxq.analysis.sensitivity(LinenBlock(), {"params": params}, batches, rules,
+                                    bits=(4, 8))
+  nnx_rep = jaxq.analysis.sensitivity(NnxBlock(params), batches, rules, bits=(4, 8))
+  w8 = jaxq.analysis.sensitivity(LinenBlock(), {"params": params}, batches,
+                                 [Rule("q", weight=W8.replace(bits=8), act=A8,
+                                       smooth="auto")])
+  assert sorted(linen.paths) == sorted(nnx_rep.paths) == ["q"]
+  for p in linen.paths:
+    np.testing.assert_allclose(linen.row(p, 8).snr_db, w8.row(p, None).snr_db, rtol=1e-6)
+    for b in (4, 8):
+      np.testing.assert_allclose(nnx_rep.row(p, b).snr_db, linen.row(p, b).snr_db,
+                                 rtol=1e-4)
+      np.testing.assert_allclose(nnx_rep.row(p, b).cosine, linen.row(p, b).cosine,
+                                 rtol=1e-6)
