@@ -240,3 +240,21 @@ def test_sensitivity_with_smooth_auto_linen_equals_nnx_and_fresh_calibration(w8a
                                  rtol=1e-4)
       np.testing.assert_allclose(nnx_rep.row(p, b).cosine, linen.row(p, b).cosine,
                                  rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", [
+    Rule("fc2", weight=W8, smooth=0.5),  # AWQ-style weight-only: no activation observer
+    Rule("fc2", act=QuantSpec(8, granularity="tensor", dynamic=True), smooth="auto"),
+])
+def test_calibration_without_a_finite_value_names_the_smooth_only_layer(w8a8, rule):
+  """The smoothing statistics count NaN rows as tokens: a smooth-only layer whose
+  calibration batches were all NaN is refused by calibrate (Linen and NNX) as a layer
+  with an observer is, not smoothed from NaN statistics."""
+  params = w8a8[0]
+  nan = [jnp.full((1, 16, 64), jnp.nan, jnp.float32)]
+  msg = r"calibration saw no finite activation values? at layer\(s\) 'fc2' \("
+  with pytest.raises(ValueError, match=msg):
+    jaxq.calibrate(jaxq.quantize_model(LinenBlock(), rule), {"params": params}, nan)
+  nq = jaxq.nnx.quantize_model(NnxBlock(params), rule)
+  with pytest.raises(ValueError, match=msg):
+    jaxq.nnx.calibrate(nq, nan)

@@ -233,9 +233,11 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     raise ValueError("batches is empty (or every batch is): calibration needs at least "
                      "one non-empty batch")
   nnx.update(work, stats)
-  empty = [path for path, layer, cfg in layers
-           if cfg.path in reached and cfg.act is not None and not cfg.act.dynamic
-           and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0))]
+  empty = [path for path, layer, cfg in layers if cfg.path in reached and (
+      (cfg.act is not None and not cfg.act.dynamic
+       and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0)))
+      or (smooth_ptq.calibration_needs(cfg.rule)
+          and not smooth_ptq.saw_finite(getattr(layer, smooth_ptq.CALIB).get_value())))]
   if empty:
     raise ValueError(
         f"calibration saw no finite activation value at layer(s) "

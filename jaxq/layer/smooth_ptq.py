@@ -51,7 +51,8 @@ from jaxq.spec import QuantSpec, Rule
 
 __all__ = ["CALIB", "SMOOTH", "ACT_SCALE", "ACT_ZERO_POINT", "calibration_needs",
            "initial_calibration", "record_smoothing", "qat_operands", "convert_kernel",
-           "act_qparams", "check_calibrated", "check_simulable", "is_gptq", "missing_message"]
+           "act_qparams", "saw_finite", "check_calibrated", "check_simulable", "is_gptq",
+           "missing_message"]
 
 #: Variable of a layer's calibration state (:class:`~jaxq.layer.calib.LayerCalibration`).
 CALIB = "jaxq_calib"
@@ -99,6 +100,16 @@ def missing_message(path: str, rule: Rule, what: str) -> str:
           "the layer): run calibrate with this rule on batches that reach the layer")
 
 
+def saw_finite(state: LayerCalibration) -> bool:
+  """Whether the calibration ``state`` of a layer (of every layer of its stack) holds
+  data: a finite input row for the GPTQ Hessian (which skips the others), else a finite
+  input value (the smoothing statistics count NaN / Inf rows as tokens)."""
+  if state.hessian is not None:
+    return bool(np.all(np.asarray(state.hessian.count) > 0))
+  seen = np.asarray(state.stats.lo) <= np.asarray(state.stats.hi)
+  return bool(np.all(np.any(seen, axis=-1)))
+
+
 def check_calibrated(rule: Rule, state, s, path: str) -> None:
   """ValueError naming ``path`` when a rule that needs them lacks calibration
   statistics (``state``) or a recorded smoothing scale (``s``)."""
@@ -106,9 +117,7 @@ def check_calibrated(rule: Rule, state, s, path: str) -> None:
     raise ValueError(missing_message(path, rule, f"calibration statistics ({CALIB})"))
   if rule.smooth is not None and s is None:
     raise ValueError(missing_message(path, rule, f"a smoothing scale ({SMOOTH})"))
-  count = (state.hessian.count if state.hessian is not None
-           else state.stats.channels.count)
-  if not bool(np.all(np.asarray(count) > 0)):
+  if not saw_finite(state):
     raise ValueError(f"layer '{path}': calibration saw no finite token of this layer "
                      "(every batch was NaN/Inf there, in some layer of its stack)")
 
