@@ -16,6 +16,14 @@ like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one pa
 Flax NNX models, the "sim" mode of :mod:`jaxq.flax.nnx_serve` with a ``jaxq_select``
 variable per layer. :func:`sensitivity` dispatches on the model's API.
 
+One calibration pass serves every candidate width (activation ranges and the smoothing /
+GPTQ statistics of ``Rule.smooth`` / ``QuantSpec(rounding="gptq")`` come from the float
+forward); per width, each smoothed layer's scaling is chosen anew (``smooth="auto"``
+searches with the weight spec) and each GPTQ layer's kernel is rounded on the host, with
+``convert``'s default damping, before the traced simulation, so a row is what
+``convert`` would serve (:func:`jaxq.flax.ptq_smooth.simulation_stats`,
+:func:`jaxq.flax.nnx_ptq.transfer_calibration`, :func:`jaxq.flax.nnx_serve.simulator`).
+
 Bit allocation (:func:`allocate_bits`): every layer starts at the smallest candidate width;
 the upgrade with the largest output-noise reduction per extra weight bit (noise power
 ``sum y^2 / 10^(SNR/10)``, assumed additive over layers) is applied while the
@@ -210,8 +218,8 @@ def _linen_sensitivity(model: nn.Module, variables: dict, batches: Iterable,
     qmodel = quantize_model(model, rb, mode=ptq.SIM_MODE)
     if calibrated is None:
       calibrated = rb, ptq.calibrate(qmodel, variables, raw, **apply_kwargs)["quant_stats"]
-    stats = calibrated[1] if rb == calibrated[0] else ptq_smooth.rechoose(
-        rb, calibrated[1], variables["params"])
+    stats = ptq_smooth.simulation_stats(rb, calibrated[1], variables["params"],
+                                        choose=rb != calibrated[0])
 
     @jax.jit
     def quant_out(v, select, args, kwargs):

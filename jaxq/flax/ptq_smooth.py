@@ -26,7 +26,7 @@ from jaxq.params import tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import Rule, match_rule
 
-__all__ = ["initial_calibrations", "record", "rechoose", "convert_layer"]
+__all__ = ["initial_calibrations", "record", "simulation_stats", "convert_layer"]
 
 
 def initial_calibrations(rules, tree: dict, keys: tuple[str, ...] = ()) -> dict:
@@ -61,12 +61,14 @@ def record(node: dict, rule: Rule, path: str, kernel, axes, stack: int) -> bool:
   return True
 
 
-def rechoose(rules, stats: dict, params: dict) -> dict:
-  """``stats`` (a calibrated "quant_stats") with every layer's ``jaxq_smooth`` chosen
-  anew for ``rules`` from its ``jaxq_calib`` and kernel in ``params``, as calibrating
-  with ``rules`` would record it: the statistics do not depend on the weight spec, the
-  choice may (``smooth="auto"`` searches with it). :mod:`jaxq.analysis` calibrates once
-  for all candidate widths with this."""
+def simulation_stats(rules, stats: dict, params: dict, *, choose: bool = True) -> dict:
+  """``stats`` (a calibrated "quant_stats") ready for the ``"ptq_sim"`` mode with
+  ``rules``: each layer's ``jaxq_smooth`` chosen anew for them (``choose``) from its
+  ``jaxq_calib`` and kernel in ``params``, as calibrating with ``rules`` would record it
+  (the statistics do not depend on the weight spec, the choice may: ``smooth="auto"``
+  searches with it), and each GPTQ layer's kernel rounded on the host as ``convert``
+  rounds it (default damping), stored as ``jaxq_gptq_kernel``. :mod:`jaxq.analysis`
+  calibrates once for all candidate widths with this."""
   flat = traverse_util.flatten_dict(stats)
   for key, cal in list(flat.items()):
     if key[-1] != smooth_ptq.CALIB:
@@ -77,9 +79,13 @@ def rechoose(rules, stats: dict, params: dict) -> dict:
     axes = np.asarray(flat[lp + (KERNEL_AXES,)])
     axes = tuple(int(a) for a in axes.reshape(-1, axes.shape[-1])[0])
     stack = np.ndim(kernel) - int(np.asarray(flat[lp + (KERNEL_RANK,)]).reshape(-1)[0])
-    s = smooth_ptq.record_smoothing(kernel, axes, rule, cal, stack, path)
+    s = smooth_ptq.record_smoothing(kernel, axes, rule, cal, stack, path) if choose else (
+        flat.get(lp + (smooth_ptq.SMOOTH,)))
     if s is not None:
       flat[lp + (smooth_ptq.SMOOTH,)] = s
+    if smooth_ptq.is_gptq(rule):
+      flat[lp + (smooth_ptq.GPTQ_KERNEL,)] = smooth_ptq.convert_kernel(
+          kernel, axes, rule, cal, s, stack, path=path)
   return traverse_util.unflatten_dict(flat)
 
 
