@@ -51,8 +51,8 @@ from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
 from jaxq.params import check_rule_fields
 
-__all__ = ["calibrate", "transfer_calibration", "calibrate_handler", "quantized_modules", "modes",
-           "inference_view", "CALIBRATE_MODE"]
+__all__ = ["calibrate", "transfer_calibration", "calibrate_handler", "quantized_modules",
+           "modes", "inference_view", "CALIBRATE_MODE"]
 
 CALIBRATE_MODE = "calibrate"
 
