@@ -16,6 +16,14 @@ like the layer in ``nn.scan`` / ``nn.vmap`` stacks, whose layers count as one pa
 Flax NNX models, the "sim" mode of :mod:`jaxq.flax.nnx_serve` with a ``jaxq_select``
 variable per layer. :func:`sensitivity` dispatches on the model's API.
 
+One calibration pass serves every candidate width (activation ranges and the smoothing /
+GPTQ statistics of ``Rule.smooth`` / ``QuantSpec(rounding="gptq")`` come from the float
+forward); per width, each smoothed layer's scaling is chosen anew (``smooth="auto"``
+searches with the weight spec) and each GPTQ layer's kernel is rounded on the host, with
+``convert``'s default damping, before the traced simulation, so a row is what
+``convert`` would serve (:func:`jaxq.flax.ptq_smooth.simulation_stats`,
+:func:`jaxq.flax.nnx_ptq.transfer_calibration`, :func:`jaxq.flax.nnx_serve.simulator`).
+
 Bit allocation (:func:`allocate_bits`): every layer starts at the smallest candidate width;
 the upgrade with the largest output-noise reduction per extra weight bit (noise power
 ``sum y^2 / 10^(SNR/10)``, assumed additive over layers) is applied while the
@@ -41,8 +49,8 @@ from jaxq.flax import nnx as jnnx
 from jaxq.flax import nnx_ptq
 from jaxq.flax import nnx_serve
 from jaxq.flax import ptq
+from jaxq.flax import ptq_smooth
 from jaxq.flax.linen import layer_paths, quantize_model
-from jaxq.layer.operands import ACT_STATS
 from jaxq.params import check_rules
 from jaxq.spec import QuantSpec, Rule, match_rule
 
@@ -203,13 +211,15 @@ def _linen_sensitivity(model: nn.Module, variables: dict, batches: Iterable,
   def float_out(v, args, kwargs):
     return model.apply(v, *args, **kwargs, **apply_kwargs)
 
-  stats = None
+  calibrated = None  # (rules, quant_stats) of the one calibration pass
 
   def quantized(rb):
-    nonlocal stats
+    nonlocal calibrated
     qmodel = quantize_model(model, rb, mode=ptq.SIM_MODE)
-    if stats is None:
-      stats = ptq.calibrate(qmodel, variables, raw, **apply_kwargs)["quant_stats"]
+    if calibrated is None:
+      calibrated = rb, ptq.calibrate(qmodel, variables, raw, **apply_kwargs)["quant_stats"]
+    stats = ptq_smooth.simulation_stats(rb, calibrated[1], variables["params"],
+                                        choose=rb != calibrated[0])
 
     @jax.jit
     def quant_out(v, select, args, kwargs):
@@ -226,20 +236,15 @@ def _nnx_sensitivity(model: nnx.Module, batches: Iterable, rules=None, *, bits=N
   rules = _check_rules(rules)
   raw, batches = _normalized(batches)
   float_run = nnx_serve.eval_forward(model)
-  observers = None
+  calibrated = None  # the model quantized with the first width's rules, calibrated
 
   def quantized(rb):
-    nonlocal observers
+    nonlocal calibrated
     qmodel = jnnx.quantize_model(model, rb)
-    if observers is None:
-      nnx_ptq.calibrate(qmodel, raw, **call_kwargs)
-      observers = {path: getattr(layer, ACT_STATS)
-                   for path, layer, _ in nnx_ptq.quantized_modules(qmodel)
-                   if hasattr(layer, ACT_STATS)}
-    else:  # activation ranges do not depend on the weight width
-      for path, layer, _ in nnx_ptq.quantized_modules(qmodel):
-        if path in observers:
-          setattr(layer, ACT_STATS, jnnx.QuantStats(observers[path].get_value()))
+    if calibrated is None:
+      calibrated = nnx_ptq.calibrate(qmodel, raw, **call_kwargs)
+    else:  # one calibration pass: its statistics do not depend on the weight width
+      nnx_ptq.transfer_calibration(calibrated, qmodel)
     paths, sizes, run = nnx_serve.simulator(qmodel)
     return paths, sizes, lambda p, a, k: run(p, a, {**k, **call_kwargs})
 

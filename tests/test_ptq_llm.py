@@ -216,3 +216,52 @@ def test_qat_trains_through_the_recorded_smoothing_linen_equals_nnx(w8a8):
     g = grads[name]["kernel"]
     assert np.all(np.isfinite(g)) and np.any(g != 0)
     np.testing.assert_allclose(ngrads[name]["kernel"].get_value(), g, rtol=1e-4, atol=1e-4)
+
+
+def test_sensitivity_with_smooth_and_gptq_rules_linen_equals_nnx_and_convert(w8a8):
+  """jaxq.analysis calibrates once for all widths, chooses s anew per width (the "auto"
+  search depends on the weight spec) and rounds GPTQ layers on the host per width (as
+  convert does; the traced simulation alone refuses GPTQ): each row equals a run
+  calibrated with the rules at that width, the GPTQ layer's row is the SNR of the
+  converted model with that layer quantized, and NNX (which copies jaxq_calib, not only
+  the observers) gives Linen's rows."""
+  params, calib, _, _ = w8a8
+  gptq_rule = Rule("fc1", weight=GPTQ, act=A8, smooth=0.5)
+  rules = [Rule("q", weight=W8, act=A8, smooth="auto"), gptq_rule]
+  batches = calib[:1]
+  linen = jaxq.analysis.sensitivity(LinenBlock(), {"params": params}, batches, rules,
+                                    bits=(8, 4))  # width 4: calibrated for width 8
+  nnx_rep = jaxq.analysis.sensitivity(NnxBlock(params), batches, rules, bits=(8, 4))
+  w4 = jaxq.analysis.sensitivity(LinenBlock(), {"params": params}, batches,
+                                 [Rule("q", weight=W8.replace(bits=4), act=A8, smooth="auto")])
+  np.testing.assert_allclose(linen.row("q", 4).snr_db, w4.row("q", None).snr_db, rtol=1e-6)
+  assert sorted(linen.paths) == sorted(nnx_rep.paths) == ["fc1", "q"]
+  for p in linen.paths:
+    for b in (4, 8):
+      np.testing.assert_allclose(nnx_rep.row(p, b).snr_db, linen.row(p, b).snr_db,
+                                 rtol=1e-4)
+      np.testing.assert_allclose(nnx_rep.row(p, b).cosine, linen.row(p, b).cosine,
+                                 rtol=1e-6)
+  _, _, (sm, sv) = _linen(gptq_rule, params, batches)
+  y, ref = (np.concatenate([np.ravel(_apply(m, v, x)) for x in batches]).astype(np.float64)
+            for m, v in ((sm, sv), (LinenBlock(), {"params": params})))
+  snr = 10 * np.log10(np.sum(ref ** 2) / np.sum((y - ref) ** 2))
+  np.testing.assert_allclose(linen.row("fc1", 4).snr_db, snr, rtol=1e-5)
+  assert linen.row("fc1", 8).snr_db > snr + 15.0
+
+@pytest.mark.parametrize("rule", [
+    Rule("fc2", weight=W8, smooth=0.5),  # AWQ-style weight-only: no activation observer
+    Rule("fc2", act=QuantSpec(8, granularity="tensor", dynamic=True), smooth="auto"),
+])
+def test_calibration_without_a_finite_value_names_the_smooth_only_layer(w8a8, rule):
+  """The smoothing statistics count NaN rows as tokens: a smooth-only layer whose
+  calibration batches were all NaN is refused by calibrate (Linen and NNX) as a layer
+  with an observer is, not smoothed from NaN statistics."""
+  params = w8a8[0]
+  nan = [jnp.full((1, 16, 64), jnp.nan, jnp.float32)]
+  msg = r"calibration saw no finite activation values? at layer\(s\) 'fc2' \("
+  with pytest.raises(ValueError, match=msg):
+    jaxq.calibrate(jaxq.quantize_model(LinenBlock(), rule), {"params": params}, nan)
+  nq = jaxq.nnx.quantize_model(NnxBlock(params), rule)
+  with pytest.raises(ValueError, match=msg):
+    jaxq.nnx.calibrate(nq, nan)

@@ -51,8 +51,8 @@ from jaxq.layer.operands import ACT_STATS, act_stat_shape, observer_view
 from jaxq.layer.views import Contraction
 from jaxq.params import check_rule_fields
 
-__all__ = ["calibrate", "calibrate_handler", "quantized_modules", "modes",
-           "inference_view", "CALIBRATE_MODE"]
+__all__ = ["calibrate", "transfer_calibration", "calibrate_handler", "quantized_modules",
+           "modes", "inference_view", "CALIBRATE_MODE"]
 
 CALIBRATE_MODE = "calibrate"
 
@@ -128,6 +128,46 @@ def _run(graphdef, static_kwargs, stats, rest, args, arrays):
 _step = jax.jit(_run, static_argnums=(0, 1))
 
 
+def _record_smoothing(layers) -> None:
+  """Chooses and stores ``jaxq_smooth`` of each ``(path, layer, config)`` whose rule
+  smooths, from its ``jaxq_calib`` and kernel."""
+  for _, layer, cfg in layers:
+    var = getattr(layer, smooth_ptq.CALIB, None)
+    if smooth_ptq.calibration_needs(cfg.rule) and var is not None and (
+        var.get_value() is not None):
+      stack, contract, _ = kernel_layout(layer)
+      s = smooth_ptq.record_smoothing(layer.kernel.get_value(), contract, cfg.rule,
+                                      var.get_value(), stack, cfg.path)
+      if s is not None:
+        setattr(layer, smooth_ptq.SMOOTH, QuantStats(s))
+
+
+def _copy_state(source: nnx.Module, target: nnx.Module, names) -> None:
+  """The ``names`` variables of each quantized layer of ``source`` set on the layer of
+  ``target`` at the same path (None there where ``source`` has none)."""
+  values = {p: layer for p, layer, _ in quantized_modules(source)}
+  for path, target_layer, _ in quantized_modules(target):
+    layer = values.get(path)
+    for name in names:
+      value = getattr(layer, name).get_value() if hasattr(layer, name) else None
+      if isinstance(getattr(target_layer, name, None), QuantStats):
+        getattr(target_layer, name).set_value(value)
+      elif value is not None:
+        setattr(target_layer, name, QuantStats(value))
+
+
+def transfer_calibration(source: nnx.Module, target: nnx.Module) -> nnx.Module:
+  """Gives ``target`` (the model of ``source`` quantized with other weight specs) the
+  calibration of ``source``, in place, as calibrating it on the same batches would:
+  activation observers and ``jaxq_calib`` statistics copied (the calibration forward is
+  the float model's, whatever the weight spec), ``jaxq_smooth`` chosen anew for
+  ``target``'s rules (``smooth="auto"`` searches with the weight spec). Returns
+  ``target``; :mod:`jaxq.analysis` calibrates once for all candidate widths with it."""
+  _copy_state(source, target, (ACT_STATS, smooth_ptq.CALIB))
+  _record_smoothing(list(quantized_modules(target)))
+  return target
+
+
 def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
               **call_kwargs) -> nnx.Module:
   """Fills the activation observers of an NNX ``qmodel`` from ``batches``, in place.
@@ -193,30 +233,19 @@ def calibrate(qmodel: nnx.Module, batches: Iterable, *, reset: bool = True,
     raise ValueError("batches is empty (or every batch is): calibration needs at least "
                      "one non-empty batch")
   nnx.update(work, stats)
-  empty = [path for path, layer, cfg in layers
-           if cfg.path in reached and cfg.act is not None and not cfg.act.dynamic
-           and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0))]
+  empty = [path for path, layer, cfg in layers if cfg.path in reached and (
+      (cfg.act is not None and not cfg.act.dynamic
+       and not bool(jnp.all(getattr(layer, ACT_STATS).get_value()["n"] > 0)))
+      or (smooth_ptq.calibration_needs(cfg.rule)
+          and not smooth_ptq.saw_finite(getattr(layer, smooth_ptq.CALIB).get_value())))]
   if empty:
     raise ValueError(
         f"calibration saw no finite activation value at layer(s) "
         f"{', '.join(repr(p) for p in empty)} (every batch was NaN/Inf there, in the "
         "whole tensor or some of its channels); calibrate on data that reaches them with "
         "finite values")
-  for path, layer, cfg in layers:
-    if cfg.path in reached and smooth_ptq.calibration_needs(cfg.rule):
-      stack, contract, _ = kernel_layout(layer)
-      s = smooth_ptq.record_smoothing(layer.kernel.get_value(), contract, cfg.rule,
-                                      getattr(layer, smooth_ptq.CALIB).get_value(), stack,
-                                      cfg.path)
-      if s is not None:
-        setattr(layer, smooth_ptq.SMOOTH, QuantStats(s))
-  for (_, layer, _), (_, target, _) in zip(layers, quantized_modules(qmodel)):
-    for name in (ACT_STATS, smooth_ptq.CALIB, smooth_ptq.SMOOTH):
-      value = getattr(layer, name).get_value() if hasattr(layer, name) else None
-      if isinstance(getattr(target, name, None), QuantStats):
-        getattr(target, name).set_value(value)
-      elif value is not None:
-        setattr(target, name, QuantStats(value))
+  _record_smoothing([(p, l, c) for p, l, c in layers if c.path in reached])
+  _copy_state(work, qmodel, (ACT_STATS, smooth_ptq.CALIB, smooth_ptq.SMOOTH))
   nnx_embed.copy_observers(work, qmodel)
   for layer, target in zip(ptf, [m for _, m in nnx.iter_modules(qmodel)
                                  if PTF_STATS in vars(m)]):

@@ -48,7 +48,7 @@ from jaxq import calibration
 from jaxq import gptq
 from jaxq.flax.kernel_qarray import convert_kernel, served_kernel
 from jaxq.flax.nnx import (ACT_INITIALIZED, CONFIG, MODE, RULES, LayerConfig,
-                           kernel_layout, register_mode)
+                           QuantStats, kernel_layout, register_mode)
 from jaxq.flax.nnx_classes import node_subclass, set_class
 from jaxq.flax.nnx_embed import convert_embeds, quantized_embeds
 from jaxq.flax.nnx_fqvit import SIM_MODES, FqvitConfig, ptf_observer_qparams
@@ -58,6 +58,7 @@ from jaxq.layer.operands import (ACT_ALPHA, ACT_NAMES, ACT_SCALE, ACT_STATS,
                                  ACT_ZERO_POINT, WEIGHT_NAMES, is_learned)
 from jaxq.layer import smooth_ptq
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
+from jaxq.layer.smooth import smooth_kernel
 from jaxq.layer.views import Contraction, patched
 from jaxq.params import check_rule_fields, per_layer
 from jaxq.qarray import QArray
@@ -137,16 +138,17 @@ def _smoothing(layer, cfg: LayerConfig) -> jax.Array | None:
 
 
 def sim_handler(layer: nnx.Module, op: Contraction) -> jax.Array:
-  """Mode "sim": the serving numerics, the kernel quantized on the fly; with a
-  :class:`SimSelect` flag, the float result where it is <= 0."""
+  """Mode "sim": the serving numerics, the kernel quantized on the fly (a GPTQ layer's
+  rounded beforehand: ``jaxq_gptq_kernel``); with a :class:`SimSelect` flag, the float
+  result where it is <= 0."""
   cfg: LayerConfig = getattr(layer, CONFIG)
-  smooth_ptq.check_simulable(cfg.rule, cfg.path)
+  qw = _get(layer, smooth_ptq.GPTQ_KERNEL)
+  smooth_ptq.check_simulable(cfg.rule, cfg.path, qw)
   s = _smoothing(layer, cfg)
   w = jax.lax.stop_gradient(op.rhs)
   if s is not None:
-    w = smooth_ptq.convert_kernel(w, op.rhs_contract, cfg.rule, None, s, path=cfg.path)
-  qw = None
-  if cfg.rule.weight is not None:
+    w = smooth_kernel(w, op.rhs_contract, s, cfg.path)
+  if cfg.rule.weight is not None and qw is None:
     learned = {n: _get(layer, n) for n in WEIGHT_NAMES if _get(layer, n) is not None}
     qw = served_kernel(w, cfg.rule.weight, op.rhs_contract, learned)
   if s is not None and static_act(cfg.rule.act):
@@ -307,14 +309,20 @@ def simulator(qmodel: nnx.Module) -> tuple[list[str], dict[str, int], Callable]:
   paths, their kernel sizes, and ``run(path, args, kwargs)``, the model's output with only
   the layer at ``path`` quantized (mode "sim", serving numerics) and evaluated as at
   inference. One compilation serves every ``path`` (the layers' :class:`SimSelect`
-  flags are an argument)."""
+  flags are an argument). GPTQ layers are rounded here, on the host, with convert's
+  default damping."""
   sim = nnx.clone(qmodel)
   layers = list(quantized_modules(sim))
   sizes = {}
   for path, layer, cfg in layers:
-    stack, _, _ = kernel_layout(layer)
+    stack, contract, _ = kernel_layout(layer)
     shape = layer.kernel.get_value().shape
     sizes[path] = math.prod(shape)
+    if smooth_ptq.is_gptq(cfg.rule):  # rounded on the host once, as convert rounds it
+      cal, s = _get(layer, smooth_ptq.CALIB), _get(layer, smooth_ptq.SMOOTH)
+      smooth_ptq.check_calibrated(cfg.rule, cal, s, cfg.path)
+      setattr(layer, smooth_ptq.GPTQ_KERNEL, QuantStats(smooth_ptq.convert_kernel(
+          layer.kernel.get_value(), contract, cfg.rule, cal, s, stack, path=cfg.path)))
     setattr(layer, SELECT, SimSelect(jnp.zeros(shape[:stack], jnp.float32)))
     setattr(layer, MODE, SIM_MODE)
   for _, embed_layer, _ in quantized_embeds(sim):  # not analysed: float (calibration)

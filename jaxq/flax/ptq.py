@@ -83,14 +83,15 @@ from jaxq.flax.ptq_modes import (ACT_SCALE, ACT_ZERO_POINT, CALIBRATE_MODE, KERN
 from jaxq.layer import operands
 from jaxq.flax import ptq_smooth
 from jaxq.layer.serve import static_act
-from jaxq.layer.smooth_ptq import calibration_needs, check_calibrated
+from jaxq.layer.smooth_ptq import CALIB, calibration_needs, check_calibrated, saw_finite
 from jaxq.params import check_rule_fields, per_layer, tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import match_rule
 
 __all__ = ["calibrate", "convert", "ServingModel", "quantize_kernel", "CALIBRATE_MODE",
            "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK", "ACT_SCALE",
-           "ACT_ZERO_POINT", "normalize_batch"]
+           "ACT_ZERO_POINT", "normalize_batch", "serving_nbytes", "split_static_kwargs",
+           "is_empty_batch", "SELECT", "round_up_scale", "SCALE_FORMATS"]
 
 
 # --------------------------------------------------------------------------------------
@@ -123,8 +124,7 @@ def _unfreeze(tree):
 
 
 def _path_keys(path: str) -> tuple[str, ...]:
-  """The variable-tree keys of a "/"-joined layer path ("" is the root: the model is
-  the layer)."""
+  """The variable-tree keys of a "/"-joined layer path ("": the model is the layer)."""
   return tuple(path.split("/")) if path else ()
 
 
@@ -139,12 +139,14 @@ _calibration_step = jax.jit(_calibration_run, static_argnums=(0, 5))
 
 
 def _check_observers(qmodel: QuantizedModel, stats, recorded) -> None:
-  """Every layer calibration reached with a static activation spec has an observer that
-  saw finite values; raises ValueError naming the layers otherwise."""
+  """Every layer calibration reached with a static activation spec (or smooth / GPTQ
+  statistics) saw finite values; raises ValueError naming the layers otherwise."""
   missing, empty = [], []
   for path in recorded:
-    rule = match_rule(qmodel.rules, path)
-    if rule is None or rule.act is None or rule.act.dynamic:
+    rule, cal = match_rule(qmodel.rules, path), tree_get(stats, _path_keys(path) + (CALIB,))
+    if cal is not None and not saw_finite(cal):
+      empty.append(path)
+    if rule is None or rule.act is None or rule.act.dynamic or path in empty:
       continue
     st = tree_get(stats, _path_keys(path) + (operands.ACT_STATS,))
     if st is None:
@@ -397,6 +399,3 @@ def serving_nbytes(tree) -> int:
           jnp.result_type(leaf)).itemsize
   return total
 
-
-__all__ += ["serving_nbytes", "split_static_kwargs", "is_empty_batch", "SELECT",
-            "round_up_scale", "SCALE_FORMATS"]

@@ -20,6 +20,7 @@ from jaxq.layer import operands
 from jaxq.layer import smooth_ptq
 from jaxq.layer.calib import calibration_update
 from jaxq.layer.serve import learned_act_qparams, quantized_contraction, static_act
+from jaxq.layer.smooth import smooth_kernel
 from jaxq.qarray import QArray
 
 __all__ = ["CALIBRATE_MODE", "SERVE_MODE", "SIM_MODE", "KERNEL_AXES", "KERNEL_RANK",
@@ -136,19 +137,21 @@ def serve_handler(call: LayerCall, op: Contraction) -> jax.Array:
 def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
   """Simulated PTQ from float variables (the serving numerics, quantized on the fly).
 
+  A GPTQ layer uses the kernel rounded beforehand (``quant_stats/jaxq_gptq_kernel``).
   With a ``"quant_stats"`` variable ``"jaxq_select"`` in the layer's scope, the quantized
   result is used where it is > 0 and the float result elsewhere (one compilation serves
   every one-layer-at-a-time choice; :mod:`jaxq.analysis`). It lives in "quant_stats" so
   that it reaches the layers of ``nn.scan`` / ``nn.vmap`` stacks, stacked like them.
   """
-  wspec = call.rule.weight
-  smooth_ptq.check_simulable(call.rule, call.path)
+  wspec, m = call.rule.weight, call.module
+  qw = (m.get_variable(QUANT_STATS, smooth_ptq.GPTQ_KERNEL)
+        if m.has_variable(QUANT_STATS, smooth_ptq.GPTQ_KERNEL) else None)
+  smooth_ptq.check_simulable(call.rule, call.path, qw)
   s = _smoothing(call, QUANT_STATS)
   w = jax.lax.stop_gradient(op.rhs)
   if s is not None:
-    w = smooth_ptq.convert_kernel(w, op.rhs_contract, call.rule, None, s, path=call.path)
-  qw = None
-  if wspec is not None:
+    w = smooth_kernel(w, op.rhs_contract, s, call.path)
+  if wspec is not None and qw is None:
     learned = {n: call.module.get_variable("params", n) for n in operands.WEIGHT_NAMES
                if call.module.has_variable("params", n)}
     qw = served_kernel(w, wspec, op.rhs_contract, learned)
@@ -158,7 +161,6 @@ def sim_handler(call: LayerCall, op: Contraction) -> jax.Array:
     act = _act_qparams_from_stats(call, op.lhs.shape[-1])
   sop = op if s is None else dataclasses.replace(op, rhs=w)
   y = quantized_contraction(sop, call.path, call.rule.act, qw, act, smooth=s)
-  m = call.module
   if m.has_variable(QUANT_STATS, SELECT):
     on = m.get_variable(QUANT_STATS, SELECT)
     y = jnp.where(on > 0, y, op.compute(op.lhs, op.rhs))

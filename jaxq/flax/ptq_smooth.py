@@ -14,14 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+
 from jaxq import gptq
+from jaxq.flax.ptq_modes import KERNEL_AXES, KERNEL_RANK
 from jaxq.layer import smooth_ptq
 from jaxq.layer.serve import static_act
 from jaxq.params import tree_get
 from jaxq.qarray import QArray
 from jaxq.spec import Rule, match_rule
 
-__all__ = ["initial_calibrations", "record", "convert_layer"]
+__all__ = ["initial_calibrations", "record", "simulation_stats", "convert_layer"]
 
 
 def initial_calibrations(rules, tree: dict, keys: tuple[str, ...] = ()) -> dict:
@@ -54,6 +59,34 @@ def record(node: dict, rule: Rule, path: str, kernel, axes, stack: int) -> bool:
   if s is not None:
     node[smooth_ptq.SMOOTH] = s
   return True
+
+
+def simulation_stats(rules, stats: dict, params: dict, *, choose: bool = True) -> dict:
+  """``stats`` (a calibrated "quant_stats") ready for the ``"ptq_sim"`` mode with
+  ``rules``: each layer's ``jaxq_smooth`` chosen anew for them (``choose``) from its
+  ``jaxq_calib`` and kernel in ``params``, as calibrating with ``rules`` would record it
+  (the statistics do not depend on the weight spec, the choice may: ``smooth="auto"``
+  searches with it), and each GPTQ layer's kernel rounded on the host as ``convert``
+  rounds it (default damping), stored as ``jaxq_gptq_kernel``. :mod:`jaxq.analysis`
+  calibrates once for all candidate widths with this."""
+  flat = traverse_util.flatten_dict(stats)
+  for key, cal in list(flat.items()):
+    if key[-1] != smooth_ptq.CALIB:
+      continue
+    lp, path = key[:-1], "/".join(key[:-1])
+    rule = match_rule(rules, path)
+    kernel = meta.unbox((tree_get(params, lp) or {}).get("kernel"))
+    axes = np.asarray(flat[lp + (KERNEL_AXES,)])
+    axes = tuple(int(a) for a in axes.reshape(-1, axes.shape[-1])[0])
+    stack = np.ndim(kernel) - int(np.asarray(flat[lp + (KERNEL_RANK,)]).reshape(-1)[0])
+    s = smooth_ptq.record_smoothing(kernel, axes, rule, cal, stack, path) if choose else (
+        flat.get(lp + (smooth_ptq.SMOOTH,)))
+    if s is not None:
+      flat[lp + (smooth_ptq.SMOOTH,)] = s
+    if smooth_ptq.is_gptq(rule):
+      flat[lp + (smooth_ptq.GPTQ_KERNEL,)] = smooth_ptq.convert_kernel(
+          kernel, axes, rule, cal, s, stack, path=path)
+  return traverse_util.unflatten_dict(flat)
 
 
 def convert_layer(flat: dict, lp: tuple[str, ...], rule: Rule, stats: dict, kernel,

@@ -26,9 +26,10 @@ Life of a layer whose rule needs calibration statistics (:func:`calibration_need
 
 Because ``s`` is chosen once, at calibration, QAT, serving and the PTQ simulation all
 use the same one. GPTQ's rounding runs on the host (float64 Cholesky of the Hessian), so
-it happens at ``convert`` only: the PTQ simulation (a traced forward) of a GPTQ layer
-raises (:func:`check_simulable`). Stacked layers (``nn.scan`` / ``nnx.vmap``) are
-smoothed and rounded one layer of the stack at a time.
+it happens at ``convert``, or before the PTQ simulation (a traced forward), which takes
+the rounded kernel as :data:`GPTQ_KERNEL` (:func:`check_simulable`; :mod:`jaxq.analysis`
+rounds it per candidate width). Stacked layers (``nn.scan`` / ``nnx.vmap``) are smoothed
+and rounded one layer of the stack at a time.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ from jaxq.layer.views import Contraction, kernel_matrix
 from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec, Rule
 
-__all__ = ["CALIB", "SMOOTH", "ACT_SCALE", "ACT_ZERO_POINT", "calibration_needs",
+__all__ = ["CALIB", "SMOOTH", "GPTQ_KERNEL", "ACT_SCALE", "ACT_ZERO_POINT", "calibration_needs",
            "initial_calibration", "record_smoothing", "qat_operands", "convert_kernel",
-           "act_qparams", "check_calibrated", "check_simulable", "is_gptq", "missing_message"]
+           "act_qparams", "saw_finite", "check_calibrated", "check_simulable", "is_gptq",
+           "missing_message"]
 
 #: Variable of a layer's calibration state (:class:`~jaxq.layer.calib.LayerCalibration`).
 CALIB = "jaxq_calib"
 #: Variable of a layer's smoothing scale ``s: f32[K]`` (stacked like the kernel).
 SMOOTH = "jaxq_smooth"
+#: Variable of a GPTQ layer's rounded kernel (QArray) for the PTQ simulation.
+GPTQ_KERNEL = "jaxq_gptq_kernel"
 
 
 def is_gptq(rule: Rule) -> bool:
@@ -99,6 +103,16 @@ def missing_message(path: str, rule: Rule, what: str) -> str:
           "the layer): run calibrate with this rule on batches that reach the layer")
 
 
+def saw_finite(state: LayerCalibration) -> bool:
+  """Whether the calibration ``state`` of a layer (of every layer of its stack) holds
+  data: a finite input row for the GPTQ Hessian (which skips the others), else a finite
+  input value (the smoothing statistics count NaN / Inf rows as tokens)."""
+  if state.hessian is not None:
+    return bool(np.all(np.asarray(state.hessian.count) > 0))
+  seen = np.asarray(state.stats.lo) <= np.asarray(state.stats.hi)
+  return bool(np.all(np.any(seen, axis=-1)))
+
+
 def check_calibrated(rule: Rule, state, s, path: str) -> None:
   """ValueError naming ``path`` when a rule that needs them lacks calibration
   statistics (``state``) or a recorded smoothing scale (``s``)."""
@@ -106,9 +120,7 @@ def check_calibrated(rule: Rule, state, s, path: str) -> None:
     raise ValueError(missing_message(path, rule, f"calibration statistics ({CALIB})"))
   if rule.smooth is not None and s is None:
     raise ValueError(missing_message(path, rule, f"a smoothing scale ({SMOOTH})"))
-  count = (state.hessian.count if state.hessian is not None
-           else state.stats.channels.count)
-  if not bool(np.all(np.asarray(count) > 0)):
+  if not saw_finite(state):
     raise ValueError(f"layer '{path}': calibration saw no finite token of this layer "
                      "(every batch was NaN/Inf there, in some layer of its stack)")
 
@@ -177,11 +189,14 @@ def act_qparams(state: LayerCalibration, s: jax.Array, act: QuantSpec, stack: in
   return fn(state, s)
 
 
-def check_simulable(rule: Rule, path: str) -> None:
-  """The PTQ simulation computes in a trace; GPTQ rounds on the host at ``convert``."""
-  if is_gptq(rule):
+def check_simulable(rule: Rule, path: str, rounded: QArray | None = None) -> None:
+  """The PTQ simulation computes in a trace; GPTQ rounds on the host, so a GPTQ layer is
+  simulated with the QArray ``rounded`` that :func:`convert_kernel` gave it beforehand
+  (:data:`GPTQ_KERNEL`, set by :mod:`jaxq.analysis`), and raises without one."""
+  if is_gptq(rule) and rounded is None:
     raise ValueError(
-        f"layer '{path}': QuantSpec(rounding='gptq') rounds the kernel on the host at "
-        "convert (float64 Cholesky of its calibration Hessian), which the traced PTQ "
-        "simulation cannot run: simulate it with rounding='nearest', or measure the "
-        "converted model")
+        f"layer '{path}': QuantSpec(rounding='gptq') rounds the kernel on the host "
+        "(float64 Cholesky of its calibration Hessian), which the traced PTQ simulation "
+        f"cannot run: it simulates the kernel stored as '{GPTQ_KERNEL}' by jaxq.analysis "
+        "(sensitivity rounds it before simulating); else simulate with "
+        "rounding='nearest', or measure the converted model")
