@@ -80,13 +80,22 @@ def pack_ref(q, bits: int):
   return jnp.sum(q.reshape(g, s // ppb, ppb) << shifts, axis=-1, dtype=jnp.uint8)
 
 
+def _row_range(x):
+  """Per-row (min, max) of f32[G, n] in one variadic reduction. Separate ``jnp.min`` /
+  ``jnp.max`` over 64+ rows skip NaN on XLA:CPU (jax 0.10.2), which would give a row
+  holding a NaN a finite range; ``lax.min`` / ``lax.max`` in one reduce propagate it (and
+  read ``x`` once)."""
+  init = (jnp.array(jnp.inf, x.dtype), jnp.array(-jnp.inf, x.dtype))
+  return lax.reduce((x, x), init,
+                    lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), (1,))
+
+
 def quantize_pack_ref(x, bits: int, noise=None):
   """Pure-jnp (XLA) reference of :func:`quantize_pack`; identical results, fast on CPU."""
   bits, _ = _check_inputs(x, bits, noise)
   qmax = float(2**bits - 1)
   x = x.astype(jnp.float32)
-  lo = jnp.min(x, axis=1)
-  hi = jnp.max(x, axis=1)
+  lo, hi = _row_range(x)
   scale = qmax / jnp.maximum(hi - lo, TINY)
   n = 0.5 if noise is None else noise.astype(jnp.float32)
   q = jnp.clip(jnp.floor((x - lo[:, None]) * scale[:, None] + n), 0.0, qmax)

@@ -365,11 +365,6 @@ def test_compress_non_finite_stays_in_its_row():
       assert np.abs(y[r] - row).max() <= (row.max() - row.min()) / (2**bits - 1) + 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "XLA:CPU's YNNPACK reduction fusion (jax 0.10.2) skips NaN in jnp.min/jnp.max over "
-    "64+ rows, so pallas_kernels.quantize_pack_ref gives a finite range and the NaN "
-    "decompresses to a finite value; one variadic lax.reduce of (min, max) propagates it "
-    "(Contract 5's XLA path, outside jaxq.act: benchmarks/RESULTS.md)"))
 def test_compress_nan_survives_many_rows():
   """A NaN must not come back finite, whatever the number of rows (4 rows pass above)."""
   x = jnp.ones((64, 64)).at[3, 5].set(jnp.nan)
