@@ -31,13 +31,7 @@ def results():
   return run_json_worker(WORKER)
 
 
-TRAINING = ["params_w8a8", "model_w8a8", "params_act4", pytest.param("model_act4", marks=(
-    pytest.mark.xfail(strict=True, reason=(
-        "known regression (issue 15): since jaxq.act.fold stores one folded derivative "
-        "J per chain, the 4x2-mesh run's parameters differ from one device's by ~13x the "
-        "tolerance at 4 bits (92x at 2, 1.8x at 8: it scales with the rounding step, so "
-        "the sharded and unsharded runs round J differently); with folding off they agree "
-        "to 1e-3 of it"))))]
+TRAINING = ["params_w8a8", "model_w8a8", "params_act4", "model_act4"]
 
 
 @pytest.mark.parametrize("name", TRAINING)

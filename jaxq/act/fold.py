@@ -151,6 +151,39 @@ def _eval_inlined(jaxpr, consts, args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+#: Equations that are the identity on values when their output has the operand's shape:
+#: under a mesh JAX's backward pass reshapes to the same shape with a sharding, which
+#: would split a region the one-device trace folds whole (a different set of stored
+#: residuals, hence different rounding noise, than the unsharded run).
+_IDENTITIES = frozenset({"reshape", "sharding_constraint", "copy", "copy_p"})
+
+
+def _is_identity(eqn) -> bool:
+  return (eqn.primitive.name in _IDENTITIES and len(eqn.invars) == 1
+          and not isinstance(eqn.invars[0], Literal)
+          and _same(eqn.invars[0].aval, eqn.outvars[0].aval))
+
+
+def drop_identities(closed):
+  """``closed`` without its same-shape reshapes, sharding constraints and copies (layout
+  hints inside the backward pass; values unchanged), so that the regions found are the
+  same on one device and on a mesh."""
+  if not any(_is_identity(e) for e in closed.jaxpr.eqns):
+    return closed
+
+  def f(*args):
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      env.update(zip(eqn.outvars, ins if _is_identity(eqn) else bind_equation(eqn, ins)))
+    return [read(v) for v in jaxpr.outvars]
+
+  return jax.make_jaxpr(f)(*[_spec(v) for v in closed.jaxpr.invars])
+
+
 def inline_elementwise_calls(closed):
   """``closed`` with its elementwise-only calls (:data:`_INLINED`) inlined."""
   if not any(_inlinable(e) for e in closed.jaxpr.eqns):
@@ -164,7 +197,7 @@ def fold(closed, n_compressed: int, n_kept: int, recipes: dict | None = None) ->
   compressed residuals, kept residuals and cotangents; module docstring). ``recipes``
   (:func:`jaxq.act.recompute.recipes`): compressed residuals recomputed right before
   their first use instead of stored."""
-  closed = inline_elementwise_calls(closed)
+  closed = drop_identities(inline_elementwise_calls(closed))
   jaxpr = closed.jaxpr
   n_res = n_compressed + n_kept
   comp = jaxpr.invars[:n_compressed]
