@@ -1,7 +1,7 @@
 """A BERT-like pre-LN block (attention + MLP) with injected LayerNorm outlier channels
 (a few hidden channels 20-100x larger than the rest, as LLM.int8 observed), as a Linen
-module and its NNX twin with the same parameter paths; the construction of
-tests/test_layer_smooth.py (which calls the layer functions directly, without Flax).
+module and its NNX twin with the same parameter paths; tests/test_layer_smooth.py runs
+the same block through the layer functions directly, without Flax.
 """
 
 from __future__ import annotations

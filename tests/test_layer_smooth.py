@@ -20,6 +20,7 @@ from jaxq.layer.calib import (calibration_init, calibration_needs, calibration_u
 from jaxq.layer.views import dot_general_contraction
 from jaxq.qarray import QArray, dequantize, quantize
 from jaxq.spec import QuantSpec, Rule
+from tests import _bert_like as bert_like
 
 A8 = QuantSpec(8, granularity="tensor")
 W8 = QuantSpec(8)
@@ -163,46 +164,22 @@ def test_gptq_rounding_is_nearest_outside_convert():
 # A BERT-like block written with the layer functions
 # --------------------------------------------------------------------------------------
 
-D, H, T = 64, 4, 16  # hidden (= ffn: every kernel is D x D, one compile), heads, tokens
-LAYERS = ("q", "k", "v", "out", "fc1", "fc2")
-OUTLIERS = [3, 17, 40]
+D, LAYERS = bert_like.D, bert_like.LAYERS
 
 
 def _block_params(seed=0):
-  rng = np.random.default_rng(seed)
-  p = {n: rng.normal(size=(D, D)) / np.sqrt(D) for n in LAYERS}
-  gamma = np.ones(D)
-  gamma[OUTLIERS] = [20.0, 60.0, 100.0]  # LayerNorm outlier channels (LLM.int8)
-  for name in ("q", "k", "v", "fc1"):  # trained weights read them with small rows
-    p[name][OUTLIERS] /= gamma[OUTLIERS, None]
-  p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
-  p["gamma"] = jnp.asarray(gamma, jnp.float32)
-  return p
+  """tests/_bert_like.py's block (LayerNorm outlier channels 20 / 60 / 100x) as
+  {layer: kernel, "gamma": gain}."""
+  p = bert_like.block_params(seed)
+  return {n: p[n]["kernel"] for n in LAYERS} | {"gamma": p["gamma"]}
 
 
-def _inputs(n, seed):
-  """Token embeddings with an anisotropic spectrum (as real activations)."""
-  rng = np.random.default_rng(1234)
-  basis = np.linalg.qr(rng.normal(size=(D, D)))[0]
-  mix = basis * (1.0 + np.arange(D)) ** -0.5 @ basis.T * 4.0
-  return jnp.asarray(np.random.default_rng(seed).normal(size=(n, T, D)) @ mix, jnp.float32)
-
-
-def _ln(h, gamma):
-  mu = h.mean(-1, keepdims=True)
-  return (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * gamma
+_inputs = bert_like.inputs
 
 
 def _block(p, h, linear):
-  """Pre-LN attention + MLP; ``linear(name, x, w)`` computes every matmul with a kernel."""
-  b = h.shape[0]
-  x = _ln(h, p["gamma"])
-  q, k, v = (linear(n, x, p[n]).reshape(b, T, H, D // H) for n in ("q", "k", "v"))
-  att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // H), -1)
-  ctx = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, T, D)
-  h = h + linear("out", ctx, p["out"])
-  return h + linear("fc2", jax.nn.gelu(linear("fc1", _ln(h, p["gamma"]), p["fc1"])),
-                    p["fc2"])
+  """The block with ``linear(name, x, w)`` computing every matmul with a kernel."""
+  return bert_like.block(p["gamma"], h, lambda n, x: linear(n, x, p[n]))
 
 
 def _float_linear(name, x, w):
