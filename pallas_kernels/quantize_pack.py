@@ -81,13 +81,13 @@ def pack_ref(q, bits: int):
 
 
 def _row_range(x):
-  """Per-row (min, max) of f32[G, n] in one variadic reduction. Separate ``jnp.min`` /
-  ``jnp.max`` over 64+ rows skip NaN on XLA:CPU (jax 0.10.2), which would give a row
-  holding a NaN a finite range; ``lax.min`` / ``lax.max`` in one reduce propagate it (and
-  read ``x`` once)."""
-  init = (jnp.array(jnp.inf, x.dtype), jnp.array(-jnp.inf, x.dtype))
-  return lax.reduce((x, x), init,
-                    lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), (1,))
+  """Per-row (min, max) of f32[G, n], NaN where the row holds a NaN: ``jnp.min`` /
+  ``jnp.max`` over 64+ rows skip NaN on XLA:CPU (jax 0.10.2), which would give such a row
+  a finite range and decompress its NaN finite. (One variadic ``lax.reduce`` propagates
+  NaN too, but its reducer is a jaxpr that ``jaxq.act``'s analysis cannot read.)"""
+  nan = jnp.isnan(x).any(axis=1)
+  return (jnp.where(nan, jnp.nan, jnp.min(x, axis=1)),
+          jnp.where(nan, jnp.nan, jnp.max(x, axis=1)))
 
 
 def quantize_pack_ref(x, bits: int, noise=None):
