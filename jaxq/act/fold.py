@@ -136,21 +136,6 @@ def _inlinable(eqn) -> bool:
           and all(e.primitive.name in _ELEMENTWISE or _inlinable(e) for e in body.jaxpr.eqns))
 
 
-def _eval_inlined(jaxpr, consts, args) -> list:
-  env = dict(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    if _inlinable(eqn):
-      body = eqn.params["jaxpr"]
-      outs = _eval_inlined(body.jaxpr, body.consts, ins)
-    else:
-      outs = bind_equation(eqn, ins)
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
-
-
 #: Equations that are the identity on values when their output has the operand's shape:
 #: under a mesh JAX's backward pass reshapes to the same shape with a sharding, which
 #: would split a region the one-device trace folds whole (a different set of stored
@@ -164,31 +149,31 @@ def _is_identity(eqn) -> bool:
           and _same(eqn.invars[0].aval, eqn.outvars[0].aval))
 
 
-def drop_identities(closed):
-  """``closed`` without its same-shape reshapes, sharding constraints and copies (layout
-  hints inside the backward pass; values unchanged), so that the regions found are the
-  same on one device and on a mesh."""
-  if not any(_is_identity(e) for e in closed.jaxpr.eqns):
+def _eval_simplified(jaxpr, consts, args) -> list:
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    if _is_identity(eqn):
+      outs = ins
+    elif _inlinable(eqn):
+      body = eqn.params["jaxpr"]
+      outs = _eval_simplified(body.jaxpr, body.consts, ins)
+    else:
+      outs = bind_equation(eqn, ins)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def simplify(closed):
+  """``closed`` with its elementwise-only calls (:data:`_INLINED`) inlined and its
+  same-shape reshapes, sharding constraints and copies dropped (layout hints inside the
+  backward pass; values unchanged), so that the regions found are the same on one device
+  and on a mesh. One retrace, none when there is nothing to do."""
+  if not any(_is_identity(e) or _inlinable(e) for e in closed.jaxpr.eqns):
     return closed
-
-  def f(*args):
-    jaxpr = closed.jaxpr
-    env = dict(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, args))
-    read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-    for eqn in jaxpr.eqns:
-      ins = [read(v) for v in eqn.invars]
-      env.update(zip(eqn.outvars, ins if _is_identity(eqn) else bind_equation(eqn, ins)))
-    return [read(v) for v in jaxpr.outvars]
-
-  return jax.make_jaxpr(f)(*[_spec(v) for v in closed.jaxpr.invars])
-
-
-def inline_elementwise_calls(closed):
-  """``closed`` with its elementwise-only calls (:data:`_INLINED`) inlined."""
-  if not any(_inlinable(e) for e in closed.jaxpr.eqns):
-    return closed
-  return jax.make_jaxpr(lambda *a: _eval_inlined(closed.jaxpr, closed.consts, a))(
+  return jax.make_jaxpr(lambda *a: _eval_simplified(closed.jaxpr, closed.consts, a))(
       *[_spec(v) for v in closed.jaxpr.invars])
 
 
@@ -197,7 +182,7 @@ def fold(closed, n_compressed: int, n_kept: int, recipes: dict | None = None) ->
   compressed residuals, kept residuals and cotangents; module docstring). ``recipes``
   (:func:`jaxq.act.recompute.recipes`): compressed residuals recomputed right before
   their first use instead of stored."""
-  closed = drop_identities(inline_elementwise_calls(closed))
+  closed = simplify(closed)
   jaxpr = closed.jaxpr
   n_res = n_compressed + n_kept
   comp = jaxpr.invars[:n_compressed]
